@@ -1,0 +1,79 @@
+"""Command line: ``python -m mpidl {run,shard,topo,bench,ckpt,report} ...``.
+
+Each command lives in ``mpidl/commands/<name>.py`` and defines ``HELP``,
+``NEEDS_MPI``, ``add_arguments(parser)`` and ``main(comm, args) -> int``
+(``comm`` is ``MPI.COMM_WORLD`` or None when the command needs no MPI).
+
+Errors: an :class:`~mpidl.errors.MpidlError` is printed once (rank 0), with no
+traceback, and every rank exits with status 2.  Any other exception prints its
+traceback with a ``[rank N]`` prefix and aborts the whole MPI job, so one
+failing rank never leaves the others hanging until walltime.
+"""
+import argparse
+import importlib
+import sys
+import traceback
+
+from mpidl import __version__
+from mpidl.errors import MpidlError
+
+COMMANDS = {
+    "run": "mpidl.commands.run",
+    "shard": "mpidl.commands.shard",
+    "topo": "mpidl.commands.topo",
+    "bench": "mpidl.commands.bench",
+    "ckpt": "mpidl.commands.ckpt",
+    "report": "mpidl.commands.report",
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="mpidl", description="Parallel and decentralized training over MPI.")
+    parser.add_argument("--version", action="version", version=f"mpidl {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    modules = {}
+    for name, path in COMMANDS.items():
+        try:
+            mod = importlib.import_module(path)
+        except ModuleNotFoundError as e:
+            if e.name != path:
+                raise
+            continue
+        modules[name] = mod
+        mod.add_arguments(sub.add_parser(name, help=mod.HELP, description=mod.HELP))
+    return parser, modules
+
+
+def main(argv=None) -> int:
+    parser, modules = build_parser()
+    args = parser.parse_args(argv)
+    mod = modules[args.command]
+    comm = None
+    rank = 0
+    if mod.NEEDS_MPI:
+        from mpidl.comm import world
+        comm = world()
+        rank = comm.Get_rank()
+    from mpidl import log
+    log.setup(rank)
+    try:
+        return int(mod.main(comm, args) or 0)
+    except MpidlError as e:
+        if rank == 0:
+            print(f"mpidl {args.command}: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except BaseException:
+        if comm is not None and comm.Get_size() > 1:
+            lines = traceback.format_exc().rstrip().splitlines()
+            sys.stderr.write("".join(f"[rank {rank:03d}] {ln}\n" for ln in lines))
+            sys.stderr.flush()
+            comm.Abort(1)
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

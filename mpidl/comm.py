@@ -1,0 +1,435 @@
+"""GraphComm: graph consensus over MPI neighbour collectives.
+
+This is the only module in mpidl that imports mpi4py.  A :class:`GraphComm`
+duplicates a base communicator (so the library's messages never meet the
+user's) and builds a distributed-graph communicator from a
+:class:`~mpidl.topology.Topology` with ``Create_dist_graph_adjacent``
+(``reorder=False``: rank i stays agent i).  One consensus mix,
+
+    x_i <- W_ii x_i + sum_{j in N_i} W_ij x_j                (ALGORITHMS.md section 0)
+
+is ONE ``Neighbor_allgather`` into a preallocated buffer (a persistent request
+when the MPI library has MPI-4 persistent collectives) followed by the Numba
+combine kernel :func:`mpidl.kernels.combine`.
+
+Buffers: NumPy arrays and CPU torch tensors enter zero-copy (``.numpy()``);
+a CUDA tensor is staged through host memory.  float32 and float64, any shape
+(contiguous).  Every rank must mix arrays of the same shape and dtype.
+
+Counters: ``bytes_sent`` / ``messages_sent`` count what this rank hands to
+MPI for its out-neighbours (exact for neighbour collectives).  An allreduce
+is charged the bandwidth-optimal ring model, 2 (n - 1) / n x payload bytes and
+2 (n - 1) messages, since its real traffic depends on the MPI library.
+"""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+from mpidl.errors import MpidlError
+from mpidl.kernels import combine
+from mpidl.topology import Topology, TopologyError
+
+__all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "world"]
+
+
+class CollectiveError(MpidlError):
+    """Raised on every rank when any rank reported an error to :meth:`GraphComm.agree`."""
+
+
+def _mpi():
+    """Import MPI lazily: importing mpidl must not initialise MPI."""
+    from mpi4py import MPI
+    return MPI
+
+
+def world():
+    """Local. ``MPI.COMM_WORLD`` (initialises MPI on first use)."""
+    return _mpi().COMM_WORLD
+
+
+_OPS = ("sum", "mean", "max", "min")
+
+
+def _as_array(x, writable=True):
+    """Flat zero-copy NumPy view of ``x`` plus a write-back callable (or None)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        t = x.detach()
+        if t.device.type != "cpu":
+            host = t.to("cpu").contiguous()
+            return host.numpy().reshape(-1), (lambda: t.copy_(host.view_as(t), non_blocking=False))
+        if not t.is_contiguous():
+            raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
+        return t.numpy().reshape(-1), None
+    a = np.asarray(x)
+    if not a.flags.c_contiguous:
+        raise ValueError("GraphComm needs a C-contiguous array (np.ascontiguousarray)")
+    if writable and not a.flags.writeable:
+        raise ValueError("GraphComm cannot write into a read-only array")
+    return a.reshape(-1), None
+
+
+class Pending:
+    """Handle of a nonblocking mix; :meth:`wait` completes it and returns ``out``."""
+
+    def __init__(self, gc, plan, x, out, writeback, request):
+        self._gc, self._plan, self._x, self._out = gc, plan, x, out
+        self._writeback, self._request = writeback, request
+        self._done = False
+
+    def test(self) -> bool:
+        """Local. True when the communication has finished (wait() is then cheap)."""
+        return self._done or bool(self._request.Test())
+
+    def wait(self):
+        """Local. Finish the collective, apply the combine kernel, return ``out``."""
+        if not self._done:
+            self._request.Wait()
+            self._plan.busy = False
+            self._gc._combine(self._plan, self._x, self._out, self._writeback)
+            self._done = True
+        return self._out
+
+
+class _Plan:
+    """Preallocated receive buffer (+ persistent request) for one send buffer."""
+
+    __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
+
+    def __init__(self, send, indeg, w_self, w_in):
+        self.send = send
+        self.recv = np.empty((indeg, send.size), dtype=send.dtype)
+        self.w = np.ascontiguousarray(w_in, dtype=send.dtype)
+        self.w_self = w_self
+        self.request = None
+        self.busy = False
+
+
+class GraphComm:
+    """Collective. Consensus communicator for one agent (= this MPI rank).
+
+    ``GraphComm(comm, topology)`` must be called by every rank of ``comm``
+    with the same topology; a size or topology mismatch raises
+    :class:`~mpidl.topology.TopologyError` on every rank.  Close it with
+    :meth:`close` or use it as a context manager.
+    """
+
+    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None):
+        MPI = _mpi()
+        if not isinstance(topology, Topology):
+            raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
+        digest = (topology.size, zlib.crc32(topology.weights.tobytes()))
+        seen = comm.allgather(digest)
+        if topology.size != comm.Get_size():
+            raise TopologyError(
+                f"topology {topology.name!r} has {topology.size} agents but the MPI job has "
+                f"{comm.Get_size()} ranks; start it with mpiexec -n {topology.size} "
+                f"or build the topology for {comm.Get_size()} agents")
+        if any(d != digest for d in seen):
+            bad = next(r for r, d in enumerate(seen) if d != digest)
+            raise TopologyError(
+                f"ranks disagree on the topology (rank {bad} differs from rank {comm.Get_rank()}); "
+                "build it identically everywhere (same generator, size and seed)")
+        self.topology = topology
+        self.base = comm.Dup()
+        self.rank = self.base.Get_rank()
+        self.size = self.base.Get_size()
+        self.in_neighbors = topology.in_neighbors(self.rank)
+        self.out_neighbors = topology.out_neighbors(self.rank)
+        self.graph = self.base.Create_dist_graph_adjacent(
+            list(self.in_neighbors), list(self.out_neighbors),
+            sourceweights=MPI.UNWEIGHTED, destweights=MPI.UNWEIGHTED, reorder=False)
+        self._w_self = topology.self_weight(self.rank)
+        self._w_in = topology.in_weights(self.rank)
+        has_persistent = hasattr(self.graph, "Neighbor_allgather_init")
+        self.persistent = has_persistent if persistent is None else (bool(persistent) and has_persistent)
+        self._plans: OrderedDict = OrderedDict()
+        self._plan_cache = max(1, int(plan_cache))
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def close(self):
+        """Collective. Free requests and communicators (idempotent)."""
+        if self._closed:
+            return
+        for plan in self._plans.values():
+            if plan.request is not None:
+                plan.request.Free()
+        self._plans.clear()
+        self.graph.Free()
+        self.base.Free()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def reset_counters(self):
+        """Local. Zero ``bytes_sent`` and ``messages_sent``."""
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    # -- consensus -------------------------------------------------------
+    def _plan_for(self, a: np.ndarray) -> _Plan:
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
+        key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = _Plan(a, len(self.in_neighbors), self._w_self, self._w_in)
+        if self.persistent:
+            plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
+        self._plans[key] = plan
+        while len(self._plans) > self._plan_cache:
+            _, old = self._plans.popitem(last=False)
+            if old.request is not None:
+                old.request.Free()
+        return plan
+
+    def _start(self, x, out):
+        a, _ = _as_array(x)
+        if out is None:
+            o, wb = np.empty_like(a), None
+            if type(x).__module__.startswith("torch"):
+                import torch
+                result = torch.from_numpy(o).view(x.shape).to(x.device)
+                if result.device.type != "cpu":  # staged: copy the host result over
+                    wb = (lambda r=result, h=o: r.copy_(torch.from_numpy(h).view(r.shape)))
+            else:
+                result = o.reshape(np.shape(x))
+        else:
+            o, wb = _as_array(out)
+            if o.size != a.size or o.dtype != a.dtype:
+                raise ValueError("mix: out must match x in size and dtype")
+            result = out
+        plan = self._plan_for(a)
+        if plan.busy:
+            raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+        if plan.request is not None:
+            plan.request.Start()
+            request = plan.request
+        else:
+            request = self.graph.Ineighbor_allgather(plan.send, plan.recv)
+        plan.busy = True
+        self.bytes_sent += a.nbytes * len(self.out_neighbors)
+        self.messages_sent += len(self.out_neighbors)
+        return plan, a, o, result, wb, request
+
+    def _combine(self, plan, a, o, writeback):
+        combine(a, plan.recv, plan.w_self, plan.w, out=o)
+        if writeback is not None:
+            writeback()
+
+    def mix(self, x, out=None):
+        """Collective. Return ``W_ii x + sum_j W_ij x_j`` (into ``out`` if given).
+
+        ``out=x`` mixes in place.  One neighbour collective per call.
+        """
+        plan, a, o, result, wb, request = self._start(x, out)
+        request.Wait()
+        plan.busy = False
+        self._combine(plan, a, o, wb)
+        return result
+
+    def start_mix(self, x, out=None) -> Pending:
+        """Collective. Begin a mix; compute, then call ``.wait()`` for the result.
+
+        ``x`` must not be modified until ``wait()`` returns.
+        """
+        plan, a, o, result, wb, request = self._start(x, out)
+        return _PendingResult(self, plan, a, o, wb, request, result)
+
+    # -- point-to-neighbour payloads ------------------------------------
+    def exchange(self, send: dict) -> dict:
+        """Collective. Send ``send[j]`` to out-neighbour j; return ``{i: array}`` from in-neighbours.
+
+        Payloads may differ in shape and dtype per neighbour; an out-neighbour
+        missing from ``send`` gets nothing.  A key that is not an out-neighbour
+        is an error on every rank.
+        """
+        MPI = _mpi()
+        bad = [k for k in send if k not in self.out_neighbors]
+        self.agree(None if not bad else
+                   f"rank {self.rank}: exchange() to {bad}, which are not out-neighbours "
+                   f"{list(self.out_neighbors)} of this rank in topology {self.topology.name!r}")
+        arrays = {k: np.ascontiguousarray(_as_array(v, writable=False)[0].reshape(np.shape(v)))
+                  for k, v in send.items()}
+        meta = [(arrays[j].dtype.str, arrays[j].shape) if j in arrays else None
+                for j in self.out_neighbors]
+        rmeta = self.graph.neighbor_alltoall(meta)
+        scounts = [arrays[j].nbytes if j in arrays else 0 for j in self.out_neighbors]
+        rcounts = [int(np.prod(m[1])) * np.dtype(m[0]).itemsize if m else 0 for m in rmeta]
+        sbuf = np.empty(sum(scounts), dtype=np.uint8)
+        off = 0
+        for j, c in zip(self.out_neighbors, scounts):
+            if c:
+                sbuf[off:off + c] = arrays[j].reshape(-1).view(np.uint8)
+            off += c
+        rbuf = np.empty(sum(rcounts), dtype=np.uint8)
+        sdispl = [0] + np.cumsum(scounts).tolist()[:-1] if scounts else []
+        rdispl = [0] + np.cumsum(rcounts).tolist()[:-1] if rcounts else []
+        self.graph.Neighbor_alltoallv([sbuf, (scounts, sdispl), MPI.BYTE],
+                                      [rbuf, (rcounts, rdispl), MPI.BYTE])
+        self.bytes_sent += int(sum(scounts))
+        self.messages_sent += sum(1 for c in scounts if c)
+        result, off = {}, 0
+        for i, m, c in zip(self.in_neighbors, rmeta, rcounts):
+            if m is not None:
+                result[i] = rbuf[off:off + c].view(np.dtype(m[0])).reshape(m[1]).copy()
+            off += c
+        return result
+
+    # -- global collectives ---------------------------------------------
+    def agree(self, error=None):
+        """Collective. Raise :class:`CollectiveError` on every rank if any rank passes an error.
+
+        ``error`` is None (all fine here) or a message; the lowest failing
+        rank's message is raised everywhere.  Use it before a collective that
+        local bad input would otherwise hang.
+        """
+        MPI = _mpi()
+        failed = self.base.allreduce(0 if error is None else 1, op=MPI.SUM)
+        if failed:
+            msgs = self.base.allgather(None if error is None else str(error))
+            first = next(m for m in msgs if m is not None)
+            more = f" (and {failed - 1} other rank(s))" if failed > 1 else ""
+            raise CollectiveError(first + more)
+
+    def allreduce(self, x, op="sum", out=None):
+        """Collective. Elementwise reduction over all ranks (sum, mean, max, min).
+
+        Python and NumPy scalars return a scalar; arrays and tensors return an
+        array (``out=x`` reduces in place).
+        """
+        MPI = _mpi()
+        if op not in _OPS:
+            raise ValueError(f"unknown op {op!r}; choose one of {_OPS}")
+        mop = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        n = self.size
+        if np.isscalar(x) or (isinstance(x, np.ndarray) and x.ndim == 0 and out is None):
+            v = self.base.allreduce(x.item() if isinstance(x, np.generic) else x, op=mop)
+            self._charge_allreduce(8)
+            return v / n if op == "mean" else v
+        a, _ = _as_array(x, writable=False)
+        if out is None:
+            o, wb, result = np.empty_like(a), None, None
+        else:
+            o, wb = _as_array(out)
+            result = out
+        if o.size != a.size or o.dtype != a.dtype:
+            raise ValueError("allreduce: out must match x in size and dtype")
+        if np.shares_memory(a, o):
+            self.base.Allreduce(MPI.IN_PLACE, o, op=mop)
+        else:
+            self.base.Allreduce(a, o, op=mop)
+        if op == "mean":
+            o /= n
+        if wb is not None:
+            wb()
+        self._charge_allreduce(a.nbytes)
+        return o.reshape(np.shape(x)) if result is None else result
+
+    def _charge_allreduce(self, nbytes):
+        if self.size > 1:
+            self.bytes_sent += int(2 * (self.size - 1) * nbytes / self.size)
+            self.messages_sent += 2 * (self.size - 1)
+
+    def argmin(self, value):
+        """Collective. ``(min value, owner rank)`` over all ranks (MPI MINLOC; ties -> lowest rank)."""
+        MPI = _mpi()
+        v, r = self.base.allreduce((float(value), self.rank), op=MPI.MINLOC)
+        return v, r
+
+    def bcast(self, obj, root=0):
+        """Collective. Broadcast from ``root``: arrays/tensors in place, other objects pickled."""
+        if isinstance(obj, np.ndarray) or type(obj).__module__.startswith("torch"):
+            a, wb = _as_array(obj)
+            self.base.Bcast(a, root=root)
+            if wb is not None:
+                wb()
+            if self.rank == root:
+                self.bytes_sent += a.nbytes * (self.size - 1)
+            return obj
+        return self.base.bcast(obj, root=root)
+
+    def barrier(self):
+        """Collective. Block until every rank arrives."""
+        self.base.Barrier()
+
+
+class _PendingResult(Pending):
+    def __init__(self, gc, plan, a, o, wb, request, result):
+        super().__init__(gc, plan, a, o, wb, request)
+        self._result = result
+
+    def wait(self):
+        super().wait()
+        return self._result
+
+
+class ScheduledGraphComm:
+    """Collective. Consensus over a time-varying schedule ``step -> Topology``.
+
+    Keeps one :class:`GraphComm` per distinct topology (at most ``cache``;
+    the least recently used is closed when full).  Every rank evaluates the
+    same schedule at the same step, so creation and eviction stay collective.
+    """
+
+    def __init__(self, comm, schedule, *, cache=8):
+        self.comm = comm
+        self.schedule = schedule
+        self._cache: OrderedDict = OrderedDict()
+        self._max = max(1, int(cache))
+        self._retired_bytes = 0
+        self._retired_messages = 0
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def at(self, step: int) -> GraphComm:
+        topo = self.schedule(step)
+        gc = self._cache.get(topo)
+        if gc is None:
+            gc = GraphComm(self.comm, topo)
+            self._cache[topo] = gc
+            while len(self._cache) > self._max:
+                _, old = self._cache.popitem(last=False)
+                self._retired_bytes += old.bytes_sent
+                self._retired_messages += old.messages_sent
+                old.close()
+        else:
+            self._cache.move_to_end(topo)
+        return gc
+
+    def mix(self, x, step: int, out=None):
+        """Collective. Mix with the topology of ``step``."""
+        return self.at(step).mix(x, out=out)
+
+    @property
+    def bytes_sent(self):
+        return self._retired_bytes + sum(g.bytes_sent for g in self._cache.values())
+
+    @property
+    def messages_sent(self):
+        return self._retired_messages + sum(g.messages_sent for g in self._cache.values())
+
+    def close(self):
+        for gc in self._cache.values():
+            gc.close()
+        self._cache.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
