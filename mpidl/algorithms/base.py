@@ -1,0 +1,84 @@
+"""The protocol every mpidl algorithm follows (optax-style, explicit state).
+
+An algorithm is built from a frozen hyper-parameter config and has two
+methods::
+
+    state = algo.init(x0, comm)                  # Collective where it says so
+    state, metrics = algo.step(k, state, oracle, comm)
+
+* ``x0`` is this agent's flat float parameter vector (NumPy, float32 or
+  float64).  Every agent starts from the same ``x0`` unless an algorithm says
+  otherwise.
+* ``state`` is a dataclass whose fields are NumPy arrays and Python scalars
+  only, so :mod:`mpidl.checkpoint` can save and restore any algorithm
+  generically (:func:`state_to_dict` / :func:`state_from_dict`).  The agent's
+  current model is ``state.x``.
+* ``oracle`` does local math and never communicates (:class:`Oracle`).
+* ``comm`` is a :class:`mpidl.comm.GraphComm`.  Whether a step calls a
+  collective depends only on ``(config, k)`` or on values already agreed by a
+  collective, so every rank makes the same calls in the same order.
+* ``metrics`` is a dict of local Python floats (loss, gradient norm, ...);
+  the driver reduces and records them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Protocol, Tuple
+
+import numpy as np
+
+
+class Oracle(Protocol):
+    """Local loss/gradient provider of one agent (never communicates)."""
+
+    dim: int
+
+    def loss_grad(self, x: np.ndarray, k: int) -> Tuple[float, np.ndarray]:
+        """Local. Loss and gradient of the minibatch used at step ``k``, at ``x``.
+
+        The minibatch is a pure function of (seed, rank, k), so a resumed run
+        sees the same batches.  The returned gradient array may be reused by
+        the next call: copy it if you keep it.
+        """
+
+
+class Algorithm(Protocol):
+    name: str
+
+    def init(self, x0: np.ndarray, comm) -> Any: ...
+
+    def step(self, k: int, state: Any, oracle: Oracle, comm) -> Tuple[Any, dict]: ...
+
+
+def state_to_dict(state) -> dict:
+    """Local. Dataclass state -> {field: array or scalar} (arrays not copied)."""
+    out = {}
+    for f in dataclasses.fields(state):
+        v = getattr(state, f.name)
+        if not (isinstance(v, (np.ndarray, int, float, bool, str)) or v is None):
+            raise TypeError(f"state field {f.name!r} has type {type(v).__name__}; "
+                            "states hold NumPy arrays and Python scalars only")
+        out[f.name] = v
+    return out
+
+
+def state_from_dict(cls, d: dict, like=None):
+    """Local. Rebuild a state dataclass; with ``like``, arrays are copied into its buffers.
+
+    Copying into ``like``'s arrays keeps zero-copy links (for example ``x``
+    being a view of a torch model's flat parameter buffer) intact on resume.
+    """
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in d:
+            raise KeyError(f"checkpointed state lacks field {f.name!r}")
+        v = d[f.name]
+        if like is not None and isinstance(getattr(like, f.name), np.ndarray):
+            buf = getattr(like, f.name)
+            arr = np.asarray(v)
+            if arr.shape != buf.shape:
+                raise ValueError(f"state field {f.name!r}: shape {arr.shape} != {buf.shape}")
+            buf[...] = arr
+            v = buf
+        kwargs[f.name] = v
+    return cls(**kwargs)
