@@ -82,3 +82,29 @@ def state_from_dict(cls, d: dict, like=None):
             v = buf
         kwargs[f.name] = v
     return cls(**kwargs)
+
+
+def lr_at(cfg, k: int, steps_per_epoch: int) -> float:
+    """Local. Learning rate of step ``k`` for an :class:`mpidl.config.LRConfig`-like config.
+
+    constant: lr;  diminishing: lr / (1 + decay k)^power;
+    step: lr * decay^floor(epoch / step_epochs), epoch = k / steps_per_epoch.
+    """
+    kind = cfg.lr_schedule
+    if kind == "constant":
+        return cfg.lr
+    if kind == "diminishing":
+        return cfg.lr / (1.0 + cfg.decay * k) ** cfg.power
+    if kind == "step":
+        return cfg.lr * cfg.decay ** int((k / max(steps_per_epoch, 1)) // cfg.step_epochs)
+    raise ValueError(f"unknown lr_schedule {kind!r}; choose constant, diminishing or step")
+
+
+def check_lr(cfg):
+    """Shared validation for LRConfig-based algorithm configs (raises ValueError)."""
+    if cfg.lr_schedule not in ("constant", "diminishing", "step"):
+        raise ValueError(f"lr_schedule must be constant, diminishing or step, got {cfg.lr_schedule!r}")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr must be > 0, got {cfg.lr}")
+    if cfg.lr_schedule == "step" and cfg.step_epochs <= 0:
+        raise ValueError("step_epochs must be > 0")

@@ -1,0 +1,254 @@
+"""Run configuration: frozen dataclasses read from TOML plus ``--set a.b=c`` overrides.
+
+A config file has the sections ``[data]``, ``[model]``, ``[topology]``,
+``[algorithm]`` and ``[run]``.  Unknown sections or keys are errors that name
+the key and list the valid ones.  The ``[algorithm]`` section holds ``name``
+plus the fields of that algorithm's own config class (registered with
+:func:`register_algorithm`), so every algorithm validates its own
+hyper-parameters.
+
+Collective use: :func:`load_collective` reads and validates on rank 0 and
+broadcasts the plain dict (or the error) so every rank builds the same config
+and fails together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mpidl.errors import MpidlError
+
+__all__ = ["Config", "DataConfig", "ModelConfig", "TopologyConfig", "RunConfig",
+           "LRConfig", "register_algorithm", "algorithm_registry", "load", "load_collective",
+           "from_dict", "to_dict", "parse_overrides"]
+
+
+class ConfigError(MpidlError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | digits | synthetic-lsq | synthetic-logistic
+    data_dir: str = ""                  # "" -> $MPIDL_DATA or /usr/share/datasets/<dataset>
+    shards: str = ""                    # an HDF5 shard file from `mpidl shard`; overrides partition
+    partition: str = "iid"              # iid | contiguous | by-class | dirichlet
+    alpha: float = 0.5                  # Dirichlet concentration
+    seed: int = 0                       # partition seed
+    eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "mlp"                   # mlp | cnn | resnet20 | linear
+    hidden: tuple = (256, 128)          # MLP widths
+    dtype: str = "float32"              # float32 | float64
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    name: str = "ring"                  # ring | path | star | complete | torus | hypercube | exponential | erdos_renyi
+    weights: str = ""                   # metropolis | max-degree | uniform | lazy ("" = generator default)
+    p: float = 0.5                      # erdos_renyi edge probability
+    seed: int = 0                       # erdos_renyi seed
+    shape: tuple = ()                   # torus shape
+    schedule: str = ""                  # "" (fixed) | one_peer_exponential | random_matching
+
+
+@dataclass(frozen=True)
+class LRConfig:
+    """Learning-rate schedule shared by the SGD-type algorithms.
+
+    constant: lr;  diminishing: lr / (1 + decay * k)^power (k = step);
+    step: lr * decay^floor(epoch / step_epochs).
+    """
+    lr: float = 0.01
+    lr_schedule: str = "constant"
+    decay: float = 0.1
+    power: float = 1.0
+    step_epochs: float = 10.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = ""                      # run name ("" -> <algorithm>_<topology>)
+    epochs: float = 1.0
+    steps: int = 0                      # > 0 overrides epochs
+    batch_size: int = 128
+    seed: int = 0                       # model init and data order (per rank: (seed, rank))
+    log_every: int = 50                 # steps between progress lines / train-metric rows
+    eval_every: int = 0                 # steps between evaluations (0 = once per epoch)
+    checkpoint_every: int = 0           # steps between checkpoints (0 = once per epoch)
+    keep: int = 3                       # checkpoints kept
+    out: str = "runs"                   # results go to <out>/<name>/
+    resume: str = "no"                  # no | auto | <step>
+    threads: int = 1                    # torch / numba threads per rank
+
+
+_ALGOS: dict = {}
+
+
+def register_algorithm(name: str, config_cls, factory):
+    """Register ``name`` -> (frozen config class, factory(config, **ctx) -> Algorithm)."""
+    _ALGOS[name] = (config_cls, factory)
+
+
+def algorithm_registry() -> dict:
+    import mpidl.algorithms  # noqa: F401  (registers the built-in algorithms)
+    return _ALGOS
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    algorithm: typing.Any = None        # the algorithm's own frozen config (has .name)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.algorithm.name}_{self.topology.name}"
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "topology": TopologyConfig, "run": RunConfig}
+
+
+def _coerce(section, key, ftype, value):
+    origin = ftype if isinstance(ftype, type) else None
+    if ftype in ("tuple", tuple) or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
+        raise ConfigError(f"[{section}] {key} must be a list, got {value!r}")
+    if ftype in ("bool", bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"[{section}] {key} must be true or false, got {value!r}")
+    if ftype in ("int", int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"[{section}] {key} must be an integer, got {value!r}")
+    if ftype in ("float", float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"[{section}] {key} must be a number, got {value!r}")
+    if ftype in ("str", str):
+        if isinstance(value, (str, int)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"[{section}] {key} must be a string, got {value!r}")
+    return value
+
+
+def _build(section: str, cls, values: dict):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {', '.join(unknown)} in [{section}]; "
+                          f"valid keys: {', '.join(fields)}")
+    kwargs = {k: _coerce(section, k, fields[k].type, v) for k, v in values.items()}
+    try:
+        obj = cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{section}]: {e}") from None
+    check = getattr(obj, "validate", None)
+    if check is not None:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(f"[{section}]: {e}") from None
+    return obj
+
+
+def from_dict(d: dict) -> Config:
+    """Local. Validate a plain dict (as read from TOML) into a :class:`Config`."""
+    unknown = sorted(set(d) - set(_SECTIONS) - {"algorithm"})
+    if unknown:
+        raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(list(_SECTIONS) + ['algorithm'])}")
+    parts = {name: _build(name, cls, d.get(name, {})) for name, cls in _SECTIONS.items()}
+    algo = dict(d.get("algorithm", {}))
+    name = algo.pop("name", "cdsgd")
+    reg = algorithm_registry()
+    if name not in reg:
+        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(reg))}")
+    cfg_cls, _ = reg[name]
+    parts["algorithm"] = _build("algorithm", cfg_cls, algo)
+    if parts["run"].batch_size < 1:
+        raise ConfigError("[run] batch_size must be >= 1")
+    if parts["run"].epochs <= 0 and parts["run"].steps <= 0:
+        raise ConfigError("[run] set epochs > 0 or steps > 0")
+    if parts["model"].dtype not in ("float32", "float64"):
+        raise ConfigError(f"[model] dtype must be float32 or float64, got {parts['model'].dtype!r}")
+    return Config(**parts)
+
+
+def to_dict(cfg: Config) -> dict:
+    """Local. The resolved config as a plain (TOML/JSON-able) dict."""
+    out = {}
+    for name in ("data", "model", "topology", "algorithm", "run"):
+        sec = dataclasses.asdict(getattr(cfg, name))
+        out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()}
+    return out
+
+
+def parse_overrides(items) -> list:
+    """``["algorithm.lr=0.05", ...]`` -> ``[(["algorithm", "lr"], 0.05), ...]`` (values parsed as TOML)."""
+    out = []
+    for item in items or ():
+        if "=" not in item:
+            raise ConfigError(f"--set expects section.key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        path = key.strip().split(".")
+        if len(path) != 2 or not all(path):
+            raise ConfigError(f"--set key must be section.key, got {key!r}")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw  # bare strings: --set topology.name=ring
+        out.append((path, value))
+    return out
+
+
+def load(path=None, overrides=()) -> Config:
+    """Local. Read a TOML file (or defaults when ``path`` is None) and apply overrides."""
+    d: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} not found")
+        try:
+            d = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    for (sec, key), value in parse_overrides(overrides):
+        d.setdefault(sec, {})[key] = value
+    return from_dict(d)
+
+
+def load_collective(comm, path=None, overrides=()) -> Config:
+    """Collective. Rank 0 reads and validates; every rank gets the same config or the same error.
+
+    ``comm`` is an mpi4py communicator or a :class:`~mpidl.comm.GraphComm`.
+    """
+    rank = comm.Get_rank() if hasattr(comm, "Get_rank") else comm.rank
+    payload = None
+    if rank == 0:
+        try:
+            payload = ("ok", to_dict(load(path, overrides)))
+        except MpidlError as e:
+            payload = ("error", str(e))
+    payload = comm.bcast(payload, root=0)
+    if payload[0] == "error":
+        raise ConfigError(payload[1])
+    return from_dict(payload[1])
+
+
+def dumps(cfg: Config) -> str:
+    """Local. The resolved config as JSON (stored with results and checkpoints)."""
+    return json.dumps(to_dict(cfg), sort_keys=True)

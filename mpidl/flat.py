@@ -1,0 +1,80 @@
+"""Torch parameters and gradients as views into one contiguous buffer.
+
+``FlatModel(model)`` re-points every parameter's ``.data`` and ``.grad`` at
+slices of two flat tensors, ``params`` and ``grads``, so one collective moves
+the whole model and an algorithm works on plain vectors:
+
+    x = fm.x        # NumPy view of the parameter buffer (zero copy)
+    g = fm.g        # NumPy view of the gradient buffer
+
+Autograd accumulates into an existing ``.grad`` in place; :meth:`backward`
+checks that every gradient still lives in the buffer and re-links (copying)
+any that autograd replaced, so the views can never silently go stale.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["FlatModel"]
+
+
+class FlatModel:
+    """Local. A torch module whose parameters live in one flat buffer."""
+
+    def __init__(self, model: torch.nn.Module, dtype=torch.float32):
+        self.model = model.to(dtype)
+        self.params_list = [p for p in self.model.parameters() if p.requires_grad]
+        self.shapes = [p.shape for p in self.params_list]
+        self.sizes = [p.numel() for p in self.params_list]
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
+        n = int(self.offsets[-1])
+        self.params = torch.empty(n, dtype=dtype)
+        self.grads = torch.zeros(n, dtype=dtype)
+        with torch.no_grad():
+            for p, a, b in zip(self.params_list, self.offsets[:-1], self.offsets[1:]):
+                self.params[a:b].copy_(p.detach().reshape(-1))
+        self._link()
+        self.x = self.params.numpy()
+        self.g = self.grads.numpy()
+
+    @property
+    def dim(self) -> int:
+        return self.params.numel()
+
+    def _link(self):
+        for p, shape, a, b in zip(self.params_list, self.shapes, self.offsets[:-1], self.offsets[1:]):
+            p.data = self.params[a:b].view(shape)
+            p.grad = self.grads[a:b].view(shape)
+
+    def zero_grad(self):
+        self.grads.zero_()
+
+    def backward(self, loss: torch.Tensor):
+        """Local. Zero the gradient buffer, backpropagate ``loss``, keep grads in the buffer."""
+        self.grads.zero_()
+        loss.backward()
+        base = self.grads.data_ptr()
+        itemsize = self.grads.element_size()
+        for p, shape, a, b in zip(self.params_list, self.shapes, self.offsets[:-1], self.offsets[1:]):
+            if p.grad is None:
+                p.grad = self.grads[a:b].view(shape)
+            elif p.grad.data_ptr() != base + int(a) * itemsize:
+                self.grads[a:b].copy_(p.grad.reshape(-1))
+                p.grad = self.grads[a:b].view(shape)
+
+    def load(self, x: np.ndarray):
+        """Local. Copy a flat vector into the parameters (no-op when it is the buffer itself)."""
+        if x is self.x or (isinstance(x, np.ndarray) and np.shares_memory(x, self.x)
+                           and x.__array_interface__["data"][0] == self.x.__array_interface__["data"][0]):
+            return
+        self.x[...] = x
+
+    def buffers(self) -> dict:
+        """Local. Non-parameter state (e.g. BatchNorm running statistics) as NumPy arrays."""
+        return {name: b.detach().cpu().numpy().copy() for name, b in self.model.named_buffers()}
+
+    def load_buffers(self, d: dict):
+        own = dict(self.model.named_buffers())
+        for name, value in d.items():
+            own[name].copy_(torch.from_numpy(np.asarray(value)))
