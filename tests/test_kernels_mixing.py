@@ -7,7 +7,7 @@ from reference import kernels as ref
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("k,p", [(0, 5), (1, 1), (2, 1000), (7, 33)])
+@pytest.mark.parametrize("k,p", [(0, 5), (1, 1), (2, 1000), (7, 33), (3, 5000), (5, 4097)])
 def test_combine_matches_reference(dtype, k, p):
     rng = np.random.default_rng(k * 100 + p)
     x = rng.standard_normal(p).astype(dtype)
@@ -32,3 +32,9 @@ def test_combine_validates():
         kernels.combine(x, np.zeros((2, 4), np.float32), 1.0, [0, 0])
     with pytest.raises(ValueError, match="weights"):
         kernels.combine(x, np.zeros((2, 4)), 1.0, [0])
+
+
+def test_combine_rejects_partial_overlap():
+    buf = np.zeros(10)
+    with pytest.raises(ValueError, match="overlap"):
+        kernels.combine(buf[:8], np.zeros((1, 8)), 1.0, [0.0], out=buf[2:])
