@@ -1,0 +1,221 @@
+"""``report``: a summary table and PNG plots of one or more results files.
+
+For every series (``train``, ``eval``, ...) and every logged metric, one PNG
+``<series>_<metric>.png`` with up to three panels: the metric against step,
+against wall time and against bytes sent (when the series has a ``bytes*``
+column), every run overlaid so algorithms can be compared at a glance.
+Metrics whose name says they shrink over decades (consensus error, gradient
+norm, stationarity, residual, gap, suboptimality) use a log scale.  A metric
+logged as a 1-D array per step (e.g. per-agent accuracy) is drawn as its
+mean with a min..max band.
+
+matplotlib is an optional extra (``pip install mpidl[plot]``); it is
+imported here, lazily, with the Agg canvas only (no pyplot, no backend
+switch).  The table is also written to ``<out_dir>/summary.txt``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+
+import numpy as np
+
+from mpidl.errors import MpidlError
+from mpidl.metrics import load_results
+
+__all__ = ["report", "summary_table"]
+
+_X_TIME = ("wall_time", "time")
+_LOG_WORDS = ("consensus", "grad", "stationar", "residual", "gap", "subopt", "error")
+_NOT_METRICS = ("step", "epoch") + _X_TIME
+
+
+def _bytes_col(cols):
+    for c in ("bytes", "bytes_sent", "comm_bytes"):
+        if c in cols:
+            return c
+    return next((c for c in cols if c.startswith("bytes")), None)
+
+
+def _metrics(cols):
+    b = _bytes_col(cols)
+    return [c for c in cols if c not in _NOT_METRICS and c != b and not c.startswith("bytes")
+            and not c.startswith("messages")]
+
+
+def _human_bytes(n):
+    if n is None or not math.isfinite(n):
+        return "-"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1000.0
+
+
+def _last(a):
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim > 1:
+        a = np.nanmean(a, axis=tuple(range(1, a.ndim)))
+    ok = np.flatnonzero(np.isfinite(a))
+    return float(a[ok[-1]]) if ok.size else math.nan
+
+
+def _best(a, higher):
+    a = np.asarray(a, dtype=np.float64)
+    if a.ndim > 1:
+        a = np.nanmean(a, axis=tuple(range(1, a.ndim)))
+    a = a[np.isfinite(a)]
+    if not a.size:
+        return math.nan
+    return float(a.max() if higher else a.min())
+
+
+def _labels(runs):
+    labels = [r["label"] for r in runs]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} ({os.path.basename(os.path.dirname(os.path.abspath(r['path']))) or i})"
+                  if labels.count(lab) > 1 else lab for i, (lab, r) in enumerate(zip(labels, runs))]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab} #{i}" for i, lab in enumerate(labels)]
+    return labels
+
+
+def summary_table(runs, max_metrics: int = 8) -> str:
+    """Local. One line per run: steps, wall time, bytes, final (and best accuracy) metrics."""
+    labels = _labels(runs)
+    cols = []  # (series, metric)
+    for r in runs:
+        for s in sorted(r["series"], key=lambda s: (s != "train", s != "eval", s)):
+            for m in _metrics(list(r["series"][s])):
+                if (s, m) not in cols:
+                    cols.append((s, m))
+    prio = lambda sm: (0 if "loss" in sm[1] else 1 if "acc" in sm[1] else 2 if "consensus" in sm[1] else 3)
+    cols = sorted(cols, key=prio)[:max_metrics]
+    head = ["run", "algorithm", "agents", "steps", "wall", "bytes"]
+    for s, m in cols:
+        head.append(f"{s}.{m}")
+        if "acc" in m:
+            head.append(f"best {s}.{m}")
+    rows = []
+    for lab, r in zip(labels, runs):
+        ser = r["series"]
+        steps = max((int(np.max(v["step"])) for v in ser.values() if len(v["step"])), default=0)
+        wall = max((_last(v[c]) for v in ser.values() for c in _X_TIME if c in v), default=math.nan)
+        byts = [_last(v[b]) for v in ser.values() if (b := _bytes_col(list(v)))]
+        cfg = r["config"] if isinstance(r["config"], dict) else {}
+        algo = cfg.get("algorithm")
+        if isinstance(algo, dict):
+            algo = algo.get("name")
+        row = [lab, str(algo or "-"), str(r["attrs"].get("world_size", "-")), str(steps),
+               "-" if not math.isfinite(wall) else f"{wall:.1f}s", _human_bytes(max(byts) if byts else None)]
+        for s, m in cols:
+            v = ser.get(s, {}).get(m)
+            row.append("-" if v is None else f"{_last(v):.4g}")
+            if "acc" in m:
+                row.append("-" if v is None else f"{_best(v, True):.4g}")
+        rows.append(row)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _safe(name):
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def _plot_metric(series, metric, runs, labels, out_dir, FigureCanvas, Figure):
+    axes_x = [("step", "step")]
+    if any(c in r["series"].get(series, {}) for r in runs for c in _X_TIME):
+        axes_x.append(("time", "wall time [s]"))
+    if any(_bytes_col(list(r["series"].get(series, {}))) for r in runs):
+        axes_x.append(("bytes", "bytes sent"))
+    fig = Figure(figsize=(4.6 * len(axes_x), 3.6), layout="constrained")
+    FigureCanvas(fig)
+    axs = fig.subplots(1, len(axes_x), squeeze=False)[0]
+    logy = any(w in metric.lower() for w in _LOG_WORDS)
+    drawn = 0
+    for lab, r in zip(labels, runs):
+        d = r["series"].get(series)
+        if d is None or metric not in d:
+            continue
+        y = np.asarray(d[metric], dtype=np.float64)
+        lo = hi = None
+        if y.ndim > 1:
+            flat = y.reshape(len(y), -1)
+            lo, hi, y = np.nanmin(flat, 1), np.nanmax(flat, 1), np.nanmean(flat, 1)
+        for ax, (kind, _) in zip(axs, axes_x):
+            if kind == "step":
+                x = d["step"]
+            elif kind == "time":
+                x = next((d[c] for c in _X_TIME if c in d), None)
+            else:
+                b = _bytes_col(list(d))
+                x = d[b] if b else None
+            if x is None:
+                continue
+            x = np.asarray(x, dtype=np.float64)
+            ok = np.isfinite(x) & np.isfinite(y) & ((y > 0) if logy else True)
+            if not ok.any():
+                continue
+            line, = ax.plot(x[ok], y[ok], label=lab, lw=1.4)
+            if lo is not None:
+                ax.fill_between(x[ok], lo[ok], hi[ok], color=line.get_color(), alpha=0.2, lw=0)
+        drawn += 1
+    if not drawn:
+        return None
+    for ax, (_, xlabel) in zip(axs, axes_x):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"{series} {metric}")
+        ax.grid(True, alpha=0.3)
+        if logy:
+            ax.set_yscale("log")
+    axs[0].legend(fontsize="small")
+    fig.suptitle(f"{series}: {metric}")
+    out = os.path.join(out_dir, f"{_safe(series)}_{_safe(metric)}.png")
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def report(paths, out_dir, stream=None) -> dict:
+    """Local. Print a summary table of ``paths`` and write PNG plots into ``out_dir``.
+
+    Returns ``{"table": str, "plots": [png paths], "summary": path of summary.txt}``.
+    ``stream`` receives the table (default ``sys.stdout``; ``False`` for none).
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    if not paths:
+        raise MpidlError("report: give at least one results file")
+    runs = [load_results(p) for p in paths]
+    table = summary_table(runs)
+    os.makedirs(out_dir, exist_ok=True)
+    summary = os.path.join(out_dir, "summary.txt")
+    with open(summary, "w") as f:
+        f.write(table + "\n")
+    if stream is None:
+        stream = sys.stdout
+    if stream:
+        stream.write(table + "\n")
+        stream.flush()
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise MpidlError("report: plots need matplotlib (pip install matplotlib, or mpidl[plot]); "
+                         f"the table was written to {summary}") from None
+    labels = _labels(runs)
+    plots = []
+    names = []
+    for r in runs:
+        for s in r["series"]:
+            for m in _metrics(list(r["series"][s])):
+                if (s, m) not in names:
+                    names.append((s, m))
+    for s, m in names:
+        out = _plot_metric(s, m, runs, labels, out_dir, FigureCanvasAgg, Figure)
+        if out:
+            plots.append(out)
+    return {"table": table, "plots": plots, "summary": summary}
