@@ -29,7 +29,7 @@ from collections import OrderedDict
 import numpy as np
 
 from mpidl.errors import MpidlError
-from mpidl.kernels import combine
+from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
 __all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "world"]
@@ -72,6 +72,13 @@ def _as_array(x, writable=True):
     return a.reshape(-1), None
 
 
+def _pointers(x, out):
+    """Data pointers of two CPU torch tensors / arrays (fast-path validity check)."""
+    px = x.data_ptr() if hasattr(x, "data_ptr") else x.__array_interface__["data"][0]
+    po = out.data_ptr() if hasattr(out, "data_ptr") else out.__array_interface__["data"][0]
+    return px, po
+
+
 class Pending:
     """Handle of a nonblocking mix; :meth:`wait` completes it and returns ``out``."""
 
@@ -102,8 +109,9 @@ class _Plan:
     def __init__(self, send, indeg, w_self, w_in):
         self.send = send
         self.recv = np.empty((indeg, send.size), dtype=send.dtype)
+        # weights cast once to the data's dtype: the combine stays in that arithmetic
         self.w = np.ascontiguousarray(w_in, dtype=send.dtype)
-        self.w_self = w_self
+        self.w_self = send.dtype.type(w_self)
         self.request = None
         self.busy = False
 
@@ -148,6 +156,7 @@ class GraphComm:
         self.persistent = has_persistent if persistent is None else (bool(persistent) and has_persistent)
         self._plans: OrderedDict = OrderedDict()
         self._plan_cache = max(1, int(plan_cache))
+        self._last = None  # fast path: (x, out, data pointers, plan, a, o) of the last mix
         self.bytes_sent = 0
         self.messages_sent = 0
         self._closed = False
@@ -161,6 +170,7 @@ class GraphComm:
             if plan.request is not None:
                 plan.request.Free()
         self._plans.clear()
+        self._last = None
         self.graph.Free()
         self.base.Free()
         self._closed = True
@@ -192,12 +202,25 @@ class GraphComm:
         self._plans[key] = plan
         while len(self._plans) > self._plan_cache:
             _, old = self._plans.popitem(last=False)
+            if self._last is not None and self._last[3] is old:
+                self._last = None
             if old.request is not None:
                 old.request.Free()
         return plan
 
     def _start(self, x, out):
-        a, _ = _as_array(x)
+        # Fast path: the same x and out objects as the last call (the usual
+        # `mix(x, out=x)` loop) reuse its views and plan.  A NumPy array cannot
+        # move while we hold it; a torch tensor can (set_, resize_), so its
+        # data pointer is compared too.
+        last = self._last
+        if (last is not None and x is last[0] and out is last[1]
+                and (last[2] is None or last[2] == _pointers(x, out))):
+            plan, a, o = last[3], last[4], last[5]
+            if plan.busy:
+                raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+            return self._launch(plan, a, o, out, None)
+        a, staged = _as_array(x)
         if out is None:
             o, wb = np.empty_like(a), None
             if type(x).__module__.startswith("torch"):
@@ -215,6 +238,12 @@ class GraphComm:
         plan = self._plan_for(a)
         if plan.busy:
             raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+        if out is not None and wb is None and staged is None:  # CPU buffers only
+            torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
+            self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
+        return self._launch(plan, a, o, result, wb)
+
+    def _launch(self, plan, a, o, result, wb):
         if plan.request is not None:
             plan.request.Start()
             request = plan.request
@@ -226,7 +255,7 @@ class GraphComm:
         return plan, a, o, result, wb, request
 
     def _combine(self, plan, a, o, writeback):
-        combine(a, plan.recv, plan.w_self, plan.w, out=o)
+        combine_prepared(a, plan.recv, plan.w_self, plan.w, o)
         if writeback is not None:
             writeback()
 

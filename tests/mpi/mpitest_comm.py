@@ -182,3 +182,23 @@ def test_bad_input_types():
     with GraphComm(W, T.ring(N)) as gc:
         assert_raises_all(TypeError, gc.mix, np.arange(3))
         assert_raises_all(ValueError, gc.mix, np.ones((4, 4))[:, ::2])
+
+
+def test_fast_path_follows_moved_buffers_and_eviction():
+    topo = T.ring(N)
+    X = agent_data(N, (40,), np.float64, seed=9)
+    expect = topo.weights @ X
+    with GraphComm(W, topo, plan_cache=1) as gc:
+        t = torch.from_numpy(X[R].copy())
+        gc.mix(t, out=t)                                   # caches the fast path
+        t.set_(torch.from_numpy(X[R].copy()))              # same object, new storage
+        gc.mix(t, out=t)
+        ok = np.allclose(t.numpy(), expect[R], atol=1e-13)
+        x, y = X[R].copy(), X[R].copy()
+        gc.mix(x, out=x)
+        gc.mix(y, out=y)                                   # evicts x's plan (cache of 1)
+        gc.mix(x, out=x)                                   # x again: a fresh plan, still right
+        ok &= np.allclose(y, expect[R], atol=1e-13)
+        ok &= np.allclose(x, (topo.weights @ expect)[R], atol=1e-13)
+        ok &= len(gc._plans) == 1
+    assert_all(ok, "mix fast path used a stale buffer or plan")
