@@ -5,10 +5,11 @@ Loaders (:func:`load_dataset`) return a :class:`Dataset` of float32 inputs:
 * ``fashion-mnist`` and ``mnist``: the standard IDX ``.gz`` files
   (``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
   ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz``), images
-  scaled to [0, 1] with shape (N, 1, 28, 28).  Files are looked up in
-  ``data_dir``, then ``$MPIDL_DATA``, then ``/usr/share/datasets/<name>``
-  (where Debian's ``dataset-fashion-mnist`` package puts them); each of these
-  may hold the files directly or in a ``<name>/`` sub-folder.
+  scaled to [0, 1] (``u8 / 255``) with shape (N, 1, 28, 28).  Files are
+  looked up in ``data_dir`` if given, else ``$MPIDL_DATA`` if set, else
+  ``/usr/share/datasets/<name>`` (where Debian's ``dataset-fashion-mnist``
+  package puts them); the first two may hold the files directly or in a
+  ``<name>/`` sub-folder.
 * ``digits``: scikit-learn's bundled 8x8 digits, (N, 1, 8, 8) in [0, 1],
   a seeded 80/20 train/test split.
 * ``synthetic-lsq``: least squares with a planted model,
@@ -102,17 +103,12 @@ class Dataset:
 
 # -- locating files ------------------------------------------------------------
 def resolve_data_dir(name: str, data_dir=None) -> list:
-    """Local. Candidate folders for ``name``, in lookup order (argument, $MPIDL_DATA, system)."""
-    bases = []
-    if data_dir:
-        bases.append(Path(data_dir))
-    if os.environ.get("MPIDL_DATA"):
-        bases.append(Path(os.environ["MPIDL_DATA"]))
-    out = []
-    for b in bases:
-        out.extend([b / name, b])
-    out.append(Path("/usr/share/datasets") / name)
-    return out
+    """Local. Folders searched for ``name``: the first of ``data_dir``, ``$MPIDL_DATA`` and
+    ``/usr/share/datasets`` that is set, with its ``<name>/`` sub-folder first."""
+    base = data_dir or os.environ.get("MPIDL_DATA")
+    if not base:
+        return [Path("/usr/share/datasets") / name]
+    return [Path(base) / name, Path(base)]
 
 
 def _find_idx(name, data_dir):
@@ -176,7 +172,7 @@ def _load_idx_raw(name, data_dir):
 
 def _to_float_images(u8):
     x = u8.astype(np.float32)
-    x *= np.float32(1.0 / 255.0)
+    x /= np.float32(255.0)
     return x.reshape((len(u8), 1) + u8.shape[1:])
 
 

@@ -102,7 +102,7 @@ class Recorder:
         err = None
         if self.active:
             try:
-                self._open(config or {}, bool(resume), resume_step, label, attrs)
+                self._open(config, bool(resume), resume_step, label, attrs)
             except (OSError, TypeError, ValueError) as e:
                 err = f"cannot open results file {self.tmp}: {e}"
         _agree(comm, err)
@@ -135,7 +135,8 @@ class Recorder:
             f.attrs["format_version"] = FORMAT_VERSION
             f.attrs["created"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             f.attrs["resumes"] = "[]"
-        f.attrs["config"] = json.dumps(config, default=_json_default)
+        if config is not None or "config" not in f.attrs:  # a resume without config keeps the old one
+            f.attrs["config"] = json.dumps(config or {}, default=_json_default)
         f.attrs["mpidl_version"] = __version__
         f.attrs["world_size"] = self.comm.size if self.comm is not None else 1
         if label is not None or "label" not in f.attrs:
