@@ -91,12 +91,21 @@ POWER_MARGIN = 1.1
 # ----------------------------------------------------------------------------------------
 # full linearisation
 # ----------------------------------------------------------------------------------------
+@numba.njit(inline="always", **JIT)
+def _lin_store(wp, wt, alpha, mode, out_wt, out_z, p):
+    """mode 1: write w~ only; 2: z only; 3: both (loop-invariant, unswitched by LLVM)."""
+    if mode & 1:
+        out_wt[p] = wt
+    if mode & 2:
+        out_z[p] = wp + alpha * (wt - wp)
+
+
 @numba.njit(**JIT)
-def _lin_range(w, g, pi, tau, alpha, code, lam, out_wt, out_z, lo, hi):
+def _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, lo, hi):
     """Closed form + step on [lo, hi).  One loop per regularizer (no branch in the loop).
 
     Per element, w[p], g[p], pi[p] are read before out_wt[p] / out_z[p] are
-    written, so the outputs may alias any input (and each other: then z wins).
+    written, so the outputs may alias any input.
     """
     one = tau / tau
     inv_tau = one / tau
@@ -104,33 +113,27 @@ def _lin_range(w, g, pi, tau, alpha, code, lam, out_wt, out_z, lo, hi):
         thr = lam * inv_tau
         for p in range(lo, hi):
             wp = w[p]
-            wt = _st(wp - (g[p] + pi[p]) * inv_tau, thr)
-            out_wt[p] = wt
-            out_z[p] = wp + alpha * (wt - wp)
+            _lin_store(wp, _st(wp - (g[p] + pi[p]) * inv_tau, thr), alpha, mode, out_wt, out_z, p)
     elif code == 2:
         inv = one / (tau + (lam + lam))
         for p in range(lo, hi):
             wp = w[p]
-            wt = (tau * wp - g[p] - pi[p]) * inv
-            out_wt[p] = wt
-            out_z[p] = wp + alpha * (wt - wp)
+            _lin_store(wp, (tau * wp - g[p] - pi[p]) * inv, alpha, mode, out_wt, out_z, p)
     else:
         for p in range(lo, hi):
             wp = w[p]
-            wt = wp - (g[p] + pi[p]) * inv_tau
-            out_wt[p] = wt
-            out_z[p] = wp + alpha * (wt - wp)
+            _lin_store(wp, wp - (g[p] + pi[p]) * inv_tau, alpha, mode, out_wt, out_z, p)
 
 
 @numba.njit(**JIT)
-def _lin_serial(w, g, pi, tau, alpha, code, lam, out_wt, out_z):
-    _lin_range(w, g, pi, tau, alpha, code, lam, out_wt, out_z, 0, w.shape[0])
+def _lin_serial(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z):
+    _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, 0, w.shape[0])
 
 
 @numba.njit(**PJIT)
-def _lin_blocks(w, g, pi, tau, alpha, code, lam, out_wt, out_z, bounds):
+def _lin_blocks(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, bounds):
     for c in numba.prange(bounds.shape[0] - 1):
-        _lin_range(w, g, pi, tau, alpha, code, lam, out_wt, out_z, bounds[c], bounds[c + 1])
+        _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, bounds[c], bounds[c + 1])
 
 
 @numba.njit(**JIT)
@@ -162,27 +165,28 @@ def linearized_step(w, g, pi, tau, alpha, reg, lam, out_wt=None, out_z=None):
     forms in the module docstring) and ``z = w + alpha (w~ - w)``.
     ``w, g, pi``: 1-D, one float dtype; ``tau > 0``; ``lam >= 0``;
     ``reg`` in {"none", "l1", "l2"}.  Scalars are rounded to w's dtype.
-    ``out_wt``/``out_z`` may alias any input; passing the same array for both
-    leaves z in it (use this when only z is needed: one write stream fewer).
+    ``out_wt``/``out_z`` may alias any input; passing the same array object
+    for both writes only z into it (use this when only z is needed: one write
+    stream fewer).
     Returns ``(out_wt, out_z)``.
     """
     fn = "linearized_step"
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, alpha, reg, lam)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
-    _lin_serial(w, g, pi, tau, alpha, code, lam, out_wt, out_z)
+    _lin_serial(w, g, pi, tau, alpha, code, lam, 2 if out_wt is out_z else 3, out_wt, out_z)
     return out_wt, out_z
 
 
 def linearized_solve(w, g, pi, tau, reg, lam, out=None):
-    """Local. NEXT full-linearisation closed form ``w~`` alone (the step with alpha = 1).
+    """Local. NEXT full-linearisation closed form ``w~`` alone (no step, one write stream).
 
     Same arguments and rules as :func:`linearized_step`; ``out`` may alias an input.
     """
     fn = "linearized_solve"
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, 1.0, reg, lam)
     out = V.out_like(fn, "out", out, w)
-    _lin_serial(w, g, pi, tau, alpha, code, lam, out, out)
+    _lin_serial(w, g, pi, tau, alpha, code, lam, 1, out, out)
     return out
 
 
@@ -198,7 +202,8 @@ def linearized_step_blocks(w, g, pi, tau, alpha, reg, lam, n_blocks, out_wt=None
     n_blocks = V.count(fn, "n_blocks", n_blocks, 1)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
-    _lin_blocks(w, g, pi, tau, alpha, code, lam, out_wt, out_z, block_bounds(w.shape[0], n_blocks))
+    _lin_blocks(w, g, pi, tau, alpha, code, lam, 2 if out_wt is out_z else 3, out_wt, out_z,
+                block_bounds(w.shape[0], n_blocks))
     return out_wt, out_z
 
 
