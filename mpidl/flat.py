@@ -24,7 +24,9 @@ class FlatModel:
 
     def __init__(self, model: torch.nn.Module, dtype=torch.float32):
         self.model = model.to(dtype)
-        self.params_list = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.names = [n for n, _ in named]
+        self.params_list = [p for _, p in named]
         self.shapes = [p.shape for p in self.params_list]
         self.sizes = [p.numel() for p in self.params_list]
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(int)
@@ -69,6 +71,11 @@ class FlatModel:
                            and x.__array_interface__["data"][0] == self.x.__array_interface__["data"][0]):
             return
         self.x[...] = x
+
+    def param_views(self, flat: torch.Tensor) -> dict:
+        """Local. ``{name: view}`` of a flat vector laid out like the parameters (for torch.func)."""
+        return {n: flat[a:b].view(shape) for n, shape, a, b in
+                zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])}
 
     def buffers(self) -> dict:
         """Local. Non-parameter state (e.g. BatchNorm running statistics) as NumPy arrays."""

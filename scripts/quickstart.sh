@@ -8,4 +8,4 @@ if [ "${MPIDL_NO_VENV:-0}" != 1 ]; then . .venv/bin/activate; fi
 export OMP_NUM_THREADS=1
 ranks=4
 if [ "${1:-}" = "--ranks" ]; then ranks=$2; shift 2; fi
-exec mpiexec -n "$ranks" python -m mpidl bench consensus "$@"
+exec mpiexec -n "$ranks" python -m mpidl run jobs/configs/quickstart.toml "$@"

@@ -17,16 +17,23 @@ class LsqOracle:
 
     def loss_grad(self, x, k):
         idx = batch_indices(self.A.shape[0], self.batch, self.spe, self.seed, self.rank, k)
-        A, b = self.A[idx], self.b[idx]
+        return self._eval(x, self.A[idx], self.b[idx])
+
+    def full_loss_grad(self, x):
+        loss, g = self._eval(x, self.A, self.b)
+        return loss, g.copy()
+
+    def _eval(self, x, A, b):
+        n = len(b)
         z = A @ x
         if self.nonlinear:
             t = np.tanh(z)
             r = t - b
-            self._g[...] = A.T @ (r * (1 - t * t)) / len(idx)
+            self._g[...] = A.T @ (r * (1 - t * t)) / n
         else:
             r = z - b
-            self._g[...] = A.T @ r / len(idx)
-        return 0.5 * float(r @ r) / len(idx), self._g
+            self._g[...] = A.T @ r / n
+        return 0.5 * float(r @ r) / n, self._g
 
 
 def make_problem(n_agents, m=40, d=6, seed=0, batch=8, nonlinear=True, sizes=None):
