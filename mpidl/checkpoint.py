@@ -584,13 +584,17 @@ class CheckpointStore:
 
 # -- RNG state ---------------------------------------------------------------------
 def rng_state(generator: np.random.Generator | None = None) -> dict:
-    """Local. NumPy's global RNG, ``generator`` (if given) and torch's CPU RNG, as a state dict."""
+    """Local. NumPy's global RNG, ``generator`` (if given) and torch's RNGs, as a state dict.
+
+    torch's state is captured when torch is imported: a process that never
+    imported torch has never drawn from its RNG, and a resumed process starts
+    torch from the same default seed.
+    """
     st = {"numpy_global": np.random.get_state(legacy=False)}
     if generator is not None:
         st["generator"] = generator.bit_generator.state
-    try:
-        import torch
-    except ImportError:
+    torch = sys.modules.get("torch")
+    if torch is None:
         return st
     st["torch"] = torch.get_rng_state().numpy().copy()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
