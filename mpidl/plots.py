@@ -7,7 +7,8 @@ column), every run overlaid so algorithms can be compared at a glance.
 Metrics whose name says they shrink over decades (consensus error, gradient
 norm, stationarity, residual, gap, suboptimality) use a log scale.  A metric
 logged as a 1-D array per step (e.g. per-agent accuracy) is drawn as its
-mean with a min..max band.
+mean with a min..max band; so are the columns ``agentNNN_<name>`` (one per
+agent), gathered into ``agents_<name>``.
 
 matplotlib is an optional extra (``pip install mpidl[plot]``); it is
 imported here, lazily, with the Agg canvas only (no pyplot, no backend
@@ -27,9 +28,25 @@ from mpidl.metrics import load_results
 
 __all__ = ["report", "summary_table"]
 
-_X_TIME = ("wall_time", "time")
+_X_TIME = ("wall_time", "wall", "time")
+_AGENT_COL = re.compile(r"^agent(\d+)_(.+)$")
 _LOG_WORDS = ("consensus", "grad", "stationar", "residual", "gap", "subopt", "error")
 _NOT_METRICS = ("step", "epoch") + _X_TIME
+
+
+def _group_agents(runs):
+    """Columns ``agentNNN_<name>`` (one per agent) become one (rows, agents) column ``agents_<name>``."""
+    for r in runs:
+        for sname, cols in r["series"].items():
+            groups = {}
+            for c in list(cols):
+                m = _AGENT_COL.match(c)
+                if m and np.ndim(cols[c]) == 1:
+                    groups.setdefault(m.group(2), []).append((int(m.group(1)), c))
+            for name, members in groups.items():
+                members.sort()
+                cols[f"agents_{name}"] = np.stack([cols.pop(c) for _, c in members], axis=1)
+    return runs
 
 
 def _bytes_col(cols):
@@ -189,7 +206,7 @@ def report(paths, out_dir, stream=None) -> dict:
         paths = [paths]
     if not paths:
         raise MpidlError("report: give at least one results file")
-    runs = [load_results(p) for p in paths]
+    runs = _group_agents([load_results(p) for p in paths])
     table = summary_table(runs)
     os.makedirs(out_dir, exist_ok=True)
     summary = os.path.join(out_dir, "summary.txt")

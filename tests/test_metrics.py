@@ -20,7 +20,8 @@ def _run(path, algo, steps=30, offset=0.0, **kw):
         rec.log("train", k, loss=1.0 / k + offset, acc=1 - 1.0 / k, consensus_error=np.exp(-k / 3.0),
                 bytes_sent=1000 * k)
         if k % 10 == 0:
-            rec.log("eval", k, test_acc=0.5 + k / 100, agent_acc=np.array([0.4, 0.5, 0.6]) + k / 100)
+            rec.log("eval", k, test_acc=0.5 + k / 100, agent_acc=np.array([0.4, 0.5, 0.6]) + k / 100,
+                    wall=0.01 * k, **{f"agent{i:03d}_loss": 1.0 / k + i for i in range(3)})
     return rec
 
 
@@ -125,11 +126,11 @@ def test_report_makes_table_and_pngs(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "cdsgd" in table and "fedavg" in table and "train.loss" in table and "best eval.test_acc" in table
     names = sorted(os.path.basename(p) for p in out["plots"])
-    assert names == ["eval_agent_acc.png", "eval_test_acc.png", "train_acc.png",
+    assert names == ["eval_agent_acc.png", "eval_agents_loss.png", "eval_test_acc.png", "train_acc.png",
                      "train_consensus_error.png", "train_loss.png"]
     for p in out["plots"]:
         assert Path(p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Path(p).stat().st_size > 5000
     assert Path(out["summary"]).read_text().strip() == out["table"]
     assert cli(["report", a, "--out", str(tmp_path / "rep2")]) == 0
-    assert len(list((tmp_path / "rep2").glob("*.png"))) == 5
+    assert len(list((tmp_path / "rep2").glob("*.png"))) == 6
     assert cli(["report", str(tmp_path / "none.h5")]) == 2
