@@ -44,8 +44,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "mlp"                   # mlp | cnn | resnet20 | linear
+    name: str = "mlp"                   # mlp | cnn | resnet20 | linear | convex-logistic | convex-lsq
     hidden: tuple = (256, 128)          # MLP widths
+    loss: str = "ce"                    # ce | squared (squared: needed by NEXT's Gauss-Newton surrogate)
     dtype: str = "float32"              # float32 | float64
 
 
@@ -78,11 +79,11 @@ class RunConfig:
     name: str = ""                      # run name ("" -> <algorithm>_<topology>)
     epochs: float = 1.0
     steps: int = 0                      # > 0 overrides epochs
-    batch_size: int = 128
+    batch_size: int = 128               # 0 = full batch (the smallest shard; the whole shard for convex models)
     seed: int = 0                       # model init and data order (per rank: (seed, rank))
     log_every: int = 50                 # steps between progress lines / train-metric rows
     eval_every: int = 0                 # steps between evaluations (0 = once per epoch)
-    checkpoint_every: int = 0           # steps between checkpoints (0 = once per epoch)
+    checkpoint_every: int = 0           # steps between checkpoints (0 = every epoch, at least 100 steps apart)
     keep: int = 3                       # checkpoints kept
     out: str = "runs"                   # results go to <out>/<name>/
     resume: str = "no"                  # no | auto | <step>
@@ -118,7 +119,17 @@ class Config:
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "topology": TopologyConfig, "run": RunConfig}
 
 
+class _Override(str):
+    """A --set value: the raw text, with its TOML reading in ``.parsed``."""
+
+    parsed = None
+
+
 def _coerce(section, key, ftype, value):
+    if isinstance(value, _Override):  # string fields take the raw text: --set run.name=1e3
+        raw = str(value)
+        value = (value.parsed if isinstance(value.parsed, str) else raw) if ftype in ("str", str) \
+            else value.parsed
     origin = ftype if isinstance(ftype, type) else None
     if ftype in ("tuple", tuple) or origin is tuple:
         if isinstance(value, (list, tuple)):
@@ -173,16 +184,18 @@ def from_dict(d: dict) -> Config:
                           f"{', '.join(list(_SECTIONS) + ['algorithm'])}")
     parts = {name: _build(name, cls, d.get(name, {})) for name, cls in _SECTIONS.items()}
     algo = dict(d.get("algorithm", {}))
-    name = algo.pop("name", "cdsgd")
+    name = _coerce("algorithm", "name", str, algo.pop("name", "cdsgd"))
     reg = algorithm_registry()
     if name not in reg:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(reg))}")
     cfg_cls, _ = reg[name]
     parts["algorithm"] = _build("algorithm", cfg_cls, algo)
-    if parts["run"].batch_size < 1:
-        raise ConfigError("[run] batch_size must be >= 1")
+    if parts["run"].batch_size < 0:
+        raise ConfigError("[run] batch_size must be >= 0 (0 = full batch)")
     if parts["run"].epochs <= 0 and parts["run"].steps <= 0:
         raise ConfigError("[run] set epochs > 0 or steps > 0")
+    if parts["model"].loss not in ("ce", "squared"):
+        raise ConfigError(f"[model] loss must be ce or squared, got {parts['model'].loss!r}")
     if parts["model"].dtype not in ("float32", "float64"):
         raise ConfigError(f"[model] dtype must be float32 or float64, got {parts['model'].dtype!r}")
     return Config(**parts)
@@ -207,10 +220,11 @@ def parse_overrides(items) -> list:
         path = key.strip().split(".")
         if len(path) != 2 or not all(path):
             raise ConfigError(f"--set key must be section.key, got {key!r}")
+        value = _Override(raw.strip())
         try:
-            value = tomllib.loads(f"v = {raw}")["v"]
+            value.parsed = tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
-            value = raw  # bare strings: --set topology.name=ring
+            value.parsed = raw.strip()  # bare strings: --set topology.name=ring
         out.append((path, value))
     return out
 
@@ -227,7 +241,9 @@ def load(path=None, overrides=()) -> Config:
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
     for (sec, key), value in parse_overrides(overrides):
-        d.setdefault(sec, {})[key] = value
+        if not isinstance(d.setdefault(sec, {}), dict):
+            raise ConfigError(f"--set {sec}.{key}: [{sec}] is not a table")
+        d[sec][key] = value
     return from_dict(d)
 
 

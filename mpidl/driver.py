@@ -29,7 +29,10 @@ from mpidl.errors import MpidlError
 
 log = logging.getLogger("mpidl.driver")
 
-__all__ = ["train", "build_topology", "DivergenceError"]
+__all__ = ["train", "build_topology", "DivergenceError", "CONVEX_MODELS"]
+
+CONVEX_MODELS = {"convex-logistic": "logistic", "convex-lsq": "lsq"}
+"""Model names served by the Numba convex oracles instead of a torch model."""
 
 
 class DivergenceError(MpidlError):
@@ -74,17 +77,12 @@ class _ScheduledComm:
         return self._base.bytes_sent + self._sched.bytes_sent
 
 
-def _digest(topo) -> str:
-    import zlib
-    return f"{topo.name}:{zlib.crc32(topo.weights.tobytes()):08x}"
-
-
 class _Evaluator:
     """Collective metrics on its own communicator: average model, per-agent spread, consensus."""
 
-    def __init__(self, mc, cfg, shard, fm_eval, oracle_eval, oracle):
+    def __init__(self, mc, cfg, shard, xbuf, oracle_eval, oracle, algo, state_ref):
         self.mc, self.shard, self.oracle, self.oracle_eval = mc, shard, oracle, oracle_eval
-        self.fm_eval = fm_eval
+        self.xbuf, self.algo, self.state_ref = xbuf, algo, state_ref
         n_ev = cfg.data.eval_samples or len(shard.y_test)
         self.xte_agent, self.yte_agent = shard.x_test[:n_ev], shard.y_test[:n_ev]
         r, s = mc.rank, mc.size
@@ -97,9 +95,9 @@ class _Evaluator:
         xbar = mc.allreduce(x, op="mean")
         cons = math.sqrt(mc.allreduce(float(np.sum((x.astype(np.float64) - xbar) ** 2)), op="mean"))
         # average model: test set split across ranks; train accuracy on each agent's shard
-        self.fm_eval.x[...] = xbar
-        tl, ta = self.oracle_eval.evaluate(self.fm_eval.x, self.xte_slice, self.yte_slice)
-        rl, ra = self.oracle_eval.evaluate(self.fm_eval.x, self.xtr, self.ytr)
+        self.xbuf[...] = xbar
+        tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
+        rl, ra = self.oracle_eval.evaluate(self.xbuf, self.xtr, self.ytr)
         nt, nr = len(self.yte_slice), len(self.ytr)
         sums = mc.allreduce(np.array([tl * nt, ta * nt, nt, rl * nr, ra * nr, nr], dtype=np.float64))
         # each agent's own model on the same test subset
@@ -112,6 +110,11 @@ class _Evaluator:
                "agent_acc_mean": float(per.mean()), "agent_acc_min": float(per.min()),
                "agent_acc_max": float(per.max()), "consensus_error": cons}
         out["generalization_gap"] = out["train_acc_avg_model"] - out["test_acc"]
+        social = getattr(self.algo, "social_metrics", None)
+        if social is not None:  # NEXT: objective, stationarity, tracking error of the social problem
+            extra = social(self.state_ref(), self.oracle, mc)
+            extra.pop("consensus_error", None)
+            out.update(extra)
         return out, per
 
 
@@ -123,7 +126,7 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     """
     import torch
 
-    from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state
+    from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state, topology_digest
     from mpidl.comm import GraphComm, ScheduledGraphComm
     from mpidl.data import load_agent_data
     from mpidl.flat import FlatModel
@@ -138,7 +141,7 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     mc = GraphComm(world, topo)  # metrics / control traffic, kept off the algorithm's counters
     comm = gc if schedule is None else _ScheduledComm(gc, ScheduledGraphComm(world, schedule))
     try:
-        return _train(cfg, world, gc, mc, comm, topo, rank, size, max_steps, torch,
+        return _train(cfg, world, gc, mc, comm, topo, topology_digest(topo), rank, size, max_steps, torch,
                       CheckpointStore, PreemptionGuard, rng_state, set_rng_state, load_agent_data,
                       FlatModel, Progress, Recorder, build_model, TorchOracle)
     finally:
@@ -148,47 +151,59 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
         gc.close()
 
 
-def _train(cfg, world, gc, mc, comm, topo, rank, size, max_steps, torch, CheckpointStore, PreemptionGuard,
+def _train(cfg, world, gc, mc, comm, topo, digest, rank, size, max_steps, torch, CheckpointStore, PreemptionGuard,
            rng_state, set_rng_state, load_agent_data, FlatModel, Progress, Recorder, build_model, TorchOracle):
     d, r = cfg.data, cfg.run
     shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
                             rank=rank, world_size=size, shards=d.shards or None, comm=mc)
-    spe = int(mc.allreduce(len(shard.y) // r.batch_size, op="min"))
+    full_batch = r.batch_size == 0
+    batch = int(mc.allreduce(len(shard.y), op="min")) if full_batch else r.batch_size
+    spe = int(mc.allreduce(len(shard.y) // batch, op="min"))
     if spe < 1:
         smallest = int(mc.allreduce(len(shard.y), op="min"))
         raise MpidlError(f"the smallest shard has {smallest} samples, fewer than batch_size "
                          f"{r.batch_size}: lower [run] batch_size or use fewer agents")
     total = r.steps if r.steps > 0 else max(1, int(math.ceil(r.epochs * spe)))
     eval_every = r.eval_every or spe
-    ckpt_every = r.checkpoint_every or spe
+    ckpt_every = r.checkpoint_every or max(spe, 100)
     dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
 
     def new_model():
         return FlatModel(build_model(cfg.model.name, shard.input_shape, shard.num_classes,
                                      cfg.model.hidden, seed=r.seed), dtype)
 
-    fm, fm_eval = new_model(), new_model()
-    oracle = TorchOracle(fm, shard.x, shard.y, batch_size=r.batch_size, steps_per_epoch=spe,
-                         seed=r.seed, rank=rank, num_classes=shard.num_classes)
-    oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
-                              num_classes=shard.num_classes)
+    if cfg.model.name in CONVEX_MODELS:
+        from mpidl.oracles import ConvexOracle
+        kind = CONVEX_MODELS[cfg.model.name]
+        oracle = ConvexOracle(shard.x, shard.y, kind, batch_size=0 if full_batch else batch, steps_per_epoch=spe,
+                              seed=r.seed, rank=rank)
+        x0, oracle_eval, xbuf, fm = np.zeros(oracle.dim), oracle, np.zeros(oracle.dim), None
+        dim = oracle.dim
+    else:
+        fm, fm_eval = new_model(), new_model()
+        oracle = TorchOracle(fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
+                             seed=r.seed, rank=rank, num_classes=shard.num_classes, loss=cfg.model.loss)
+        oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
+                                  num_classes=shard.num_classes, loss=cfg.model.loss)
+        x0, xbuf, dim = fm.x, fm_eval.x, fm.dim
     _, factory = C.algorithm_registry()[cfg.algorithm.name]
     algo = factory(cfg.algorithm, steps_per_epoch=spe, num_samples=len(shard.y))
-    state = algo.init(fm.x, comm)
+    state = algo.init(x0, comm)
 
     out = Path(r.out) / cfg.run_name
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     mc.barrier()
     store = CheckpointStore(out / "checkpoints", mc, keep=r.keep)
-    expect = {"algorithm": cfg.algorithm.name, "topology": _digest(topo)}
+    expect = {"algorithm": cfg.algorithm.name, "topology": digest}
     start = 0
     if r.resume != "no":
         step = store.latest() if r.resume == "auto" else int(r.resume)
         if step is not None:
             saved, _ = store.load(step, expect=expect)
             state = state_from_dict(algo.state_cls, saved["algo"], like=state)
-            fm.load_buffers(saved.get("buffers", {}))
+            if fm is not None:
+                fm.load_buffers(saved.get("buffers", {}))
             set_rng_state(saved["rng"])
             start = int(step)
             log.info("resumed from %s at step %d", store.root, start)
@@ -199,17 +214,17 @@ def _train(cfg, world, gc, mc, comm, topo, rank, size, max_steps, torch, Checkpo
 
     cfg_dict = C.to_dict(cfg)
     rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None)
-    evaluator = _Evaluator(mc, cfg, shard, fm_eval, oracle_eval, oracle)
+    evaluator = _Evaluator(mc, cfg, shard, xbuf, oracle_eval, oracle, algo, lambda: state)
     if rank == 0:
         log.info("%s on %s: %d agents, %d params, %d steps/epoch, %d steps, out %s",
-                 cfg.algorithm.name, topo.name, size, fm.dim, spe, total, out)
+                 cfg.algorithm.name, topo.name, size, dim, spe, total, out)
 
     meta = {"config": cfg_dict, "world_size": size, **expect}
     bad_step = -1
     win_loss, win_acc, win_n = 0.0, 0.0, 0
     t0 = time.perf_counter()
     last = {}
-    progress = Progress(total, mc, every=r.log_every)
+    progress = Progress(total, mc, every=r.log_every, start=start)
 
     def check_finite():
         first, agent = mc.argmin(bad_step if bad_step >= 0 else total + 1)
@@ -223,7 +238,7 @@ def _train(cfg, world, gc, mc, comm, topo, rank, size, max_steps, torch, Checkpo
 
     def save(step):
         check_finite()
-        store.save(step, {"algo": state_to_dict(state), "buffers": fm.buffers(), "rng": rng_state()},
+        store.save(step, {"algo": state_to_dict(state), "buffers": fm.buffers() if fm is not None else {}, "rng": rng_state()},
                    dict(meta, step=step))
 
     stop_reason = "done"
