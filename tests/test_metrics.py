@@ -95,13 +95,31 @@ def test_consensus_error_one_agent():
     assert consensus_error(_Solo(), np.arange(5.0)) == 0.0
 
 
-def test_progress_line_mode(caplog):
-    caplog.set_level(logging.INFO, logger="mpidl.progress")
-    p = Progress(100, None, every=25, stream=io.StringIO())
-    for k in range(1, 101):
-        p.update(k, loss=1.0 / k, acc=0.5)
-    p.close()
-    lines = [r.getMessage() for r in caplog.records if r.name == "mpidl.progress"]
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_progress_line_mode():
+    logger = logging.getLogger("mpidl.progress")  # the CLI's log.setup() may have run already
+    h, old = _Collect(), (logger.level, logger.propagate)
+    logger.addHandler(h)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        p = Progress(100, None, every=25, stream=io.StringIO())
+        for k in range(1, 101):
+            p.update(k, loss=1.0 / k, acc=0.5)
+        p.close()
+    finally:
+        logger.removeHandler(h)
+        logger.setLevel(old[0])
+        logger.propagate = old[1]
+    lines = h.lines
     assert len(lines) == 4 and lines[-1].startswith("step 100/100 loss 0.01 acc 0.5") and "ETA" in lines[0]
 
 
