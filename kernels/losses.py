@@ -46,12 +46,12 @@ def _logistic_term(t):
 
 
 @numba.njit(**JIT)
-def _rows(kind, w, X, y, r0, r1, acc):
-    """Loss sum over rows [r0, r1); adds the unscaled gradient into acc (float64, (d,))."""
+def _rows(kind, w, X, y, acc):
+    """Loss sum over the rows of X (a row block); adds the unscaled gradient into acc (float64)."""
     d = X.shape[1]
     loss = 0.0
-    for i in range(r0, r1):
-        t = row_dot(X, i, 0, w)
+    for i in range(X.shape[0]):
+        t = row_dot(X, i, w)
         if kind == _LS:
             c = t - y[i]
             loss += 0.5 * c * c
@@ -69,7 +69,7 @@ def _rows(kind, w, X, y, r0, r1, acc):
 def _serial(kind, w, X, y, out):
     m = X.shape[0]
     acc = np.zeros(X.shape[1])
-    loss = _rows(kind, w, X, y, 0, m, acc)
+    loss = _rows(kind, w, X, y, acc)
     inv_m = 1.0 / m
     for j in range(acc.shape[0]):
         out[j] = acc[j] * inv_m
@@ -83,7 +83,9 @@ def _blocks(kind, w, X, y, out, bounds):
     acc = np.zeros((nb, X.shape[1]))
     part = np.zeros(nb)
     for c in numba.prange(nb):
-        part[c] = _rows(kind, w, X, y, bounds[c], bounds[c + 1], acc[c])
+        lo = bounds[c]
+        hi = bounds[c + 1]
+        part[c] = _rows(kind, w, X[lo:hi], y[lo:hi], acc[c])
     inv_m = 1.0 / m
     loss = 0.0
     for c in range(nb):

@@ -91,49 +91,52 @@ POWER_MARGIN = 1.1
 # ----------------------------------------------------------------------------------------
 # full linearisation
 # ----------------------------------------------------------------------------------------
-@numba.njit(inline="always", **JIT)
-def _lin_store(wp, wt, alpha, mode, out_wt, out_z, p):
-    """mode 1: write w~ only; 2: z only; 3: both (loop-invariant, unswitched by LLVM)."""
-    if mode & 1:
-        out_wt[p] = wt
-    if mode & 2:
-        out_z[p] = wp + alpha * (wt - wp)
-
-
 @numba.njit(**JIT)
-def _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, lo, hi):
-    """Closed form + step on [lo, hi).  One loop per regularizer (no branch in the loop).
+def _lin(w, g, pi, tau, alpha, code, lam, write_wt, write_z, out_wt, out_z):
+    """Closed form (+ step) over whole (block) arrays; one loop per regularizer.
 
-    Per element, w[p], g[p], pi[p] are read before out_wt[p] / out_z[p] are
+    ``write_wt``/``write_z`` are loop-invariant (LLVM unswitches them).  Per
+    element, w[p], g[p], pi[p] are read before out_wt[p] / out_z[p] are
     written, so the outputs may alias any input.
     """
+    n = w.shape[0]
     one = tau / tau
     inv_tau = one / tau
     if code == 1:
         thr = lam * inv_tau
-        for p in range(lo, hi):
+        for p in range(n):
             wp = w[p]
-            _lin_store(wp, _st(wp - (g[p] + pi[p]) * inv_tau, thr), alpha, mode, out_wt, out_z, p)
+            wt = _st(wp - (g[p] + pi[p]) * inv_tau, thr)
+            if write_wt:
+                out_wt[p] = wt
+            if write_z:
+                out_z[p] = wp + alpha * (wt - wp)
     elif code == 2:
         inv = one / (tau + (lam + lam))
-        for p in range(lo, hi):
+        for p in range(n):
             wp = w[p]
-            _lin_store(wp, (tau * wp - g[p] - pi[p]) * inv, alpha, mode, out_wt, out_z, p)
+            wt = (tau * wp - g[p] - pi[p]) * inv
+            if write_wt:
+                out_wt[p] = wt
+            if write_z:
+                out_z[p] = wp + alpha * (wt - wp)
     else:
-        for p in range(lo, hi):
+        for p in range(n):
             wp = w[p]
-            _lin_store(wp, wp - (g[p] + pi[p]) * inv_tau, alpha, mode, out_wt, out_z, p)
-
-
-@numba.njit(**JIT)
-def _lin_serial(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z):
-    _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, 0, w.shape[0])
+            wt = wp - (g[p] + pi[p]) * inv_tau
+            if write_wt:
+                out_wt[p] = wt
+            if write_z:
+                out_z[p] = wp + alpha * (wt - wp)
 
 
 @numba.njit(**PJIT)
-def _lin_blocks(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, bounds):
+def _lin_blocks(w, g, pi, tau, alpha, code, lam, write_wt, write_z, out_wt, out_z, bounds):
     for c in numba.prange(bounds.shape[0] - 1):
-        _lin_range(w, g, pi, tau, alpha, code, lam, mode, out_wt, out_z, bounds[c], bounds[c + 1])
+        lo = bounds[c]
+        hi = bounds[c + 1]
+        _lin(w[lo:hi], g[lo:hi], pi[lo:hi], tau, alpha, code, lam, write_wt, write_z,
+             out_wt[lo:hi], out_z[lo:hi])
 
 
 @numba.njit(**JIT)
@@ -174,7 +177,7 @@ def linearized_step(w, g, pi, tau, alpha, reg, lam, out_wt=None, out_z=None):
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, alpha, reg, lam)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
-    _lin_serial(w, g, pi, tau, alpha, code, lam, 2 if out_wt is out_z else 3, out_wt, out_z)
+    _lin(w, g, pi, tau, alpha, code, lam, out_wt is not out_z, True, out_wt, out_z)
     return out_wt, out_z
 
 
@@ -186,7 +189,7 @@ def linearized_solve(w, g, pi, tau, reg, lam, out=None):
     fn = "linearized_solve"
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, 1.0, reg, lam)
     out = V.out_like(fn, "out", out, w)
-    _lin_serial(w, g, pi, tau, alpha, code, lam, 1, out, out)
+    _lin(w, g, pi, tau, alpha, code, lam, True, False, out, out)
     return out
 
 
@@ -202,7 +205,7 @@ def linearized_step_blocks(w, g, pi, tau, alpha, reg, lam, n_blocks, out_wt=None
     n_blocks = V.count(fn, "n_blocks", n_blocks, 1)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
-    _lin_blocks(w, g, pi, tau, alpha, code, lam, 2 if out_wt is out_z else 3, out_wt, out_z,
+    _lin_blocks(w, g, pi, tau, alpha, code, lam, out_wt is not out_z, True, out_wt, out_z,
                 block_bounds(w.shape[0], n_blocks))
     return out_wt, out_z
 
@@ -224,18 +227,18 @@ def relax(w, wt, alpha, out=None):
 # partial linearisation (Gauss-Newton) for the squared loss
 # ----------------------------------------------------------------------------------------
 @numba.njit(**JIT)
-def _normal_matvec(J, c0, v, shift, r, scale, out):
-    """out = scale * J_b^T (shift * r + J_b v), one pass over the rows of J_b = J[:, c0:c0+len(v)].
+def _normal_matvec(J, v, shift, r, scale, out):
+    """out = scale * J^T (shift * r + J v), one pass over the rows of J (a column block view).
 
-    shift is 0.0 (pure J^T J v) or 1.0 (the residual r + J_b v of the GN model).
+    shift is 0.0 (pure J^T J v) or 1.0 (the residual r + J v of the GN model).
     """
     n = v.shape[0]
     for j in range(n):
         out[j] = 0.0
     for i in range(J.shape[0]):
-        t = scale * (shift * r[i] + row_dot(J, i, c0, v))
+        t = scale * (shift * r[i] + row_dot(J, i, v))
         for j in range(n):
-            out[j] += t * J[i, c0 + j]
+            out[j] += t * J[i, j]
 
 
 @numba.njit(**JIT)
@@ -247,23 +250,22 @@ def _dot(a, b):
 
 
 @numba.njit(**JIT)
-def _gn_cg(w, J, r, pi, c, lam2, inv_m, max_iter, tol, out, c0, c1):
-    """CG on (J_b^T J_b / m' + c I) d = -(J_b^T r / m' + pi_b + lam2 w_b); out_b = w_b + d."""
-    n = c1 - c0
+def _gn_cg(w, J, r, pi, c, lam2, inv_m, max_iter, tol, out):
+    """CG on (J^T J / m' + c I) d = -(J^T r / m' + pi + lam2 w); out = w + d (block arrays)."""
+    n = w.shape[0]
     x = np.zeros(n)
     res = np.empty(n)
     p = np.empty(n)
     ap = np.empty(n)
-    zero = np.zeros(n)
-    _normal_matvec(J, c0, zero, 1.0, r, inv_m, res)            # J_b^T r / m'
+    _normal_matvec(J, x, 1.0, r, inv_m, res)            # J^T r / m'  (x = 0)
     for j in range(n):
-        res[j] = -(res[j] + pi[c0 + j] + lam2 * w[c0 + j])
+        res[j] = -(res[j] + pi[j] + lam2 * w[j])
         p[j] = res[j]
     rs = _dot(res, res)
     thr = tol * tol * rs
     it = 0
     while it < max_iter and rs > thr:
-        _normal_matvec(J, c0, p, 0.0, r, inv_m, ap)
+        _normal_matvec(J, p, 0.0, r, inv_m, ap)
         pap = 0.0
         for j in range(n):
             ap[j] += c * p[j]
@@ -281,17 +283,18 @@ def _gn_cg(w, J, r, pi, c, lam2, inv_m, max_iter, tol, out, c0, c1):
         rs = rs_new
         it += 1
     for j in range(n):
-        out[c0 + j] = w[c0 + j] + x[j]
+        out[j] = w[j] + x[j]
     return it
 
 
 @numba.njit(**JIT)
-def _power_bound(J, r, c0, n, n_iter, margin):
-    """min(margin * power estimate of ||J_b||_2^2, ||J_b||_F^2) for J_b = J[:, c0:c0+n]."""
+def _power_bound(J, r, n_iter, margin):
+    """min(margin * power estimate of ||J||_2^2, ||J||_F^2)."""
+    n = J.shape[1]
     fro = 0.0
     for i in range(J.shape[0]):
         for j in range(n):
-            fro += J[i, c0 + j] * J[i, c0 + j]
+            fro += J[i, j] * J[i, j]
     v = np.empty(n)
     u = np.empty(n)
     for j in range(n):
@@ -302,7 +305,7 @@ def _power_bound(J, r, c0, n, n_iter, margin):
         v[j] /= nv
     est = 0.0
     for _ in range(n_iter):
-        _normal_matvec(J, c0, v, 0.0, r, 1.0, u)   # r unused (shift 0)
+        _normal_matvec(J, v, 0.0, r, 1.0, u)         # r unused (shift 0)
         est = math.sqrt(_dot(u, u))                  # ||J^T J v||, v unit: <= lambda_max
         if est == 0.0:
             break
@@ -312,10 +315,10 @@ def _power_bound(J, r, c0, n, n_iter, margin):
 
 
 @numba.njit(**JIT)
-def _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin, out, c0, c1):
-    """Strongly convex FISTA on 1/(2m')||r + J_b d||^2 + pi_b^T d + tau/2||d||^2 + lam||w_b||_1."""
-    n = c1 - c0
-    big_l = tau + inv_m * _power_bound(J, r, c0, n, power_iters, margin)
+def _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin, out):
+    """Strongly convex FISTA on 1/(2m')||r + J d||^2 + pi^T d + tau/2||d||^2 + lam||w + d||_1."""
+    n = w.shape[0]
+    big_l = tau + inv_m * _power_bound(J, r, power_iters, margin)
     step = 1.0 / big_l
     thr_l1 = lam * step
     q = math.sqrt(tau / big_l)
@@ -325,17 +328,17 @@ def _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin, 
     d = np.empty(n)
     grad = np.empty(n)
     for j in range(n):
-        x[j] = w[c0 + j]
+        x[j] = w[j]
         y[j] = x[j]
     thr = 0.0
     it = 0
     while it < max_iter:
         for j in range(n):
-            d[j] = y[j] - w[c0 + j]
-        _normal_matvec(J, c0, d, 1.0, r, inv_m, grad)      # J_b^T (r + J_b d) / m'
+            d[j] = y[j] - w[j]
+        _normal_matvec(J, d, 1.0, r, inv_m, grad)      # J^T (r + J d) / m'
         g2 = 0.0
         for j in range(n):
-            xn = _st(y[j] - step * (grad[j] + pi[c0 + j] + tau * d[j]), thr_l1)
+            xn = _st(y[j] - step * (grad[j] + pi[j] + tau * d[j]), thr_l1)
             e = y[j] - xn
             g2 += e * e
             d[j] = xn                  # d now holds x_{k+1}
@@ -352,25 +355,27 @@ def _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin, 
             y[j] = xn + beta * (xn - x[j])
             x[j] = xn
     for j in range(n):
-        out[c0 + j] = x[j]
+        out[j] = x[j]
     return it
 
 
 @numba.njit(**JIT)
-def _gn_range(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, power_iters, margin, out, c0, c1):
+def _gn(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, power_iters, margin, out):
+    """One Gauss-Newton surrogate solve on (block) arrays w, J (m x n), pi, out."""
     if code == 1:
-        return _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin,
-                         out, c0, c1)
+        return _gn_fista(w, J, r, pi, tau, lam, inv_m, max_iter, tol, power_iters, margin, out)
     lam2 = 2.0 * lam if code == 2 else 0.0
-    return _gn_cg(w, J, r, pi, tau + lam2, lam2, inv_m, max_iter, tol, out, c0, c1)
+    return _gn_cg(w, J, r, pi, tau + lam2, lam2, inv_m, max_iter, tol, out)
 
 
 @numba.njit(**PJIT)
 def _gn_blocks(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, power_iters, margin, out,
                bounds, iters):
     for c in numba.prange(bounds.shape[0] - 1):
-        iters[c] = _gn_range(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, power_iters,
-                             margin, out, bounds[c], bounds[c + 1])
+        lo = bounds[c]
+        hi = bounds[c + 1]
+        iters[c] = _gn(w[lo:hi], J[:, lo:hi], r, pi[lo:hi], tau, code, lam, inv_m, max_iter, tol,
+                       power_iters, margin, out[lo:hi])
 
 
 def _gn_args(fn, w, J, r, pi, tau, reg, lam, n_samples, max_iter, tol, out):
@@ -409,8 +414,7 @@ def gn_solve(w, J, r, pi, tau, reg, lam, n_samples, max_iter=100, tol=1e-10, out
     """
     w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, out = _gn_args(
         "gn_solve", w, J, r, pi, tau, reg, lam, n_samples, max_iter, tol, out)
-    it = _gn_range(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, POWER_ITERS, POWER_MARGIN,
-                   out, 0, w.shape[0])
+    it = _gn(w, J, r, pi, tau, code, lam, inv_m, max_iter, tol, POWER_ITERS, POWER_MARGIN, out)
     return out, int(it)
 
 
