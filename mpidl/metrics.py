@@ -140,7 +140,7 @@ class Recorder:
         f.attrs["mpidl_version"] = __version__
         f.attrs["world_size"] = self.comm.size if self.comm is not None else 1
         if label is not None or "label" not in f.attrs:
-            f.attrs["label"] = label or os.path.splitext(os.path.basename(self.path))[0]
+            f.attrs["label"] = label or _default_label(self.path)
         for k, v in attrs.items():
             f.attrs[k] = json.dumps(v, default=_json_default) if isinstance(v, (dict, list, tuple)) else v
         f.flush()
@@ -244,6 +244,13 @@ class Recorder:
         return False
 
 
+def _default_label(path):
+    """The file's stem, or its folder's name for ``<run>/results.h5``."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return parent if stem == "results" and parent else stem
+
+
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
@@ -277,7 +284,7 @@ def load_results(path) -> dict:
         config = json.loads(attrs.get("config", "{}"))
     except ValueError:
         config = {}
-    label = str(attrs.get("label") or os.path.splitext(os.path.basename(path))[0])
+    label = str(attrs.get("label") or _default_label(path.removesuffix(".tmp")))
     return {"path": path, "label": label, "config": config, "attrs": attrs, "series": series}
 
 

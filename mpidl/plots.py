@@ -1,7 +1,7 @@
 """``report``: a summary table and PNG plots of one or more results files.
 
-For every series (``train``, ``eval``, ...) and every logged metric, one PNG
-``<series>_<metric>.png`` with up to three panels: the metric against step,
+For every logged metric, one PNG ``<series>_<metric>.png`` (a metric
+logged in several series is drawn from the sparsest one, where it is computed) with up to three panels: the metric against step,
 against wall time and against bytes sent (when the series has a ``bytes*``
 column), every run overlaid so algorithms can be compared at a glance.
 Metrics whose name says they shrink over decades (consensus error, gradient
@@ -99,22 +99,43 @@ def _labels(runs):
     return labels
 
 
-def summary_table(runs, max_metrics: int = 8) -> str:
-    """Local. One line per run: steps, wall time, bytes, final (and best accuracy) metrics."""
-    labels = _labels(runs)
-    cols = []  # (series, metric)
+_PRIORITY = ("train_loss", "loss", "train_acc", "acc", "test_acc", "test_loss", "consensus_error",
+             "generalization_gap", "agent_acc_min", "agent_acc_max")
+
+
+def choose_metrics(runs) -> list:
+    """Local. ``(series, metric)`` pairs to show, one per metric name.
+
+    A metric logged in several series (a driver that copies the latest
+    evaluation into every training row) is taken from the series where it has
+    the fewest rows, i.e. where it is computed.
+    """
+    votes = {}  # metric -> {series: runs in which it is the sparsest series holding the metric}
     for r in runs:
-        for s in sorted(r["series"], key=lambda s: (s != "train", s != "eval", s)):
+        have = {}
+        for s in r["series"]:
+            n = len(r["series"][s]["step"])
             for m in _metrics(list(r["series"][s])):
-                if (s, m) not in cols:
-                    cols.append((s, m))
-    prio = lambda sm: (0 if "loss" in sm[1] else 1 if "acc" in sm[1] else 2 if "consensus" in sm[1] else 3)
-    cols = sorted(cols, key=prio)[:max_metrics]
+                have.setdefault(m, []).append((n, s != "eval", s))
+        for m, cands in have.items():
+            votes.setdefault(m, {})
+            s = min(cands)[2]
+            votes[m][s] = votes[m].get(s, 0) + 1
+    return [(max(v, key=lambda s: (v[s], s == "eval")), m) for m, v in votes.items()]
+
+
+def summary_table(runs, max_metrics: int = 7) -> str:
+    """Local. One line per run: steps, wall time, bytes, final metrics and best accuracies."""
+    labels = _labels(runs)
+    pick = choose_metrics(runs)
+    rank = lambda sm: (_PRIORITY.index(sm[1]) if sm[1] in _PRIORITY else len(_PRIORITY), pick.index(sm))
+    cols = sorted(pick, key=rank)[:max_metrics]
+    best = lambda m: m.endswith("acc")
     head = ["run", "algorithm", "agents", "steps", "wall", "bytes"]
     for s, m in cols:
-        head.append(f"{s}.{m}")
-        if "acc" in m:
-            head.append(f"best {s}.{m}")
+        head.append(m)
+        if best(m):
+            head.append(f"best {m}")
     rows = []
     for lab, r in zip(labels, runs):
         ser = r["series"]
@@ -130,7 +151,7 @@ def summary_table(runs, max_metrics: int = 8) -> str:
         for s, m in cols:
             v = ser.get(s, {}).get(m)
             row.append("-" if v is None else f"{_last(v):.4g}")
-            if "acc" in m:
+            if best(m):
                 row.append("-" if v is None else f"{_best(v, True):.4g}")
         rows.append(row)
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
@@ -225,13 +246,7 @@ def report(paths, out_dir, stream=None) -> dict:
                          f"the table was written to {summary}") from None
     labels = _labels(runs)
     plots = []
-    names = []
-    for r in runs:
-        for s in r["series"]:
-            for m in _metrics(list(r["series"][s])):
-                if (s, m) not in names:
-                    names.append((s, m))
-    for s, m in names:
+    for s, m in choose_metrics(runs):
         out = _plot_metric(s, m, runs, labels, out_dir, FigureCanvasAgg, Figure)
         if out:
             plots.append(out)

@@ -142,7 +142,7 @@ def test_report_makes_table_and_pngs(tmp_path, capsys):
     _run(b, "fedavg", offset=0.2).close()
     out = report([a, b], tmp_path / "rep")
     table = capsys.readouterr().out
-    assert "cdsgd" in table and "fedavg" in table and "train.loss" in table and "best eval.test_acc" in table
+    assert "cdsgd" in table and "fedavg" in table and " loss " in table and "best test_acc" in table
     names = sorted(os.path.basename(p) for p in out["plots"])
     assert names == ["eval_agent_acc.png", "eval_agents_loss.png", "eval_test_acc.png", "train_acc.png",
                      "train_consensus_error.png", "train_loss.png"]
