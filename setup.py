@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "mpich": ["mpich"],          # self-contained MPI for laptops and CI; clusters use the system MPI
-        "test": ["pytest>=7", "scikit-learn"],
+        "test": ["pytest>=7", "hypothesis", "scipy", "scikit-learn"],
         "plot": ["matplotlib"],
         "data": ["scikit-learn"],    # the bundled `digits` dataset
     },
