@@ -51,6 +51,9 @@ from contextlib import contextmanager
 import numpy as np
 
 from mpidl.errors import MpidlError
+from mpidl.h5state import compare_like as _compare_like
+from mpidl.h5state import read_tree as _read_tree
+from mpidl.h5state import write_tree as _write_tree
 
 __all__ = ["CheckpointStore", "CheckpointError", "PreemptionGuard", "rng_state", "set_rng_state",
            "topology_digest", "list_checkpoints", "read_manifest", "verify_checkpoint"]
@@ -61,7 +64,6 @@ FORMAT = "mpidl-checkpoint"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _STEP_RE = re.compile(r"^step_(\d+)$")
-_INT64 = (-(1 << 63), (1 << 63) - 1)
 
 
 class CheckpointError(MpidlError):
@@ -164,141 +166,6 @@ def _versions():
     if "torch" in sys.modules:
         v["torch"] = sys.modules["torch"].__version__
     return v
-
-
-# -- state <-> HDF5 ------------------------------------------------------------------
-def _write_tree(group, d, prefix=""):
-    if not isinstance(d, dict):
-        raise TypeError(f"checkpoint state{' ' + prefix if prefix else ''} must be a dict, got {type(d).__name__}")
-    for k, v in d.items():
-        name = f"{prefix}/{k}" if prefix else str(k)
-        if not isinstance(k, str) or not k or "/" in k or k == ".":
-            raise TypeError(f"checkpoint state key {name!r}: keys must be non-empty str without '/'")
-        if isinstance(v, dict):
-            _write_tree(group.create_group(k, track_order=True), v, name)
-            continue
-        pytype, data, extra = _encode(v, name)
-        ds = group.create_dataset(k, data=data)
-        ds.attrs["pytype"] = pytype
-        for ek, ev in extra.items():
-            ds.attrs[ek] = ev
-
-
-def _encode(v, name):
-    import h5py
-    mod = type(v).__module__
-    if mod.startswith("torch"):
-        t = v.detach().cpu()
-        try:
-            a = t.numpy()
-        except TypeError as e:
-            raise TypeError(f"checkpoint state {name!r}: torch dtype {t.dtype} has no NumPy twin ({e})") from None
-        return "torch", a, {}
-    if isinstance(v, np.ndarray):
-        if v.dtype.kind not in "biufc":
-            raise TypeError(f"checkpoint state {name!r}: arrays of dtype {v.dtype} cannot be saved "
-                            "(numbers and booleans only)")
-        return "ndarray", v, {}
-    if isinstance(v, np.generic):
-        if v.dtype.kind not in "biufc":
-            raise TypeError(f"checkpoint state {name!r}: NumPy scalar of dtype {v.dtype} cannot be saved")
-        return "npscalar", np.asarray(v), {}
-    if v is None:
-        return "none", h5py.Empty("i1"), {}
-    if isinstance(v, bool):
-        return "bool", np.int8(v), {}
-    if isinstance(v, int):
-        if _INT64[0] <= v <= _INT64[1]:
-            return "int", np.int64(v), {}
-        return "bigint", np.array(str(v), dtype=h5py.string_dtype()), {}
-    if isinstance(v, float):
-        return "float", np.float64(v), {}
-    if isinstance(v, str):
-        return "str", np.array(v, dtype=h5py.string_dtype()), {}
-    if isinstance(v, (bytes, bytearray)):
-        return "bytes", np.frombuffer(bytes(v), dtype=np.uint8), {}
-    if isinstance(v, (list, tuple)):
-        try:
-            s = json.dumps(v, allow_nan=True)
-        except (TypeError, ValueError):
-            raise TypeError(f"checkpoint state {name!r}: lists and tuples must be JSON-able; "
-                            "use a NumPy array for numbers") from None
-        return ("tuple" if isinstance(v, tuple) else "list"), np.array(s, dtype=h5py.string_dtype()), {}
-    raise TypeError(f"checkpoint state {name!r} has type {type(v).__name__}; use arrays, scalars, str or dicts")
-
-
-def _tuplify(v):
-    return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
-
-
-def _read_tree(group):
-    import h5py
-    out = {}
-    for k, obj in group.items():
-        if isinstance(obj, h5py.Group):
-            out[k] = _read_tree(obj)
-            continue
-        t = obj.attrs.get("pytype", "ndarray")
-        if isinstance(t, bytes):
-            t = t.decode()
-        if t == "none":
-            out[k] = None
-        elif t == "str":
-            out[k] = obj.asstr()[()]
-        elif t == "bigint":
-            out[k] = int(obj.asstr()[()])
-        elif t == "list":
-            out[k] = json.loads(obj.asstr()[()])
-        elif t == "tuple":
-            out[k] = _tuplify(json.loads(obj.asstr()[()]))
-        elif t == "bytes":
-            out[k] = obj[()].tobytes()
-        elif t == "bool":
-            out[k] = bool(obj[()])
-        elif t == "int":
-            out[k] = int(obj[()])
-        elif t == "float":
-            out[k] = float(obj[()])
-        elif t == "npscalar":
-            out[k] = obj[()]
-        elif t == "torch":
-            import torch
-            out[k] = torch.from_numpy(np.asarray(obj[()]))
-        else:
-            out[k] = np.asarray(obj[()])
-    return out
-
-
-def _compare_like(state, like, prefix=""):
-    """Return a description of the first mismatch between ``state`` and ``like``, or None."""
-    where = prefix or "state"
-    if not isinstance(state, dict):
-        return f"{where} is a {type(state).__name__}, expected a dict"
-    missing = [k for k in like if k not in state]
-    extra = [k for k in state if k not in like]
-    if missing:
-        return f"{where} lacks {missing}"
-    if extra:
-        return f"{where} has entries {extra} this run does not expect"
-    for k, want in like.items():
-        got, name = state[k], f"{prefix}/{k}" if prefix else k
-        if isinstance(want, dict):
-            msg = _compare_like(got, want, name)
-            if msg:
-                return msg
-            continue
-        if type(want).__module__.startswith("torch"):
-            want = want.detach().cpu().numpy()
-            got = got.numpy() if type(got).__module__.startswith("torch") else got
-        if isinstance(want, (np.ndarray, np.generic)):
-            if not isinstance(got, (np.ndarray, np.generic)):
-                return f"{name} is a {type(got).__name__}, expected an array"
-            if got.shape != want.shape or got.dtype != want.dtype:
-                return f"{name} has shape {got.shape} {got.dtype}, this run has {want.shape} {want.dtype}"
-        elif want is not None and got is not None and not isinstance(got, type(want)) \
-                and not (isinstance(want, float) and isinstance(got, int)):
-            return f"{name} is a {type(got).__name__}, this run has a {type(want).__name__}"
-    return None
 
 
 # -- manifests (Local) ----------------------------------------------------------------

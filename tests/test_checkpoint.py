@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from mpidl import checkpoint as C
+from mpidl import h5state as H
 from mpidl.__main__ import main as cli
 from mpidl.checkpoint import CheckpointError, CheckpointStore, PreemptionGuard, rng_state, set_rng_state
 
@@ -90,7 +91,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, where):
     store = CheckpointStore(tmp_path)
     store.save(1, _state(1))
     if where == "rank file":  # an exception half-way through writing the HDF5 file
-        real = C._encode
+        real = H._encode
         calls = {"n": 0}
 
         def boom(v, name):
@@ -98,7 +99,7 @@ def test_crash_mid_save_keeps_previous(tmp_path, monkeypatch, where):
             if calls["n"] == 6:
                 raise OSError("disk full (injected)")
             return real(v, name)
-        monkeypatch.setattr(C, "_encode", boom)
+        monkeypatch.setattr(H, "_encode", boom)
     elif where == "manifest":
         monkeypatch.setattr(C.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError("quota (injected)")))
     else:
@@ -117,18 +118,19 @@ KILL_SCRIPT = r"""
 import os, signal, sys
 import numpy as np
 from mpidl import checkpoint as C
+from mpidl import h5state as H
 store = C.CheckpointStore(sys.argv[1])
 store.save(1, {"x": np.arange(3.0)})
 point = sys.argv[2]
 if point == "write":
-    real = C._encode
+    real = H._encode
     n = [0]
     def enc(v, name):
         n[0] += 1
         if n[0] == 3:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(v, name)
-    C._encode = enc
+    H._encode = enc
 elif point == "manifest":
     real_replace = C.os.replace
     def rep(a, b):
