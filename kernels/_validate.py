@@ -48,6 +48,22 @@ def out_like(fn, name, out, like):
     return out
 
 
+def exact_alias(fn, name, out, arr, arr_name):
+    """True if ``out`` is ``arr``'s memory element for element; raise on a partial overlap.
+
+    Elementwise kernels read element p of every input before writing element p
+    of the outputs, so an exact alias is safe; a shifted overlap is not.
+    """
+    if out is arr:
+        return True
+    if not np.may_share_memory(out, arr):
+        return False
+    if (out.ctypes.data == arr.ctypes.data and out.strides == arr.strides
+            and out.shape == arr.shape):
+        return True
+    raise ValueError(f"{fn}: {name} partially overlaps {arr_name}; alias it exactly or not at all")
+
+
 def scalar(fn, name, x, lo=None, lo_open=False):
     """``float(x)``, finite, and ``> lo`` (``lo_open``) or ``>= lo``; else raise."""
     try:

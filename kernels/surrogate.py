@@ -161,6 +161,14 @@ def _lin_args(fn, w, g, pi, tau, alpha, reg, lam):
     return w, g, pi, tau, alpha, code, lam
 
 
+def _check_alias(fn, w, g, pi, out_wt, out_z):
+    """Outputs may alias inputs (and each other) exactly, never partially."""
+    for oname, o in (("out_wt", out_wt), ("out_z", out_z)):
+        for iname, a in (("w", w), ("g", g), ("pi", pi)):
+            V.exact_alias(fn, oname, o, a, iname)
+    V.exact_alias(fn, "out_z", out_z, out_wt, "out_wt")
+
+
 def linearized_step(w, g, pi, tau, alpha, reg, lam, out_wt=None, out_z=None):
     """Local. Fused NEXT full-linearisation solve and step, one pass over memory.
 
@@ -177,6 +185,7 @@ def linearized_step(w, g, pi, tau, alpha, reg, lam, out_wt=None, out_z=None):
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, alpha, reg, lam)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
+    _check_alias(fn, w, g, pi, out_wt, out_z)
     _lin(w, g, pi, tau, alpha, code, lam, out_wt is not out_z, True, out_wt, out_z)
     return out_wt, out_z
 
@@ -189,6 +198,7 @@ def linearized_solve(w, g, pi, tau, reg, lam, out=None):
     fn = "linearized_solve"
     w, g, pi, tau, alpha, code, lam = _lin_args(fn, w, g, pi, tau, 1.0, reg, lam)
     out = V.out_like(fn, "out", out, w)
+    _check_alias(fn, w, g, pi, out, out)
     _lin(w, g, pi, tau, alpha, code, lam, True, False, out, out)
     return out
 
@@ -205,6 +215,7 @@ def linearized_step_blocks(w, g, pi, tau, alpha, reg, lam, n_blocks, out_wt=None
     n_blocks = V.count(fn, "n_blocks", n_blocks, 1)
     out_wt = V.out_like(fn, "out_wt", out_wt, w)
     out_z = V.out_like(fn, "out_z", out_z, w)
+    _check_alias(fn, w, g, pi, out_wt, out_z)
     _lin_blocks(w, g, pi, tau, alpha, code, lam, out_wt is not out_z, True, out_wt, out_z,
                 block_bounds(w.shape[0], n_blocks))
     return out_wt, out_z
@@ -220,6 +231,8 @@ def relax(w, wt, alpha, out=None):
     V.same_shape("relax", "wt", wt, w)
     alpha = w.dtype.type(V.scalar("relax", "alpha", alpha))
     out = V.out_like("relax", "out", out, w)
+    V.exact_alias("relax", "out", out, w, "w")
+    V.exact_alias("relax", "out", out, wt, "wt")
     return _relax(w, wt, alpha, out)
 
 

@@ -48,6 +48,9 @@ def test_prox_dispatch_and_aliasing(dtype, reg, n):
     y = v.copy()
     assert kernels.prox(y, 0.5, reg, 0.4, out=y) is y
     np.testing.assert_array_equal(y, got)
+    y = v.copy()
+    kernels.prox(y, 0.5, reg, 0.4, out=y[:])       # another view of the same memory
+    np.testing.assert_array_equal(y, got)
     o = np.empty_like(v)
     assert kernels.prox(v, 0.5, reg, 0.4, out=o) is o
     np.testing.assert_array_equal(o, got)
@@ -114,6 +117,9 @@ def test_prox_validates():
         kernels.prox(v, 1.0, "l1", 0.1, out=np.zeros(4, np.float32))
     with pytest.raises(ValueError, match="out"):
         kernels.prox(v, 1.0, "l1", 0.1, out=np.zeros(5))
+    big = np.arange(6.0)
+    with pytest.raises(ValueError, match="partially overlaps"):
+        kernels.soft_threshold(big[1:], 0.1, out=big[:-1])
     ro = np.zeros(4)
     ro.flags.writeable = False
     with pytest.raises(ValueError, match="read-only"):

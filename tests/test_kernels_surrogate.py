@@ -125,6 +125,11 @@ def test_linearized_validates():
         kernels.linearized_step_blocks(w, g, pi, 1.0, 0.5, "l1", 0.1, 0)
     with pytest.raises(TypeError, match="dtype"):
         kernels.relax(w, w.astype(np.float32), 0.5)
+    big = np.zeros(6)
+    with pytest.raises(ValueError, match="partially overlaps"):
+        kernels.linearized_step(big[1:], g, pi, 1.0, 0.5, "l1", 0.1, out_z=big[:-1])
+    with pytest.raises(ValueError, match="partially overlaps"):
+        kernels.relax(w, g, 0.5, out=g[::-1])
 
 
 # ---------------------------------------------------------------- Gauss-Newton
