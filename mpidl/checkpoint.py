@@ -52,6 +52,7 @@ import numpy as np
 
 from mpidl.errors import MpidlError
 from mpidl.h5state import compare_like as _compare_like
+from mpidl.h5state import open_read
 from mpidl.h5state import read_tree as _read_tree
 from mpidl.h5state import write_tree as _write_tree
 
@@ -217,7 +218,6 @@ def list_checkpoints(root) -> list:
 
 def verify_checkpoint(path) -> list:
     """Local. Check every rank file of a checkpoint (size, CRC-32, HDF5 readable); return problems."""
-    import h5py
     try:
         man = read_manifest(path)
     except CheckpointError as e:
@@ -234,7 +234,7 @@ def verify_checkpoint(path) -> list:
                             f"manifest: {fe['bytes']} bytes, crc {fe['crc32']:08x})")
             continue
         try:
-            with h5py.File(fp, "r") as f:
+            with open_read(fp) as f:
                 _read_tree(f["state"])
         except (OSError, KeyError, ValueError) as e:
             problems.append(f"rank {r}: {fp} cannot be read: {e}")
@@ -432,8 +432,7 @@ class CheckpointStore:
                 raise CheckpointError(f"rank {comm.rank}: checkpoint file {fpath} is damaged "
                                       f"({n} bytes, crc32 {crc:08x}; the manifest says {fe['bytes']} bytes, "
                                       f"crc32 {fe['crc32']:08x})")
-            import h5py
-            with h5py.File(fpath, "r") as f:
+            with open_read(fpath) as f:
                 state = _read_tree(f["state"])
             if like is not None:
                 msg = _compare_like(state, like)

@@ -151,3 +151,20 @@ def compare_like(state, like, prefix=""):
                 and not (isinstance(want, float) and isinstance(got, int)):
             return f"{name} is a {type(got).__name__}, this run has a {type(want).__name__}"
     return None
+
+
+def open_read(path):
+    """Local. Open an HDF5 file read-only without file locking.
+
+    Many ranks read the same shard or checkpoint file at once, often on
+    cluster file systems without ``flock`` support, where HDF5's default
+    locking fails ("unable to lock file").  Readers never need the lock.
+    Falls back to HDF5's default with an HDF5 too old for the option.
+    """
+    import h5py
+    try:
+        return h5py.File(path, "r", locking=False)
+    except (TypeError, ValueError) as e:
+        if "locking" not in str(e):
+            raise
+        return h5py.File(path, "r")

@@ -34,6 +34,7 @@ import numpy as np
 
 from mpidl.checkpoint import _uncounted
 from mpidl.errors import MpidlError
+from mpidl.h5state import open_read
 
 __all__ = ["Recorder", "consensus_error", "Progress", "load_results", "report", "ResultsError"]
 
@@ -272,7 +273,7 @@ def load_results(path) -> dict:
         else:
             raise ResultsError(f"results file {path} not found")
     try:
-        with h5py.File(path, "r") as f:
+        with open_read(path) as f:
             if f.attrs.get("format") != FORMAT:
                 raise ResultsError(f"{path} is not an mpidl results file")
             attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}

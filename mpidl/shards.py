@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mpidl.errors import MpidlError
+from mpidl.h5state import open_read
 
 __all__ = ["Shard", "write_shards", "read_shard", "shard_info", "FORMAT"]
 
@@ -144,13 +145,12 @@ def write_shards(path, dataset, parts, seed=0, partition="custom", alpha=None, c
 
 
 def _open(path):
-    import h5py
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ShardError(f"shard file {path} not found; create it with "
                          "`python -m mpidl shard --dataset NAME --agents N --out FILE`")
     try:
-        f = h5py.File(path, "r")
+        f = open_read(path)
     except OSError as e:
         raise ShardError(f"cannot open shard file {path}: {e} (damaged or not HDF5?)") from None
     if f.attrs.get("format") != FORMAT:
