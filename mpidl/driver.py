@@ -200,7 +200,9 @@ def _train(cfg, world, gc, mc, comm, topo, digest, rank, size, max_steps, torch,
     if r.resume != "no":
         step = store.latest() if r.resume == "auto" else int(r.resume)
         if step is not None:
-            saved, _ = store.load(step, expect=expect)
+            like = {"algo": state_to_dict(state), "buffers": fm.buffers() if fm is not None else {},
+                    "rng": rng_state()}
+            saved, _ = store.load(step, like=like, expect=expect)
             state = state_from_dict(algo.state_cls, saved["algo"], like=state)
             if fm is not None:
                 fm.load_buffers(saved.get("buffers", {}))
@@ -260,15 +262,16 @@ def _train(cfg, world, gc, mc, comm, topo, digest, rank, size, max_steps, torch,
             if row_due:
                 check_finite()
                 tot = mc.allreduce(np.array([win_loss, win_acc, win_n, comm.bytes_sent], np.float64))
-                last.update(train_loss=tot[0] / tot[2], train_acc=tot[1] / tot[2],
-                            bytes_sent=float(tot[3]), wall=time.perf_counter() - t0, epoch=k / spe)
-                rec.log("train", k, **last)
+                row = dict(train_loss=tot[0] / tot[2], train_acc=tot[1] / tot[2],
+                           bytes_sent=float(tot[3]), wall=rec.elapsed(), epoch=k / spe)
+                last.update(row)
+                rec.log("train", k, **row)
                 win_loss, win_acc, win_n = 0.0, 0.0, 0
             if k % eval_every == 0 or k == total:
                 check_finite()
                 ev, per = evaluator(state.x)
                 last.update(ev)
-                rec.log("eval", k, epoch=k / spe, wall=time.perf_counter() - t0,
+                rec.log("eval", k, epoch=k / spe, wall=rec.elapsed(),
                         bytes_sent=float(mc.allreduce(float(comm.bytes_sent))), **ev,
                         **{f"agent{i:03d}_test_acc": float(v) for i, v in enumerate(per)})
                 if rank == 0:

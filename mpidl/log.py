@@ -12,12 +12,28 @@ class _RankFormatter(logging.Formatter):
         super().__init__("%(message)s" if rank == 0 else f"[rank {rank:03d}] %(levelname)s %(message)s")
 
 
+class _StdHandler(logging.StreamHandler):
+    """Writes to whatever sys.stdout / sys.stderr is at emit time (survives stream swaps)."""
+
+    def __init__(self, err: bool):
+        self._err = err
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr if self._err else sys.stdout
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup(rank: int = 0, level=None) -> logging.Logger:
     """Local. Configure the ``mpidl`` logger for this rank and return it."""
     logger = logging.getLogger("mpidl")
     for h in list(logger.handlers):
         logger.removeHandler(h)
-    handler = logging.StreamHandler(sys.stdout if rank == 0 else sys.stderr)
+    handler = _StdHandler(err=rank != 0)
     handler.setFormatter(_RankFormatter(rank))
     logger.addHandler(handler)
     logger.setLevel(level if level is not None else (logging.INFO if rank == 0 else logging.WARNING))
