@@ -48,6 +48,7 @@ class TorchOracle:
         self.seed, self.rank = int(seed), int(rank)
         self.dim = fm.dim
         self.last_correct = 0.0
+        self._perm, self._perm_epoch = None, None
 
     def _target(self, y):
         if self.regression:
@@ -93,7 +94,12 @@ class TorchOracle:
         return J, r, len(idx)
 
     def indices(self, k: int) -> np.ndarray:
-        return batch_indices(self.n, self.batch, self.steps_per_epoch, self.seed, self.rank, k)
+        """Local. Same as :func:`batch_indices`, with the epoch's permutation drawn once per epoch."""
+        epoch, j = divmod(int(k), self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, self.rank, epoch]).permutation(self.n)
+            self._perm_epoch = epoch
+        return self._perm[j * self.batch:(j + 1) * self.batch]
 
     def loss_grad(self, x: np.ndarray, k: int):
         """Local. (loss, grad) of step k's minibatch at ``x``; grad is the model's gradient buffer."""
