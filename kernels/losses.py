@@ -6,8 +6,8 @@ For data X (m x d, one sample per row) and w (d,):
     logistic:       f(w) = 1/m sum_j log(1 + exp(-t_j)),  t_j = s_j x_j^T w,  s_j in {-1, +1}
                     grad = -1/m sum_j s_j sigma(-t_j) x_j,   sigma(u) = 1 / (1 + exp(-u))
 
-(the l1/l2-regularised logistic regression of the convex experiments of NEXT,
-arXiv 1602.00591).  The logistic terms are evaluated stably:
+(the convex problems on which NEXT, arXiv 1602.00591, must reach the
+centralised minimiser; the regularizer is added by the surrogate step).  The logistic terms are evaluated stably:
 log(1 + exp(-t)) = max(-t, 0) + log1p(exp(-|t|)), and sigma(-t) from exp(-|t|),
 so no exp overflows for any finite t.
 

@@ -1,8 +1,8 @@
 """Proximal operators of the NEXT regularizers r(w) (ALGORITHMS.md section 1).
 
 For a step t > 0 and a convex r, ``prox_{t r}(v) = argmin_p  r(p) + ||p - v||^2 / (2 t)``.
-The regularizers of NEXT (arXiv 1602.00591, problem (1); arXiv 1610.07448,
-section 2) are r(w) = lam ||w||_1 and r(w) = lam ||w||_2^2, elementwise:
+The regularizers of NEXT (arXiv 1602.00591; for neural networks arXiv
+1610.07448) are r(w) = lam ||w||_1 and r(w) = lam ||w||_2^2, elementwise:
 
     l1:  prox_{lam ||.||_1}(v)_p = sign(v_p) max(|v_p| - lam, 0)   (soft threshold)
     l2:  prox_{lam ||.||^2}(v)   = v / (1 + 2 lam)

@@ -68,10 +68,19 @@ def test_linearized_step_aliasing(reg):
     assert a is w2 and b is g2
     np.testing.assert_array_equal(w2, wt)
     np.testing.assert_array_equal(g2, z)
-    # same array for both outputs: z wins
+    # same array for both outputs: z only (also written over w, and block-parallel)
     o = np.empty_like(w)
     kernels.linearized_step(w, g, pi, 2.0, 0.6, reg, 0.1, out_wt=o, out_z=o)
     np.testing.assert_array_equal(o, z)
+    w4 = w.copy()
+    kernels.linearized_step(w4, g, pi, 2.0, 0.6, reg, 0.1, out_wt=w4, out_z=w4)
+    np.testing.assert_array_equal(w4, z)
+    w5 = w.copy()
+    kernels.linearized_step_blocks(w5, g, pi, 2.0, 0.6, reg, 0.1, 4, out_wt=w5, out_z=w5[:])
+    np.testing.assert_array_equal(w5, z)
+    w6 = w.copy()
+    kernels.linearized_step_blocks(w6, g, pi, 2.0, 0.6, reg, 0.1, 3, out_wt=g2, out_z=w6)
+    np.testing.assert_array_equal(w6, z)
     # relax and linearized_solve in place
     w3 = w.copy()
     kernels.linearized_solve(w3, g, pi, 2.0, reg, 0.1, out=w3)
