@@ -67,11 +67,13 @@ def _cells():
     add("mlp_iid_paper_cdmsgd-hb_ring", "cdmsgd", "paper", "ring", "iid",
         extra=['algorithm.momentum_form="heavy-ball"'])
     # longer runs (30 epochs) of the IID comparisons that matter for the targets: the paper's settings,
-    # and two tuned pairs with a larger step (no momentum: lr 0.5; momentum 0.95: lr 0.025)
+    # and tuned pairs with a larger step (no momentum: lr 0.5 and 0.2; momentum 0.95: lr 0.025)
     for setting, algo, topo in (("paper", "centralized", "complete"), ("paper", "cdmsgd", "ring")):
         add(f"mlp_iid_{setting}_{algo}_{topo}_e30", algo, setting, topo, "iid", epochs=30)
     for algo, topo, hp in (("centralized", "complete", ["algorithm.lr=0.5", "algorithm.momentum=0.0"]),
                            ("cdsgd", "ring", ["algorithm.lr=0.5"]),
+                           ("centralized", "complete", ["algorithm.lr=0.2", "algorithm.momentum=0.0"]),
+                           ("cdsgd", "ring", ["algorithm.lr=0.2"]),
                            ("centralized", "complete", ["algorithm.lr=0.025", "algorithm.momentum=0.95"]),
                            ("cdmsgd", "ring", ["algorithm.lr=0.025", "algorithm.momentum=0.95"])):
         tag = hp[0].split("=")[1]
@@ -80,8 +82,8 @@ def _cells():
     cnn_extra = ["data.eval_samples=1000"]
     add("cnn_iid_paper_centralized_complete", "centralized", "paper", "complete", "iid", "cnn", cnn_extra)
     add("cnn_iid_paper_cdmsgd_ring", "cdmsgd", "paper", "ring", "iid", "cnn", cnn_extra)
-    add("cnn_iid_tuned_cdsgd_ring", "cdsgd", "tuned", "ring", "iid", "cnn", cnn_extra)
-    add("cnn_iid_tuned_centralized_complete", "centralized", "tuned", "complete", "iid", "cnn", cnn_extra)
+    add("cnn_iid_lr0.05_centralized_complete", "centralized", "tuned", "complete", "iid", "cnn", cnn_extra,
+        epochs=3, hp=["algorithm.lr=0.05", "algorithm.momentum=0.9"])
     return cells
 
 
@@ -205,22 +207,26 @@ def _table(rows, with_setting=True):
 def _plot(groups, out_png, title):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(5.2 * len(groups), 3.6), layout="constrained")
+    fig = Figure(figsize=(4.6 * len(groups), 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     axs = fig.subplots(1, len(groups), squeeze=False)[0]
+    from matplotlib import colormaps
+    colors = list(colormaps["tab10"].colors) + list(colormaps["Dark2"].colors)
     for ax, (sub, rows) in zip(axs, groups):
-        for s in rows:
+        for i, s in enumerate(rows):
             c = s["meta"]["cell"]
-            lab = f"{c['algo']}{'-hb' if 'hb' in c['name'] else ''} {c['topo']} ({c['setting']})"
+            hp = _hp(c)
+            lab = (f"{c['algo']}{'-hb' if 'hb' in c['name'] else ''} {c['topo']} lr {hp.get('lr')}"
+                   + (f" mu {hp['momentum']}" if float(hp.get("momentum", 0)) else ""))
             ax.plot(s["ep_curve"], 100 * s["acc_curve"], lw=1.3, label=lab,
-                    ls="-" if c["setting"] == "paper" else "--")
+                    ls="-" if c["setting"] == "paper" else "--", color=colors[i % len(colors)])
         ax.set_title(sub, fontsize="medium")
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy of the average model [%]")
-        ax.set_ylim(40, 95)
+        ax.set_ylim(40 if "mlp" in out_png.name else 0, 92)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize="x-small")
-    fig.suptitle(title)
+        ax.legend(fontsize="xx-small", loc="lower right")
+    fig.suptitle(title + "  (solid: paper settings, dashed: tuned)")
     fig.savefig(out_png, dpi=80)
 
 
@@ -234,9 +240,10 @@ def cmd_report(args):
     ok = [s for s in cells if s["ok"]]
     pngs = []
     for model in ("mlp", "cnn"):
-        groups = [(f"{model.upper()}, {part}", [s for s in ok if s["meta"]["cell"]["model"] == model
-                                                 and s["meta"]["cell"]["part"] == part])
-                  for part in ("iid", "dirichlet")]
+        mine = [s for s in ok if s["meta"]["cell"]["model"] == model]
+        groups = [(f"{model.upper()}, {part}, {ep:g} epochs", [s for s in mine if s["meta"]["cell"]["part"] == part
+                                                               and s["meta"]["epochs"] == ep])
+                  for part in ("iid", "dirichlet") for ep in sorted({s["meta"]["epochs"] for s in mine})]
         groups = [g for g in groups if g[1]]
         if groups:
             p = img / f"bench_cdsgd_{model}_acc.png"
@@ -293,6 +300,10 @@ def _doc(cells, ok, pngs, args):
          "An epoch is `steps_per_epoch` steps of batch 128 on every agent, where `steps_per_epoch` is the "
          "smallest shard's size // 128 (58 for IID: 7500 samples per agent). With Dirichlet(0.5) the smallest "
          "shard is smaller, so an \"epoch\" there is fewer steps (column *steps/epoch* in the detailed table).", ""]
+    L += ["## Targets", "", "Computed from the runs below (centralized momentum runs are paired with CDMSGD at the "
+          "same lr and momentum; momentum-free centralized runs with CDSGD at the same lr).", "", _targets(ok), ""]
+    if _findings():
+        L += ["## Findings", "", _findings(), ""]
     for model in ("mlp", "cnn"):
         rows = _by(ok, model=model) + [s for s in cells if not s["ok"] and s["meta"]["cell"]["model"] == model]
         if not rows:
@@ -305,6 +316,8 @@ def _doc(cells, ok, pngs, args):
     if p in pngs:
         L += ["Consensus error of the IID MLP runs at the paper's settings (from `python -m mpidl report`):", "",
               f"![consensus](img/{p.name})", ""]
+    if _throughput():
+        L += ["## Throughput: CDSGD vs torch DistributedDataParallel (2 ranks)", "", _throughput(), ""]
     L += ["## Details", "", "| cell | steps/epoch | steps | train acc (avg model) | best test acc | agents mean | "
           "wall incl. setup [s] |", "|---|---|---|---|---|---|---|"]
     for s in ok:
@@ -325,11 +338,82 @@ def _section(cells, ok):
     return _SECTION_FN(cells, ok)
 
 
+def _hp(cell):
+    return {o.split("=", 1)[0].split(".")[1]: o.split("=", 1)[1].strip('"')
+            for o in cell["overrides"] if o.startswith("algorithm.")}
+
+
+def _targets(ok):
+    """Target checks computed from the runs: centralized accuracy, CDSGD/CDMSGD vs centralized (IID)."""
+    L = ["| check | runs | result | target | met |", "|---|---|---|---|---|"]
+    for s in ok:
+        c = s["meta"]["cell"]
+        if c["algo"] == "centralized" and c["part"] == "iid":
+            goal = 0.88 if c["model"] == "mlp" else 0.91
+            L.append(f"| centralized {c['model'].upper()} test acc | `{c['name']}` ({s['epochs']:g} epochs) | "
+                     f"{100 * s['test_acc']:.2f}% | >= {100 * goal:.0f}% | {'yes' if s['test_acc'] >= goal else 'no'} |")
+    cen = {}
+    for s in ok:
+        c = s["meta"]["cell"]
+        if c["algo"] == "centralized":
+            cen[(c["model"], c["part"], s["epochs"], _hp(c).get("lr"))] = s
+    for s in ok:
+        c = s["meta"]["cell"]
+        if c["algo"] not in ("cdsgd", "cdmsgd") or c["part"] != "iid":
+            continue
+        ref = cen.get((c["model"], c["part"], s["epochs"], _hp(c).get("lr")))
+        if ref is None:
+            continue
+        d = 100 * (s["test_acc"] - ref["test_acc"])
+        L.append(f"| {c['algo']}{'-hb' if 'hb' in c['name'] else ''} {c['topo']} vs centralized, same lr and epochs | "
+                 f"`{c['name']}` vs `{ref['meta']['cell']['name']}` | {100 * s['test_acc']:.2f}% vs "
+                 f"{100 * ref['test_acc']:.2f}% ({d:+.2f} pt) | >= -1.0 pt | {'yes' if d >= -1.0 else 'no'} |")
+    return "\n".join(L)
+
+
+def _throughput():
+    """Table of benchmarks/bench_ddp.py's JSON (CDSGD vs torch DDP at 2 ranks), if it was run."""
+    p = ROOT / "benchmarks" / "results" / "ddp_n2.json"
+    if not p.exists():
+        return ""
+    d = json.loads(p.read_text())
+    L = [f"`{d['command'].replace('benchmarks/bench_ddp.py', 'mpiexec -n 2 python benchmarks/bench_ddp.py', 1)}` "
+         f"({d['world_size']} ranks, batch {d['batch']}, {d['threads']} torch thread per rank, {d['mpi']}, "
+         f"torch {d['torch']}, load average at the end {d['load_avg'][0]:.1f} on {d['cores']} cores). "
+         "Median steps/s over the timed windows; methods interleaved window by window.", "",
+         "| model | params | windows x steps | CDSGD (algorithm step) | CDSGD + driver preemption check | "
+         "torch DDP (gloo) | CDSGD / DDP | (CDSGD + check) / DDP |", "|---|---|---|---|---|---|---|---|"]
+    for m, r in d["results"].items():
+        med = r["median_steps_per_s"]
+        L.append(f"| {m} | {r['params']} | {r['windows']} x {r['steps_per_window']} | {med['cdsgd']:.1f} | "
+                 f"{med['cdsgd+guard']:.1f} | {med['ddp']:.1f} | **{r['ratio_cdsgd_over_ddp']:.2f}** | "
+                 f"{r['ratio_cdsgd_guard_over_ddp']:.2f} |")
+    prof = {m: r["profile_ms"] for m, r in d["results"].items() if "profile_ms" in r}
+    if prof:
+        keys = list(next(iter(prof.values())))
+        L += ["", "Per-step profile, rank 0, median ms (`--profile`; each part timed on its own between barriers, so "
+              "\"mix\" includes waiting for the other rank):", "",
+              "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for m, pr in prof.items():
+            L.append(f"| {m} | " + " | ".join(f"{pr[k]:.2f}" for k in keys) + " |")
+    return "\n".join(L)
+
+
+def _findings():
+    p = ROOT / "benchmarks" / "bench_cdsgd_findings.md"
+    return p.read_text().strip() if p.exists() else ""
+
+
 def _default_section(cells, ok):
     L = ["## CDSGD family on Fashion-MNIST (issue 4)", "",
          "8 agents (MPI ranks) on a 2-core machine, batch 128 per agent. Full tables, plots and every command "
          "line: [bench_cdsgd.md](bench_cdsgd.md) (generated by `benchmarks/bench_cdsgd.py`).", "",
-         _table(ok), ""]
+         "### Targets", "", _targets(ok), ""]
+    if _findings():
+        L += ["### Findings", "", _findings(), ""]
+    L += ["### Results", "", _table(ok), ""]
+    if _throughput():
+        L += ["### Throughput: CDSGD vs torch DDP (gloo), 2 ranks", "", _throughput(), ""]
     return "\n".join(L)
 
 

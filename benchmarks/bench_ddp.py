@@ -7,7 +7,7 @@ One MPI job runs both.  Rank and world size come from MPI; torch.distributed is
 initialised with the gloo backend at MASTER_ADDR=127.0.0.1 and a free port that
 rank 0 picks and broadcasts over MPI.  Per model (same seed, same weights at
 start, batch 128, the same IID Fashion-MNIST shard on each rank and the same
-batch indices, ``mpidl.oracles.batch_indices``):
+batch indices as ``TorchOracle.indices``):
 
 * ``cdsgd``: the driver's inner loop without evaluation: ``CDSGD.step`` with
   the ``TorchOracle`` on the flat parameter buffer and a ``GraphComm`` on
@@ -79,7 +79,7 @@ def main(argv=None):
     from mpidl.data import load_agent_data
     from mpidl.flat import FlatModel
     from mpidl.models import build_model
-    from mpidl.oracles import TorchOracle, batch_indices
+    from mpidl.oracles import TorchOracle
 
     gc = GraphComm(world, T.ring(size))
     mc = GraphComm(world, T.ring(size))
@@ -128,13 +128,19 @@ def main(argv=None):
         opt = torch.optim.SGD(ddp.parameters(), lr=args.lr)
         X = torch.as_tensor(np.asarray(shard.x)).to(torch.float32)
         Y = torch.as_tensor(np.asarray(shard.y)).to(torch.long)
-        dk = {"k": 0}
+        dk = {"k": 0, "epoch": None, "perm": None}
+
+        def ddp_indices(k):  # the TorchOracle's batches, drawn the same way (one permutation per epoch)
+            epoch, j = divmod(k, spe)
+            if epoch != dk["epoch"]:
+                dk["perm"], dk["epoch"] = np.random.default_rng([0, rank, epoch]).permutation(len(Y)), epoch
+            return dk["perm"][j * batch:(j + 1) * batch]
 
         def run_ddp(n):
             k = dk["k"]
             ddp.train()
             for _ in range(n):
-                idx = torch.from_numpy(batch_indices(len(Y), batch, spe, 0, rank, k))
+                idx = torch.from_numpy(ddp_indices(k))
                 out = ddp(X[idx])
                 loss = torch.nn.functional.cross_entropy(out, Y[idx])
                 opt.zero_grad(set_to_none=False)
@@ -160,7 +166,7 @@ def main(argv=None):
                "ratio_cdsgd_over_ddp": med["cdsgd"] / med["ddp"],
                "ratio_cdsgd_guard_over_ddp": med["cdsgd+guard"] / med["ddp"]}
         if args.profile:
-            res["profile_ms"] = _profile(algo, st, oracle, gc, ddp, opt, X, Y, batch, spe, rank, world, torch)
+            res["profile_ms"] = _profile(algo, st, oracle, gc, ddp, opt, X, Y, ddp_indices, world, torch)
         results[model_name] = res
         if rank == 0:
             print(f"{model_name} ({fm.dim} params, batch {batch}, {size} ranks, {args.windows} windows x "
@@ -187,11 +193,10 @@ def main(argv=None):
     return 0
 
 
-def _profile(algo, st, oracle, gc, ddp, opt, X, Y, batch, spe, rank, world, torch, n=30):
+def _profile(algo, st, oracle, gc, ddp, opt, X, Y, ddp_indices, world, torch, n=30):
     """Median time of the parts of a CDSGD step and of a DDP step (rank 0's clock)."""
     import numpy as np
 
-    from mpidl.oracles import batch_indices
     fm = oracle.fm
     parts = {k: [] for k in ("indices", "forward", "backward", "mix (start+wait)", "update", "cdsgd step",
                              "ddp fwd", "ddp bwd+allreduce", "ddp opt")}
@@ -221,7 +226,7 @@ def _profile(algo, st, oracle, gc, ddp, opt, X, Y, batch, spe, rank, world, torc
         t7 = time.perf_counter()
         world.Barrier()
         s0 = time.perf_counter()
-        idd = torch.from_numpy(batch_indices(len(Y), batch, spe, 0, rank, k))
+        idd = torch.from_numpy(ddp_indices(k))
         o2 = ddp(X[idd])
         l2 = torch.nn.functional.cross_entropy(o2, Y[idd])
         s1 = time.perf_counter()
