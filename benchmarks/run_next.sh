@@ -21,19 +21,34 @@ case_digits_er()   { run --dataset digits --topology erdos_renyi --p 0.4 --topo-
 case_digits_ring_dirichlet() {
     run --dataset digits --partition dirichlet --alpha 0.3 --topology ring --steps 400 \
         --only centralized,cdsgd,next --json $R/digits_ring_dirichlet.json; }
-case_fmnist_ring() {
-    run --dataset fashion-mnist --per-agent 500 --test-samples 2000 --hidden 32 --dtype float32 \
-        --topology ring --steps 300 --eval-every 2 --lbfgs-iters 300 --only centralized,cdsgd,next,lbfgs \
-        --json $R/fmnist_ring.json; }
-case_digits_gn() {
+fmnist() {   # a subset (250 images per agent) and a small MLP: affordable on 2 cores
+    run --dataset fashion-mnist --per-agent 250 --test-samples 2000 --hidden 16 --dtype float32 \
+        --steps 200 --eval-every 2 --stat-every 20 --lbfgs-iters 200 \
+        --only centralized,cdsgd,next,next-l1,lbfgs \
+        --central-lr 0.125,0.25,0.5,1,2 --cdsgd-lr 0.125,0.25,0.5,1,2 \
+        --next-grid 64:1:0,32:1:0,16:1:0,8:1:0,4:1:0 --l1-grid 32:1:0 "$@"; }
+case_fmnist_ring() { fmnist --topology ring --json $R/fmnist_ring.json; }
+case_fmnist_er()   { fmnist --topology erdos_renyi --p 0.4 --topo-seed 0 --json $R/fmnist_er.json; }
+case_digits_l1() {    # more l1 weights on the ring (appended to digits_ring.json)
+    for lam in 0.003 0.01; do
+        run --dataset digits --topology ring --steps 400 --only next-l1 --l1-lam $lam --append \
+            --json $R/digits_ring.json
+    done; }
+case_threads() { python benchmarks/bench_next_threads.py --samples 179 --repeats 7 --json $R/threads.json; }
+case_digits_gn() {    # Gauss-Newton surrogate (squared loss); expensive: one Jacobian per agent per round
     run --dataset digits --loss squared --topology ring --steps 150 --lbfgs-iters 500 \
         --central-lr 0.5,1,2,4 --cdsgd-lr 0.5,1,2,4 --next-grid 8:1:0,4:1:0,2:1:0,1:1:0 \
-        --gn-grid 1:1:0,0.1:1:0 --gn-inner 20 --json $R/digits_ring_squared.json; }
+        --gn-grid 1:1:0 --gn-inner 20 --json $R/digits_ring_squared.json; }
 
-cases=${*:-"digits_ring digits_er digits_ring_dirichlet fmnist_ring digits_gn report"}
+cases=${*:-"digits_ring digits_er digits_l1 fmnist_ring fmnist_er threads report"}
 for c in $cases; do
     if [ "$c" = report ]; then
-        python benchmarks/bench_next.py report $(ls $R/*.json) --md docs/bench_next.md --img docs/img
+        files=""
+        for n in digits_ring digits_er fmnist_ring fmnist_er digits_ring_dirichlet digits_ring_squared; do
+            [ -f "$R/$n.json" ] && files="$files $R/$n.json"
+        done
+        python benchmarks/bench_next.py report $files --md docs/bench_next.md --img docs/img \
+            --threads-json $R/threads.json
     else
         echo "== $c"; "case_$c"
     fi
