@@ -15,7 +15,7 @@ stage() {
     case $1 in
         iid)    mpiexec -n 8 $B run $(cells '^mlp_iid_(paper|tuned)_' '_e30$|hb') ;;
         long)   mpiexec -n 8 $B run $(cells '_e30$') ;;
-        cnn)    mpiexec -n 8 $B run cnn_iid_paper_centralized_complete cnn_iid_paper_cdmsgd_ring ;;  # ~4 min/epoch each here
+        cnn)    mpiexec -n 8 $B run $(cells '^cnn_') ;;  # ~2-3 min/epoch each here
         noniid) mpiexec -n 8 $B run $(cells '^mlp_dir_') ;;
         extra)  mpiexec -n 8 $B run $(cells 'hb') ;;
         report) $B report ;;
