@@ -437,14 +437,14 @@ evaluated at the network average for every method,
 
     U(w_bar) = sum_i g_i(w_bar) + r(w_bar),  g_i = mean loss over agent i's whole shard, r = lam ||w||^2,
 
-by the benchmark itself (one extra allreduce on a separate communicator that the byte counters do
+by the benchmark itself (two extra allreduces on a separate communicator that the byte counters do
 not see).  CDSGD (x_i <- sum_j W_ij x_j - lr (g_i + wd x_i)) and centralized gradient descent (one
 gradient allreduce per round) use weight decay wd = 2 lam / N, so they follow the gradient of the
 same U (divided by N).  One communication round = one neighbour collective (NEXT: [w, y] packed,
 2P values per message; CDSGD: P values) or one allreduce (centralized).  Bytes are the sum over
 agents of what the algorithm's communicator sent (centralized: the allreduce's 2(N-1)/N P values per
-agent).  Each method gets a sweep of the same size (6 configurations, 400 rounds on digits);
-the best member is the first to reach the target.
+agent).  Each method gets a sweep of the same size (6 configurations x 400 rounds on digits,
+5 x 200 on Fashion-MNIST); the best member is the first to reach the target.
 
 **Target**: U_c = the lowest final objective of the centralized sweep after the budget; a method
 reaches the target at the first round with U(w_bar) <= 1.01 U_c.  U* is a centralized full-batch
