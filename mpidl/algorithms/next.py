@@ -93,8 +93,7 @@ class NEXT:
 
     def init(self, x0, comm):
         """Local. w = x0 (copied into the packed buffer); y and g are set at the first step."""
-        if self.cfg.threads_per_agent > 1:
-            K.set_threads(self.cfg.threads_per_agent)
+        K.set_threads(self.cfg.threads_per_agent)
         p = x0.shape[0]
         wy = np.zeros(2 * p, dtype=x0.dtype)
         wy[:p] = x0
