@@ -171,7 +171,7 @@ def bench_interleaved(n, rounds):
             fn()
             best[k] = min(best[k], time.perf_counter() - t0)
     copy = 2 * n * item / best["np.copyto (reference)"] / 1e9
-    lines = [f"| kernel (float64, n={n:.0e}) | streams | best us | GB/s | % of copy |",
+    lines = [f"| kernel (float64, n={n:.3g}) | streams | best us | GB/s | % of copy |",
              "|---|---:|---:|---:|---:|"]
     for k, (_, streams) in calls.items():
         gbs = streams * n * item / best[k] / 1e9
