@@ -329,7 +329,8 @@ def _doc(cells, ok, pngs, args):
           "The grid was run with `bash benchmarks/run_cdsgd.sh` (which calls "
           "`mpiexec -n 8 python benchmarks/bench_cdsgd.py run CELL...`: each cell is trained in-process by "
           "`mpidl.driver.train` with the config that the command line below builds, so torch is imported once per "
-          "batch of cells). Each cell is equivalent to:", "", "```"]
+          "batch of cells; a 1-epoch check of `mlp_iid_paper_cdsgd_ring` gave the same test accuracy, 0.2966, both ways). "
+          "Environment: `OMP_NUM_THREADS=1 MPIR_CVAR_ENABLE_HEAVY_YIELD=1`. Each cell is equivalent to:", "", "```"]
     for s in cells:
         L.append(s["meta"]["command"])
     L += ["```", ""]
