@@ -1,17 +1,13 @@
 """CheckpointStore under mpiexec: per-agent round trip, agreement, errors raised on every rank."""
 import json
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
 from mpi4py import MPI
 
 from mpiutil import assert_all, assert_raises_all
-from mpidl import topology as T
 from mpidl.checkpoint import CheckpointError, CheckpointStore, PreemptionGuard, rng_state, topology_digest
-from mpidl.comm import GraphComm
 
 MPI_SIZES = (1, 2, 3, 4)
 MPI_TIMEOUT = 240
@@ -21,18 +17,8 @@ LAST = N - 1
 
 
 @pytest.fixture
-def root():
-    path = W.bcast(tempfile.mkdtemp(prefix="mpidl-ckpt-") if R == 0 else None)
-    yield os.path.join(path, "ckpt")
-    W.Barrier()
-    if R == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def gc():
-    with GraphComm(W, T.ring(N)) as g:
-        yield g
+def root(shared_tmp):
+    return os.path.join(shared_tmp, "ckpt")
 
 
 def _state(rank, step):

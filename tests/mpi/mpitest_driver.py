@@ -19,9 +19,8 @@ N, R = WORLD.Get_size(), WORLD.Get_rank()
 
 
 @pytest.fixture
-def out(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("runs")) if R == 0 else None
-    return WORLD.bcast(path)
+def out(shared_tmp):
+    return shared_tmp
 
 
 def _cfg(out, *extra):

@@ -1,7 +1,5 @@
 """Under mpiexec: consensus error, rank-0 results file, agreed data errors."""
 import os
-import shutil
-import tempfile
 
 import numpy as np
 import pytest
@@ -9,8 +7,6 @@ from mpi4py import MPI
 
 from mpiutil import agent_data, assert_all, assert_raises_all
 from mpidl import data
-from mpidl import topology as T
-from mpidl.comm import GraphComm
 from mpidl.errors import MpidlError
 from mpidl.metrics import Recorder, consensus_error, load_results
 
@@ -21,18 +17,8 @@ N, R = W.Get_size(), W.Get_rank()
 
 
 @pytest.fixture
-def tmp():
-    path = W.bcast(tempfile.mkdtemp(prefix="mpidl-res-") if R == 0 else None)
-    yield path
-    W.Barrier()
-    if R == 0:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def gc():
-    with GraphComm(W, T.ring(N)) as g:
-        yield g
+def tmp(shared_tmp):
+    return shared_tmp
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
