@@ -486,16 +486,17 @@ NOTES = """Reading the results (all four cases, 8 agents, iid shards):
   against bytes, consensus error and the unit-step prox-gradient stationarity against rounds.
 """
 
-THREAD_NOTES = """**No speed-up measurable here.** The two cores of this machine were shared with other jobs (load
-average about 20), so a second Numba thread found no free core. The numbers above measure
-contention, not parallel scaling. The 1.15x of the Gauss-Newton solve is within noise. The
-1-thread row is the cost breakdown of one agent's Gauss-Newton step: the Jacobian (jacrev) costs
-about 3x the 20-iteration CG solve. The block-parallel kernels' speed-up in
-[bench_kernels.md](bench_kernels.md#block-parallel-kernels-1-vs-2-threads-float64) (1.65x for the CG
-solve) is the better estimate. Rerun `bash benchmarks/run_next.sh threads report` on an idle
-multi-core node (rank bound to 2 cores: docs/algorithms/next.md, Multi-core agents).
-The full-batch Gauss-Newton *benchmark* (NEXT-GN vs CDSGD) was not run: at ~6 s per agent
-step on this shared machine, 8 agents x 150 rounds would take hours.
+THREAD_NOTES = """Measured with the machine otherwise idle (1-min load 1.3). A second Numba thread per agent
+speeds up the compute-bound pieces: the block-Jacobi Gauss-Newton solve (CG, C = 2 blocks) 1.94x
+and the linearised step on a large vector (P = 4e6) 1.61x. The linearised step on the digits
+model (P = 2410, 10 us) does not speed up: thread start-up costs as much as the work. The whole
+Gauss-Newton NEXT step gains only 1.32x because the Jacobian (torch.func.jacrev, single
+threaded, 1.7x the CG solve's 1-thread time) does not use the agent's second core. (An earlier
+run under load average ~20 measured 0.4-1.15x: contention, not scaling.) Kernel-level numbers:
+[bench_kernels.md](bench_kernels.md#block-parallel-kernels-1-vs-2-threads-float64). How to give
+a rank 2 cores: docs/algorithms/next.md, Multi-core agents.
+The full-batch Gauss-Newton *benchmark* (NEXT-GN vs CDSGD, 8 agents) was not run: with 8 ranks on
+2 cores the Jacobians alone make it hours long here.
 """
 
 
