@@ -24,8 +24,17 @@ import numpy as np
 
 from mpidl import config as C
 from mpidl import topology as T
+import torch
+
 from mpidl.algorithms.base import state_from_dict, state_to_dict
+from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state, topology_digest
+from mpidl.comm import GraphComm, ScheduledGraphComm
+from mpidl.data import load_agent_data
 from mpidl.errors import MpidlError
+from mpidl.flat import FlatModel
+from mpidl.metrics import Progress, Recorder
+from mpidl.models import build_model
+from mpidl.oracles import TorchOracle
 
 log = logging.getLogger("mpidl.driver")
 
@@ -124,16 +133,6 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     ``max_steps`` stops early after that many steps of this invocation
     (tests use it to simulate an interrupted run).
     """
-    import torch
-
-    from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state, topology_digest
-    from mpidl.comm import GraphComm, ScheduledGraphComm
-    from mpidl.data import load_agent_data
-    from mpidl.flat import FlatModel
-    from mpidl.metrics import Progress, Recorder
-    from mpidl.models import build_model
-    from mpidl.oracles import TorchOracle
-
     rank, size = world.Get_rank(), world.Get_size()
     torch.set_num_threads(max(1, cfg.run.threads))
     topo, schedule = build_topology(cfg.topology, size)
@@ -141,9 +140,7 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     mc = GraphComm(world, topo)  # metrics / control traffic, kept off the algorithm's counters
     comm = gc if schedule is None else _ScheduledComm(gc, ScheduledGraphComm(world, schedule))
     try:
-        return _train(cfg, world, gc, mc, comm, topo, topology_digest(topo), rank, size, max_steps, torch,
-                      CheckpointStore, PreemptionGuard, rng_state, set_rng_state, load_agent_data,
-                      FlatModel, Progress, Recorder, build_model, TorchOracle)
+        return _train(cfg, gc, mc, comm, topo, rank, size, max_steps)
     finally:
         if comm is not gc:
             comm._sched.close()
@@ -151,8 +148,7 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
         gc.close()
 
 
-def _train(cfg, world, gc, mc, comm, topo, digest, rank, size, max_steps, torch, CheckpointStore, PreemptionGuard,
-           rng_state, set_rng_state, load_agent_data, FlatModel, Progress, Recorder, build_model, TorchOracle):
+def _train(cfg, gc, mc, comm, topo, rank, size, max_steps):
     d, r = cfg.data, cfg.run
     shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
                             rank=rank, world_size=size, shards=d.shards or None, comm=mc)
@@ -195,7 +191,7 @@ def _train(cfg, world, gc, mc, comm, topo, digest, rank, size, max_steps, torch,
         out.mkdir(parents=True, exist_ok=True)
     mc.barrier()
     store = CheckpointStore(out / "checkpoints", mc, keep=r.keep)
-    expect = {"algorithm": cfg.algorithm.name, "topology": digest}
+    expect = {"algorithm": cfg.algorithm.name, "topology": topology_digest(topo)}
     start = 0
     if r.resume != "no":
         step = store.latest() if r.resume == "auto" else int(r.resume)
