@@ -32,11 +32,24 @@ from mpidl.errors import MpidlError
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
-__all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "world"]
+__all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "LaunchError", "world",
+           "check_launch"]
 
 
 class CollectiveError(MpidlError):
     """Raised on every rank when any rank reported an error to :meth:`GraphComm.agree`."""
+
+
+class LaunchError(MpidlError):
+    """The launcher started N > 1 tasks but each sees an MPI world of 1 (launcher/MPI mismatch).
+
+    ``launcher_rank`` is this task's rank as the launcher numbered it (or
+    None), so that only task 0 prints the message.
+    """
+
+    def __init__(self, msg, launcher_rank=None):
+        super().__init__(msg)
+        self.launcher_rank = launcher_rank
 
 
 def _mpi():
@@ -50,7 +63,49 @@ def world():
     return _mpi().COMM_WORLD
 
 
+def check_launch(comm) -> None:
+    """Local. Raise :class:`LaunchError` when ``comm`` is a singleton world of an N-task launch.
+
+    Call it where the program starts, before any file is written; the rules
+    are in :func:`mpidl.launch.launch_mismatch`.
+    """
+    if comm.Get_size() != 1:
+        return
+    import mpi4py
+    from mpidl.launch import launch_mismatch
+    try:
+        mpicc = (mpi4py.get_config() or {}).get("mpicc")
+    except Exception:  # noqa: BLE001 (no build config: the hint falls back to a guess)
+        mpicc = None
+    found = launch_mismatch(1, _mpi().Get_library_version(), mpicc=mpicc)
+    if found is not None:
+        raise LaunchError(*found)
+
+
 _OPS = ("sum", "mean", "max", "min")
+
+
+def _persistent_collectives(graph) -> bool:
+    """Collective over ``graph``. Whether persistent neighbour collectives work, agreed by all ranks.
+
+    mpi4py always defines ``Neighbor_allgather_init``, but a library without
+    MPI-4 persistent collectives (Open MPI 4.x reports MPI 3.1) raises
+    NotImplementedError when it is called.  So every rank makes one trial
+    request on a one-element buffer (freed unstarted) and the ranks take the
+    logical AND: either all use persistent requests or all fall back to
+    ``Ineighbor_allgather``.
+    """
+    MPI = _mpi()
+    ok = hasattr(graph, "Neighbor_allgather_init")
+    if ok:
+        indeg = graph.Get_dist_neighbors_count()[0]
+        send, recv = np.zeros(1), np.zeros(max(1, indeg))
+        try:
+            req = graph.Neighbor_allgather_init([send, 1, MPI.DOUBLE], [recv, 1, MPI.DOUBLE])
+            req.Free()
+        except (NotImplementedError, MPI.Exception):
+            ok = False
+    return bool(graph.allreduce(ok, op=MPI.LAND))
 
 
 def _as_array(x, writable=True):
@@ -152,8 +207,8 @@ class GraphComm:
             sourceweights=MPI.UNWEIGHTED, destweights=MPI.UNWEIGHTED, reorder=False)
         self._w_self = topology.self_weight(self.rank)
         self._w_in = topology.in_weights(self.rank)
-        has_persistent = hasattr(self.graph, "Neighbor_allgather_init")
-        self.persistent = has_persistent if persistent is None else (bool(persistent) and has_persistent)
+        want = True if persistent is None else bool(persistent)
+        self.persistent = want and _persistent_collectives(self.graph)
         self._plans: OrderedDict = OrderedDict()
         self._plan_cache = max(1, int(plan_cache))
         self._last = None  # fast path: (x, out, data pointers, plan, a, o) of the last mix
