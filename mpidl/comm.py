@@ -423,6 +423,22 @@ class GraphComm:
         self._charge_allreduce(a.nbytes)
         return o.reshape(np.shape(x)) if result is None else result
 
+    def start_allreduce(self, x: np.ndarray, op="sum"):
+        """Collective. Begin an elementwise reduction of the NumPy array ``x``; ``.wait()`` returns it.
+
+        A nonblocking ``Iallreduce`` into a new array (``x`` must stay untouched
+        until ``wait()``); ``mean`` is not offered.  Every rank must start its
+        reductions in the same order.
+        """
+        MPI = _mpi()
+        if op not in ("sum", "max", "min"):
+            raise ValueError(f"start_allreduce: op must be sum, max or min, got {op!r}")
+        a = np.ascontiguousarray(x)
+        o = np.empty_like(a)
+        req = self.base.Iallreduce(a, o, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        self._charge_allreduce(a.nbytes)
+        return _Reduction(req, a, o)
+
     def _charge_allreduce(self, nbytes):
         if self.size > 1:
             self.bytes_sent += int(2 * (self.size - 1) * nbytes / self.size)
@@ -449,6 +465,24 @@ class GraphComm:
     def barrier(self):
         """Collective. Block until every rank arrives."""
         self.base.Barrier()
+
+
+class _Reduction:
+    """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
+
+    def __init__(self, request, send, out):
+        self._request, self._send, self._out = request, send, out
+
+    def test(self) -> bool:
+        """Local. True when the reduction has finished."""
+        return self._request is None or bool(self._request.Test())
+
+    def wait(self) -> np.ndarray:
+        """Local. Finish the reduction and return the reduced array."""
+        if self._request is not None:
+            self._request.Wait()
+            self._request = self._send = None
+        return self._out
 
 
 class _PendingResult(Pending):
