@@ -239,26 +239,31 @@ class Recorder:
         self._last_flush = time.monotonic()
 
     def sync(self, step: int | None = None) -> None:
-        """Local. Make every row logged so far durable: write them, flush HDF5, fsync (rank 0).
+        """Collective. Make every row logged so far durable: write them, flush HDF5, fsync (rank 0).
 
         Call it before a checkpoint of ``step`` is declared complete: a crash
         after the checkpoint then loses no row up to it, and a resume from it
         continues the wall time from this moment (kept in the ``durable``
-        attribute, the newest 32 checkpoints).
+        attribute, the newest 32 checkpoints).  A failure raises
+        :class:`ResultsError` on every rank.
         """
-        if not self.active or self._file is None:
-            return
-        if step is not None:
-            durable = json.loads(self._file.attrs.get("durable", "[]"))
-            durable = [d for d in durable if d.get("step") != int(step)]
-            durable.append({"step": int(step), "wall_time": self.elapsed()})
-            self._file.attrs["durable"] = json.dumps(durable[-32:])
-        self.flush()
-        fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        err = None
+        if self.active and self._file is not None:
+            try:
+                if step is not None:
+                    durable = json.loads(self._file.attrs.get("durable", "[]"))
+                    durable = [d for d in durable if d.get("step") != int(step)]
+                    durable.append({"step": int(step), "wall_time": self.elapsed()})
+                    self._file.attrs["durable"] = json.dumps(durable[-32:])
+                self.flush()
+                fd = os.open(self.tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as e:
+                err = f"cannot make results file {self.tmp} durable: {e}"
+        _agree(self.comm, err)
 
     def close(self) -> None:
         """Collective. Write what is buffered and rename ``path.tmp`` to ``path`` (idempotent)."""
