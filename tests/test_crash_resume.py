@@ -50,15 +50,20 @@ def _descendants(pid):
     return out
 
 
-def _rank_pid(launcher_pid, rank):
-    """The pid of MPI rank ``rank`` under the launcher (PMI_RANK or OMPI_COMM_WORLD_RANK)."""
-    for pid in _descendants(launcher_pid):
+def rank_pid(rank, under=None, **env_match):
+    """The pid of the `mpidl` process of MPI rank ``rank`` (PMI_RANK, OMPI_COMM_WORLD_RANK or
+    SLURM_PROCID in its environment), among the descendants of ``under`` or every process,
+    whose environment also holds ``env_match``; None if there is none."""
+    pids = _descendants(under) if under is not None else [int(p.name) for p in Path("/proc").iterdir()
+                                                          if p.name.isdigit()]
+    for pid in pids:
         try:
             env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
-        except OSError:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_text()
+        except (OSError, UnicodeDecodeError):
             continue
-        if env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK")) == str(rank) and "mpidl" in \
-                Path(f"/proc/{pid}/cmdline").read_text():
+        r = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("SLURM_PROCID")))
+        if r == str(rank) and "mpidl" in cmdline and all(env.get(k) == v for k, v in env_match.items()):
             return pid
     return None
 
@@ -75,7 +80,7 @@ def test_kill9_rank0_after_checkpoint_then_resume_keeps_rows_and_wall_time(tmp_p
             if time.monotonic() - t0 > 240:
                 pytest.fail("no checkpoint after 240 s")
             time.sleep(0.02)
-        victim = _rank_pid(proc.pid, 0)
+        victim = rank_pid(0, under=proc.pid)
         assert victim is not None, "rank 0 not found"
         os.kill(victim, signal.SIGKILL)  # the results writer dies the way a node dies
         proc.communicate(timeout=120)
@@ -85,26 +90,35 @@ def test_kill9_rank0_after_checkpoint_then_resume_keeps_rows_and_wall_time(tmp_p
             proc.communicate()
     assert proc.returncode != 0
     c = CheckpointStore(ckpts).latest()
-    assert c is not None and c >= 2 * CKPT and c % CKPT == 0
     res = tmp_path / "crash" / "results.h5"
-    crashed = load_results(res)["series"]  # the .tmp the crashed run left
-    for name, every in (("train", LOG), ("eval", EVAL)):
-        steps = crashed[name]["step"]
-        assert set(range(every, c + 1, every)) <= set(steps.tolist()), (name, c, steps)
-    wall_c = float(crashed["train"]["wall_time"][crashed["train"]["step"] == c][0])
+    wall_c = check_rows_up_to(load_results(res), c, LOG, EVAL, CKPT)  # the .tmp the crashed run left
 
     end = c + 2 * LOG
     proc = _start(tmp_path, end)
     out, err = proc.communicate(timeout=240)
     assert proc.returncode == 0, err[-3000:]
-    assert f"resumed from" in out + err
-    d = load_results(res)
-    assert d["path"] == str(res)  # finished: renamed from .tmp
-    for name, every in (("train", LOG), ("eval", EVAL)):
-        s = d["series"][name]
+    assert "resumed from" in out + err
+    check_resumed(load_results(res), res, c, end, wall_c, LOG, EVAL)
+
+
+def check_rows_up_to(results, c, log_every, eval_every, ckpt_every):
+    """After a crash: every train / eval row up to checkpoint ``c`` is there; return the wall time at ``c``."""
+    assert c is not None and c >= 2 * ckpt_every and c % ckpt_every == 0, c
+    for name, every in (("train", log_every), ("eval", eval_every)):
+        steps = results["series"][name]["step"]
+        assert set(range(every, c + 1, every)) <= set(steps.tolist()), (name, c, steps)
+    tr = results["series"]["train"]
+    return float(tr["wall_time"][tr["step"] == c][0])
+
+
+def check_resumed(results, path, c, end, wall_c, log_every, eval_every):
+    """After the resume from ``c`` to ``end``: every row once, the wall time continues from ``wall_c``."""
+    assert results["path"] == str(path)  # finished: renamed from .tmp
+    for name, every in (("train", log_every), ("eval", eval_every)):
+        s = results["series"][name]
         assert s["step"].tolist() == list(range(every, end + 1, every)), (name, s["step"])
         assert np.all(np.diff(s["wall_time"]) >= 0), (name, s["wall_time"])
-    tr = d["series"]["train"]
+    tr = results["series"]["train"]
     after = tr["wall_time"][tr["step"] > c]
     assert after.size and after.min() >= wall_c, (wall_c, after)  # continues, not from 0
     assert float(tr["wall_time"][tr["step"] == c][0]) == wall_c     # the rows before are untouched
