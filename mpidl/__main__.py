@@ -6,7 +6,7 @@ Each command lives in ``mpidl/commands/<name>.py`` and defines ``HELP``,
 
 Errors: an :class:`~mpidl.errors.MpidlError` is printed once (rank 0), with no
 traceback, and every rank exits with status 2.  Before any command that needs
-MPI runs, :func:`mpidl.comm.check_launch` refuses N singleton worlds started by
+MPI runs, :func:`mpidl.comm.init_world` refuses N singleton worlds started by
 an N-task launcher (srun without a PMI plugin, another MPI's mpiexec); then
 only the launcher's task 0 prints the one-line error.  Any other exception prints its
 traceback with a ``[rank N]`` prefix and aborts the whole MPI job, so one
@@ -56,18 +56,20 @@ def main(argv=None) -> int:
     comm = None
     rank = 0
     if mod.NEEDS_MPI:
-        from mpidl.comm import world
-        comm = world()
+        from mpidl.comm import LaunchError, init_world
+        try:
+            comm = init_world()
+        except LaunchError as e:  # N singleton worlds of an N-task launch: one line, exit 2
+            if e.launcher_rank in (0, None):
+                print(f"mpidl {args.command}: error: {e}", file=sys.stderr, flush=True)
+            return 2
         rank = comm.Get_rank()
     from mpidl import log
     log.setup(rank)
     try:
-        if comm is not None:
-            from mpidl.comm import check_launch
-            check_launch(comm)  # N singleton worlds of an N-task launch: one line, exit 2
         return int(mod.main(comm, args) or 0)
     except MpidlError as e:
-        if rank == 0 and getattr(e, "launcher_rank", 0) in (0, None):
+        if rank == 0:
             print(f"mpidl {args.command}: error: {e}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:

@@ -33,7 +33,7 @@ from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
 __all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "LaunchError", "world",
-           "check_launch"]
+           "init_world", "check_launch"]
 
 
 class CollectiveError(MpidlError):
@@ -63,6 +63,44 @@ def world():
     return _mpi().COMM_WORLD
 
 
+def init_world():
+    """Local. Initialise MPI for a program's start and return ``COMM_WORLD``, refusing a bad launch.
+
+    The launcher is checked twice (:func:`mpidl.launch.launch_mismatch`):
+    before ``MPI_Init``, where the environment alone proves a mismatch that
+    would make the library abort in ``MPI_Init`` with its own error (MPICH
+    under Open MPI's mpiexec, Open MPI under srun without a PMI plugin), and
+    after it (:func:`check_launch`).  Raises :class:`LaunchError`.  When
+    mpi4py already initialised MPI (``python -m mpi4py``), only the second
+    check runs.
+    """
+    import sys
+    import mpi4py
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False  # look at the launcher before MPI_Init
+        mpi4py.rc.finalize = True     # ... and still finalise at exit, as mpi4py would
+    MPI = _mpi()
+    if not MPI.Is_initialized():
+        from mpidl.launch import launch_mismatch
+        found = launch_mismatch(None, MPI.Get_library_version(), mpicc=_mpicc())
+        if found is not None:
+            raise LaunchError(*found)
+        levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
+                  "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
+        MPI.Init_thread(levels.get(str(mpi4py.rc.thread_level), MPI.THREAD_MULTIPLE))
+    comm = MPI.COMM_WORLD
+    check_launch(comm)
+    return comm
+
+
+def _mpicc():
+    import mpi4py
+    try:
+        return (mpi4py.get_config() or {}).get("mpicc")
+    except Exception:  # noqa: BLE001 (no build config: the hint falls back to a guess)
+        return None
+
+
 def check_launch(comm) -> None:
     """Local. Raise :class:`LaunchError` when ``comm`` is a singleton world of an N-task launch.
 
@@ -71,13 +109,8 @@ def check_launch(comm) -> None:
     """
     if comm.Get_size() != 1:
         return
-    import mpi4py
     from mpidl.launch import launch_mismatch
-    try:
-        mpicc = (mpi4py.get_config() or {}).get("mpicc")
-    except Exception:  # noqa: BLE001 (no build config: the hint falls back to a guess)
-        mpicc = None
-    found = launch_mismatch(1, _mpi().Get_library_version(), mpicc=mpicc)
+    found = launch_mismatch(1, _mpi().Get_library_version(), mpicc=_mpicc())
     if found is not None:
         raise LaunchError(*found)
 
