@@ -116,7 +116,9 @@ def check_resumed(results, path, c, end, wall_c, log_every, eval_every):
     assert results["path"] == str(path)  # finished: renamed from .tmp
     for name, every in (("train", log_every), ("eval", eval_every)):
         s = results["series"][name]
-        assert s["step"].tolist() == list(range(every, end + 1, every)), (name, s["step"])
+        want = list(range(every, end + 1, every))
+        want += [end] if want[-1] != end else []  # the last step always gets its rows
+        assert s["step"].tolist() == want, (name, s["step"])
         assert np.all(np.diff(s["wall_time"]) >= 0), (name, s["wall_time"])
     tr = results["series"]["train"]
     after = tr["wall_time"][tr["step"] > c]
