@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     mod = modules[args.command]
     comm = None
     rank = 0
+    if getattr(mod, "PREEMPTIBLE", False):  # a SIGTERM/SIGUSR1 during start-up becomes a stop request
+        from mpidl.checkpoint import catch_early_signals
+        catch_early_signals()
     if mod.NEEDS_MPI:
         from mpidl.comm import LaunchError, init_world
         try:
