@@ -111,7 +111,7 @@ def test_signalled_job_saves_requeues_resumes_and_matches_an_uninterrupted_run(t
     requeue delay of the pending job, so it resumes once and runs to the end."""
     cal = _mpiexec_run(tmp_path / "cal", "cal", 300)["series"]["train"]     # steps/s on this machine now
     rate = (cal["step"][-1] - cal["step"][0]) / max(1e-3, cal["wall_time"][-1] - cal["wall_time"][0])
-    steps = int(min(40000, max(1000, math.ceil(rate * 80 / CKPT) * CKPT)))  # > 60 s of training
+    steps = int(min(40000, max(1000, math.ceil(rate * 60 / CKPT) * CKPT)))  # ~60 s of training
     jid = _sbatch("--nodes=1", "--ntasks-per-node=2", "--time=1", "--signal=B:USR1@40",
                   f"--output={tmp_path}/job.out", f"--export=ALL,CONFIG={TINY}", "jobs/cdsgd.sbatch",
                   "--set", f'run.out="{tmp_path}"', "--set", f"run.steps={steps}")
