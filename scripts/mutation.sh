@@ -56,8 +56,8 @@ mkdir -p "$SRC"
 # PYTHONPATH puts the copy first
 ln -s ../kernels "$SRC/mpidl/kernels"
 export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import mpidl, mpidl.kernels, sys; assert mpidl.__file__.startswith('$SRC') and \
-mpidl.kernels.__file__.startswith('$SRC'), (mpidl.__file__, mpidl.kernels.__file__)"
+(cd "$SRC" && python -c "import mpidl, mpidl.kernels, sys; assert mpidl.__file__.startswith('$SRC') and \
+mpidl.kernels.__file__.startswith('$SRC'), (mpidl.__file__, mpidl.kernels.__file__)")
 
 echo "$TARGETS" | sed '/^$/d' | while IFS='|' read -r name module cmd; do
     if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
