@@ -30,6 +30,7 @@ setup(
         "test": ["pytest>=7", "hypothesis", "scipy", "scikit-learn"],
         "plot": ["matplotlib"],
         "data": ["scikit-learn"],    # the bundled `digits` dataset
+        "mutation": ["cosmic-ray>=8.7"],   # scripts/mutation.sh (not in CI); see docs/testing.md
     },
     entry_points={"console_scripts": ["mpidl=mpidl.__main__:main"]},
 )
