@@ -161,7 +161,7 @@ def test_ce_prox_converges_to_stationary_point():
     z, _, its = K.ce_prox(a, y, np.zeros_like(a), nu, 1.0, 2000, 0.0)
     e = np.exp(z - z.max(1, keepdims=True))
     grad = e / e.sum(1, keepdims=True) - np.eye(5)[y] + nu * (z - a)
-    assert its <= 2000 and np.abs(grad).max() < 1e-8
+    assert its <= 2000 and np.abs(grad).max() < 1e-6
     with pytest.raises(ValueError, match="labels"):
         K.ce_prox(a, y + 5, a, nu, 1.0, 5, 0.0)
     with pytest.raises(ValueError, match="step"):
