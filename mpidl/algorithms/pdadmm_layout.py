@@ -52,9 +52,9 @@ def downsample(x, f):
     return x.reshape(n, c, h // f, f, w // f, f).mean(axis=(3, 5), dtype=np.float64).reshape(n, -1)
 
 
-def _mlp_params(cfg, n_in, n_cls):
-    """(dims, Ws, bs) of the configured MLP, or raise PdADMMError."""
-    m, a = cfg.model, cfg.algorithm
+def _mlp_dims(cfg, n_in, n_cls):
+    """Widths [n_0, ..., n_L] of the configured MLP, or raise PdADMMError."""
+    m = cfg.model
     if m.name != "mlp":
         raise PdADMMError(f"pdADMM trains an MLP (model.name = \"mlp\"), got model {m.name!r}")
     hidden = list(m.hidden)
@@ -63,19 +63,24 @@ def _mlp_params(cfg, n_in, n_cls):
                           f"got model.hidden = {list(m.hidden)}")
     if m.loss != "ce":
         raise PdADMMError(f"pdADMM minimises cross-entropy: model.loss must be \"ce\", got {m.loss!r}")
-    dims = [int(n_in)] + [int(h) for h in hidden] + [int(n_cls)]
+    return [int(n_in)] + [int(h) for h in hidden] + [int(n_cls)]
+
+
+def _mlp_params(cfg, dims):
+    """(Ws, bs) of the MLP with widths ``dims`` (seeded torch init or N(0, init_std))."""
+    a, hidden = cfg.algorithm, dims[1:-1]
+    n_in, n_cls = dims[0], dims[-1]
     if a.init == "normal":
         rng = np.random.default_rng(cfg.run.seed)
         Ws = [rng.normal(0, a.init_std, (dims[l + 1], dims[l])) for l in range(len(dims) - 1)]
         bs = [rng.normal(0, a.init_std, dims[l + 1]) for l in range(len(dims) - 1)]
-        return dims, Ws, bs
+        return Ws, bs
     import torch
 
     from mpidl.models import build_model
     model = build_model("mlp", (n_in,), n_cls, tuple(hidden), seed=cfg.run.seed)
     lins = [mod for mod in model if isinstance(mod, torch.nn.Linear)]
-    return dims, [l.weight.detach().double().numpy() for l in lins], [l.bias.detach().double().numpy()
-                                                                      for l in lins]
+    return [l.weight.detach().double().numpy() for l in lins], [l.bias.detach().double().numpy() for l in lins]
 
 
 def _memory_check(dims, n, l0, l1, itemsize, quantize):
@@ -88,6 +93,8 @@ def _memory_check(dims, n, l0, l1, itemsize, quantize):
         elems += 2 * n * dims[l + 1] if l < L - 1 else 0                           # q, u
     elems += n * (max(dims[l] for l in range(l0, l1)) + max(dims[l + 1] for l in range(l0, l1)))
     need = elems * itemsize
+    # every rank builds the whole seeded model once (float32 torch + a float64 copy)
+    need += 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(L))
     try:
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -130,7 +137,7 @@ class PdADMMSession(Session):
             if ds.num_classes < 2:
                 raise PdADMMError(f"pdADMM needs a classification dataset, {d.dataset!r} has none")
             X = downsample(ds.x_train, a.downsample)
-            dims, Ws, bs = _mlp_params(cfg, X.shape[1], ds.num_classes)
+            dims = _mlp_dims(cfg, X.shape[1], ds.num_classes)
             L = len(dims) - 1
             if size > L:
                 raise PdADMMError(f"pdADMM needs at most one rank per layer: {size} ranks for the "
@@ -143,6 +150,7 @@ class PdADMMSession(Session):
             self.mc.agree(None if err is None else str(err))
         except CollectiveError as e:
             raise PdADMMError(str(e)) from None
+        Ws, bs = _mlp_params(cfg, dims)
         self.dims, self.L, self.l0, self.l1 = dims, L, l0, l1
         N = len(X)
         first, last = l0 == 0, l1 == L
@@ -152,7 +160,7 @@ class PdADMMSession(Session):
         self.state = self.algo.init(([w.astype(dtype) for w in Ws[l0:l1]], [b.astype(dtype) for b in bs[l0:l1]]),
                                     self.ec)
         self.comm, self.oracle, self.steps_per_epoch = self.gc, None, 1
-        self.expect = {"algorithm": a.name, "layout": f"layers:{size}", "dims": ",".join(map(str, dims))}
+        self.expect = {"algorithm": a.name, "rank_layout": f"layers:{size}", "dims": ",".join(map(str, dims))}
         n_tr = min(N, d.eval_samples or N)
         self.n_eval = (len(ds.y_test), n_tr)
         if first:
