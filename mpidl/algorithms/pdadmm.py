@@ -173,6 +173,7 @@ class PdADMM:
         self.X, self.y = X, y
         self.grid = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points) if cfg.quantize else None
         self.times = {k: 0.0 for k in ("p", "W", "b", "z", "q", "u", "wait")}
+        self.layer_times = np.zeros(self.l1 - self.l0)   # compute seconds per local layer
 
     # -- shapes ------------------------------------------------------------------
     def _sizes(self):
@@ -275,11 +276,12 @@ class PdADMM:
         if self._st_id != (id(state.W), id(state.z)):
             self._bind(state)
         layers, rho, nu, rank = self._layers, state.rho, c.nu, self.rank
+        LT = self.layer_times
         t = time.perf_counter()
         for j, lay in enumerate(layers):
             if lay.l > 0:
                 self._p_update(j, lay, state, rho)
-        t = _tick(T, "p", t)
+                t = _tick(T, "p", t, LT, j)
         # p of the first layer goes to the previous rank; p of the next rank's first layer comes in
         send, recv = {}, {}
         if self.l0 > 0:
@@ -290,9 +292,9 @@ class PdADMM:
         t = time.perf_counter()
         for j, lay in enumerate(layers):
             self._w_update(j, lay, state)
-            t = _tick(T, "W", t)
+            t = _tick(T, "W", t, LT, j)
             KA.center_columns(lay.R, lay.b)
-            t = _tick(T, "b", t)
+            t = _tick(T, "b", t, LT, j)
             if lay.q is not None:
                 KA.z_step(lay.z, lay.R, lay.q)
             else:
@@ -301,7 +303,7 @@ class PdADMM:
                                       out=lay.z, ce=self._ce)
                 np.subtract(lay.z, a, out=lay.R)
                 state.loss = float(np.sum(ce) / self.N)
-            t = _tick(T, "z", t)
+            t = _tick(T, "z", t, LT, j)
         ex.wait()
         if c.quantize_p and self.l1 < self.L:
             KQ.dequantize(self._pidx_recv, *self.grid, dtype=self.dtype, out=self._p_recv)
@@ -316,9 +318,9 @@ class PdADMM:
                 KQ.q_update_quantized(lay.z, p_next, lay.u, nu, rho, *self.grid, out=lay.q, out_idx=idx)
             else:
                 KA.q_update(lay.z, p_next, lay.u, nu, rho, out=lay.q)
-            t = _tick(T, "q", t)
+            t = _tick(T, "q", t, LT, j)
             KA.u_update(lay.u, p_next, lay.q, rho)
-            t = _tick(T, "u", t)
+            t = _tick(T, "u", t, LT, j)
         # q of the last layer goes to the next rank (for its p update at k + 1)
         send, recv = {}, {}
         if self.l1 < self.L:
@@ -331,7 +333,7 @@ class PdADMM:
             if self.grid is not None:
                 KQ.dequantize(self._qidx_recv, *self.grid, dtype=self.dtype, out=self.q_in)
             KA.u_update(self.u_in, layers[0].p, self.q_in, rho)
-            t = _tick(T, "u", t)
+            t = _tick(T, "u", t, LT, 0)
         if c.rho_raise:
             self._raise_rho(state, comm)
         last = self.l1 == self.L
@@ -401,9 +403,11 @@ class PdADMM:
         return [(lay.W, lay.b) for lay in self._layers]
 
 
-def _tick(times, key, t):
+def _tick(times, key, t, per_layer=None, j=0):
     now = time.perf_counter()
     times[key] += now - t
+    if per_layer is not None:
+        per_layer[j] += now - t
     return now
 
 
