@@ -257,7 +257,8 @@ class PdADMM:
         for j, lay in enumerate(layers):
             lay.W[...] = Ws[j]
             lay.b[...] = bs[j]
-            np.add(lay.p @ lay.W.T, lay.b, out=lay.z)
+            np.matmul(lay.p, lay.W.T, out=lay.z)
+            lay.z += lay.b
             if lay.q is not None:
                 np.maximum(lay.z, 0, out=lay.q)
                 if self.grid is not None:

@@ -136,7 +136,7 @@ class PdADMMSession(Session):
             ds = load_dataset(d.dataset, d.data_dir or None, seed=d.seed)
             if ds.num_classes < 2:
                 raise PdADMMError(f"pdADMM needs a classification dataset, {d.dataset!r} has none")
-            X = downsample(ds.x_train, a.downsample)
+            X = downsample(ds.x_train, a.downsample).astype(dtype, copy=False)
             dims = _mlp_dims(cfg, X.shape[1], ds.num_classes)
             L = len(dims) - 1
             if size > L:
@@ -154,13 +154,6 @@ class PdADMMSession(Session):
         self.dims, self.L, self.l0, self.l1 = dims, L, l0, l1
         N = len(X)
         first, last = l0 == 0, l1 == L
-        self.algo = PdADMM(a, dims=dims, n_samples=N, rank=rank, size=size, dtype=dtype,
-                           X=np.ascontiguousarray(X, dtype=dtype) if first else None,
-                           y=ds.y_train.astype(np.int64) if last else None)
-        self.state = self.algo.init(([w.astype(dtype) for w in Ws[l0:l1]], [b.astype(dtype) for b in bs[l0:l1]]),
-                                    self.ec)
-        self.comm, self.oracle, self.steps_per_epoch = self.gc, None, 1
-        self.expect = {"algorithm": a.name, "rank_layout": f"layers:{size}", "dims": ",".join(map(str, dims))}
         n_tr = min(N, d.eval_samples or N)
         self.n_eval = (len(ds.y_test), n_tr)
         if first:
@@ -168,8 +161,17 @@ class PdADMMSession(Session):
                                                dtype=dtype)
         if last:
             self.y_eval = np.concatenate([ds.y_test, ds.y_train[:n_tr]]).astype(np.int64)
+        y_train = ds.y_train.astype(np.int64) if last else None
+        ds = None                              # free the full-resolution images before the state exists
+        X = X if first else None
+        self.algo = PdADMM(a, dims=dims, n_samples=N, rank=rank, size=size, dtype=dtype,
+                           X=np.ascontiguousarray(X, dtype=dtype) if first else None,
+                           y=y_train)
+        self.state = self.algo.init(([w.astype(dtype) for w in Ws[l0:l1]], [b.astype(dtype) for b in bs[l0:l1]]),
+                                    self.ec)
+        self.comm, self.oracle, self.steps_per_epoch = self.gc, None, 1
+        self.expect = {"algorithm": a.name, "rank_layout": f"layers:{size}", "dims": ",".join(map(str, dims))}
         self.dtype = dtype
-        del X, ds
 
     def describe(self):
         c = self.algo.cfg
