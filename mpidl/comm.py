@@ -499,6 +499,62 @@ class GraphComm:
         """Collective. Block until every rank arrives."""
         self.base.Barrier()
 
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- begin ----
+    def start_exchange(self, send: dict, recv: dict, tag: int = 0) -> "Exchange":
+        """Local (a collective pattern). Start sends ``send[j]`` to out-neighbours and receives
+        into the preallocated ``recv[i]`` from in-neighbours; ``.wait()`` completes both.
+
+        Point-to-point on the graph communicator (ranks are unchanged: reorder=False),
+        zero-copy: arrays must be C-contiguous, ``recv`` buffers writable, and each
+        pair of ranks must agree on the sizes (the caller's protocol fixes them).
+        Neither ``send`` nor ``recv`` arrays may be touched until ``wait()``
+        returns.  Counts bytes and messages like :meth:`exchange`.  Messages
+        between two ranks with the same tag arrive in the order they were started.
+        """
+        MPI = _mpi()
+        bad = [j for j in send if j not in self.out_neighbors] + \
+              [i for i in recv if i not in self.in_neighbors]
+        if bad:
+            raise ValueError(f"rank {self.rank}: start_exchange() with ranks {bad} that are not "
+                             f"neighbours in topology {self.topology.name!r}")
+        reqs = []
+        for i, buf in recv.items():
+            a, _ = _as_array(buf)
+            reqs.append(self.graph.Irecv([a.view(np.uint8), MPI.BYTE], source=i, tag=tag))
+        for j, arr in send.items():
+            a, _ = _as_array(arr, writable=False)
+            if not a.flags.c_contiguous:
+                raise ValueError("start_exchange needs C-contiguous send arrays")
+            reqs.append(self.graph.Isend([a.view(np.uint8), MPI.BYTE], dest=j, tag=tag))
+            self.bytes_sent += int(a.nbytes)
+            self.messages_sent += 1
+        return Exchange(reqs)
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- end ----
+
+
+# ---- pdADMM (issue 11): handle of start_exchange -- begin ----
+class Exchange:
+    """Handle of :meth:`GraphComm.start_exchange`: ``wait()`` completes every send and receive."""
+
+    def __init__(self, requests):
+        self._requests = requests
+
+    def wait(self):
+        """Local. Block until all messages of this exchange have completed."""
+        if self._requests:
+            _mpi().Request.Waitall(self._requests)
+            self._requests = []
+
+    def test(self) -> bool:
+        """Local. True when every message has completed (then wait() returns at once)."""
+        if not self._requests:
+            return True
+        done = _mpi().Request.Testall(self._requests)
+        if done:
+            self._requests = []
+        return bool(done)
+# ---- pdADMM (issue 11): handle of start_exchange -- end ----
+
 
 class _Reduction:
     """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
