@@ -184,19 +184,21 @@ def slice_model(model: nn.Module, K: int, cuts) -> list:
 
 
 def unit_costs(units, sample, repeats: int = 5) -> list:
-    """Local. Median seconds of forward + backward of each unit on ``sample`` (a training batch).
+    """Local. Fastest of ``repeats`` timings (seconds) of forward + backward of each unit on ``sample``.
 
-    Each unit's input is the previous unit's output; the backward is driven by
-    a ones gradient.  Run on one rank and broadcast: timings differ per rank.
+    Each unit's input is the previous unit's output (requiring a gradient,
+    except the first unit's, as in the pipeline); the backward is driven by a
+    ones gradient.  The minimum is the timing least inflated by other
+    processes.  Run on one rank and broadcast: timings differ per rank.
     """
     import time
     costs, h = [], sample
-    for u in units:
+    for i, u in enumerate(units):
         u.train()
         state = {n: b.clone() for n, b in u.named_buffers()}
         times = []
         for _ in range(repeats):
-            x = h.detach().requires_grad_(True)
+            x = h.detach().requires_grad_(i > 0)
             t0 = time.perf_counter()
             y = u(x)
             y.backward(torch.ones_like(y))
@@ -204,7 +206,7 @@ def unit_costs(units, sample, repeats: int = 5) -> list:
         for n, b in u.named_buffers():
             b.copy_(state[n])
         u.zero_grad(set_to_none=True)
-        costs.append(sorted(times)[len(times) // 2])
+        costs.append(min(times))
         with torch.no_grad():
             h = u(h)
         for n, b in u.named_buffers():

@@ -130,7 +130,7 @@ def _cuts(acfg, model, units, K, sample, mc):
     if acfg.cuts:
         return check_cuts(acfg.cuts, K, len(units), name), None
     check_cuts(tuple(range(1, K)), K, len(units), name)  # K <= number of units
-    costs = unit_costs(units, sample, repeats=3) if mc.rank == 0 else None
+    costs = unit_costs(units, sample, repeats=5) if mc.rank == 0 else None
     costs = mc.bcast(costs, root=0)
     cuts = balanced_cuts(costs, K)
     bounds = (0, *cuts, len(units))
