@@ -33,16 +33,13 @@ from mpidl.comm import GraphComm, GridComm
 from mpidl.data import load_agent_data
 from mpidl.errors import MpidlError
 from mpidl.flat import FlatModel
+from mpidl.layouts import Session, steps_per_epoch
 from mpidl.models import balanced_cuts, build_model, check_cuts, model_units, slice_model, unit_costs
 
 log = logging.getLogger("mpidl.fdg")
 
 __all__ = ["setup_grid", "GridSession", "grid_shape"]
 
-try:  # the driver's layout base class (mpidl/layouts.py); plain object before it exists
-    from mpidl.layouts import Session as _SessionBase
-except ImportError:  # pragma: no cover
-    _SessionBase = object
 
 
 def grid_shape(acfg, size: int):
@@ -56,7 +53,7 @@ def grid_shape(acfg, size: int):
     return M, K
 
 
-class GridSession(_SessionBase):
+class GridSession(Session):
     """What the driver talks to (see /work/LAYOUT_API.md); one per rank."""
 
     def __init__(self, **kw):
@@ -116,8 +113,8 @@ class GridSession(_SessionBase):
                     correct += float((out.argmax(1) == yb).sum())
         last = k == K - 1
         tot = self.mc.allreduce(np.array([loss_sum, correct, n if last else 0], np.float64))
-        ev = {"test_loss": tot[0] / max(tot[2], 1),
-              "test_acc": (tot[1] / max(tot[2], 1)) if self.algo.num_classes else float("nan")}
+        ev = {"test_loss": float(tot[0] / max(tot[2], 1)),
+              "test_acc": float(tot[1] / max(tot[2], 1)) if self.algo.num_classes else float("nan")}
         return ev, None
 
     def close(self):
@@ -125,11 +122,30 @@ class GridSession(_SessionBase):
         self.mc.close()
 
 
-def _cuts(acfg, model, units, K, sample, mc):
+def _resumed_cuts(cfg, mc):
+    """Collective. The cuts recorded in the checkpoint this run will resume from (None if it starts afresh)."""
+    from pathlib import Path
+
+    from mpidl.checkpoint import CheckpointStore
+    r = cfg.run
+    if r.resume == "no":
+        return None
+    store = CheckpointStore(Path(r.out) / cfg.run_name / "checkpoints", mc)
+    step = store.latest() if r.resume == "auto" else int(r.resume)
+    if step is None or step not in store.steps():
+        return None
+    got = store.manifest(step).get("meta", {}).get("cuts")
+    return None if got is None else tuple(int(c) for c in str(got).split(",") if c)
+
+
+def _cuts(cfg, acfg, model, units, K, sample, mc):
     name = type(model).__name__
     if acfg.cuts:
         return check_cuts(acfg.cuts, K, len(units), name), None
     check_cuts(tuple(range(1, K)), K, len(units), name)  # K <= number of units
+    resumed = _resumed_cuts(cfg, mc)
+    if resumed is not None and len(resumed) == K - 1:  # measured timings vary: keep the checkpoint's cuts
+        return check_cuts(resumed, K, len(units), name), None
     costs = unit_costs(units, sample, repeats=5) if mc.rank == 0 else None
     costs = mc.bcast(costs, root=0)
     cuts = balanced_cuts(costs, K)
@@ -167,17 +183,14 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K):
     if r.batch_size == 0:
         raise MpidlError("fdg needs minibatches: set [run] batch_size > 0")
     batch = r.batch_size
-    spe = int(mc.allreduce(len(shard.y) // batch, op="min"))
-    if spe < 1:
-        raise MpidlError(f"the smallest replica shard has fewer than batch_size {batch} samples: "
-                         "lower [run] batch_size or use fewer replicas")
+    batch, spe = steps_per_epoch(mc, len(shard.y), batch)
     total = r.steps if r.steps > 0 else max(1, int(math.ceil(r.epochs * spe)))
     dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
     model = build_model(cfg.model.name, shard.input_shape, shard.num_classes, cfg.model.hidden, seed=r.seed)
     model = model.to(dtype)
     units = model_units(model)
     sample = torch.as_tensor(shard.x[:batch]).to(dtype)
-    cuts, stage_costs = _cuts(acfg, model, units, K, sample, mc)
+    cuts, stage_costs = _cuts(cfg, acfg, model, units, K, sample, mc)
     stages = slice_model(model, K, cuts)
     shapes = [tuple(shard.input_shape)]
     with torch.no_grad():
@@ -196,11 +209,8 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K):
     sess = GridSession(mc=mc, algo=algo, state=state, comm=grid, oracle=data, data=data,
                        steps_per_epoch=spe, total=total, fm=fm, M=M, K=K, cuts=cuts, n_units=len(units),
                        stage_costs=stage_costs, shapes=shapes, test_x=test_x, test_y=test_y, eval_chunk=1000,
-                       expect={"algorithm": "fdg", "layout": f"grid:{M}x{K}", "cuts": ",".join(map(str, cuts))})
+                       expect={"algorithm": "fdg", "grid": f"{M}x{K}", "cuts": ",".join(map(str, cuts))})
     return sess
 
 
-try:
-    register_algorithm("fdg", FDGConfig, FDG, layout=setup_grid)
-except TypeError:  # TEMPORARY until the driver's rank layouts land on main
-    register_algorithm("fdg", FDGConfig, FDG)
+register_algorithm("fdg", FDGConfig, FDG, layout=setup_grid)

@@ -10,14 +10,16 @@ from mpidl import config
 from mpidl import topology as T
 from mpidl.algorithms.base import lr_at, state_from_dict, state_to_dict
 from mpidl.algorithms.fdg_grid import setup_grid
+from mpidl.checkpoint import CheckpointStore
 from mpidl.comm import GraphComm
 from mpidl.data import load_agent_data
+from mpidl.driver import train
 from mpidl.errors import MpidlError
 from mpidl.models import build_model
 from reference import fdg as ref
 
 MPI_SIZES = (1, 2, 3, 4)
-MPI_TIMEOUT = 300
+MPI_TIMEOUT = 600
 W = MPI.COMM_WORLD
 N, R = W.Get_size(), W.Get_rank()
 GRIDS = {1: [(1, 1)], 2: [(1, 2), (2, 1)], 3: [(1, 3), (3, 1)], 4: [(2, 2), (1, 4)]}[N]
@@ -187,3 +189,61 @@ def test_evaluation_matches_whole_model():
     loss = float(torch.nn.functional.cross_entropy(out, torch.as_tensor(shard.y_test).long()))
     assert_all(abs(ev["test_acc"] - acc) < 1e-12 and abs(ev["test_loss"] - loss) < 1e-10,
                f"pipeline eval {ev} != whole model ({acc}, {loss})")
+
+
+# -- through the driver (mpidl.driver.train: the loop `mpidl run` uses) -------------------------------
+def _dcfg(out, *extra):
+    return config.load(None, ["data.dataset=digits", "model.hidden=[12, 10, 8]", "run.batch_size=16",
+                              "model.dtype=float64", f'run.out="{out}"', "run.log_every=5", "run.eval_every=10",
+                              "algorithm.lr=0.1", "algorithm.weight_decay=0.001"] + list(extra))
+
+
+def _final_state(out, name, step):
+    with GraphComm(W, T.complete(N)) as gc:
+        state, _ = CheckpointStore(f"{out}/{name}/checkpoints", gc).load(step)
+    return state
+
+
+def test_driver_k1_equals_centralized(shared_tmp):
+    """The whole `mpidl run` path: fdg with K = 1 on N ranks == centralized on N ranks, 1e-12 (float64)."""
+    hp = ["algorithm.momentum=0.9", "run.steps=12", "run.checkpoint_every=12"]
+    a = train(_dcfg(shared_tmp, "algorithm.name=fdg", "algorithm.stages=1", "run.name=fdg", *hp), W)
+    b = train(_dcfg(shared_tmp, "algorithm.name=centralized", "topology.name=complete", "run.name=c", *hp), W)
+    xa, xb = _final_state(shared_tmp, "fdg", 12)["algo"]["x"], _final_state(shared_tmp, "c", 12)["algo"]["x"]
+    err = float(np.abs(np.asarray(xa) - np.asarray(xb)).max())
+    assert_all(err < 1e-12 and abs(a["test_acc"] - b["test_acc"]) < 1e-12,
+               f"fdg K=1 vs centralized: {err:.3e}, acc {a['test_acc']} vs {b['test_acc']}")
+
+
+@pytest.mark.parametrize("M,K", GRIDS)
+def test_driver_resume_is_bitwise(shared_tmp, M, K):
+    """10 + resume 10 == 20 straight, bitwise, every state array (stashes and messages included)."""
+    hp = ["algorithm.name=fdg", f"algorithm.stages={K}", f"algorithm.replicas={M}", "algorithm.momentum=0.9",
+          "algorithm.beta=0.5", f"algorithm.cuts={list(range(1, K))}", "run.steps=20", "run.checkpoint_every=5",
+          'model.dtype="float32"']
+    straight = train(_dcfg(shared_tmp, *hp, "run.name=straight"), W)
+    first = train(_dcfg(shared_tmp, *hp, "run.name=resumed"), W, max_steps=10)
+    second = train(_dcfg(shared_tmp, *hp, "run.name=resumed", "run.resume=auto"), W)
+    a, b = _final_state(shared_tmp, "straight", 20), _final_state(shared_tmp, "resumed", 20)
+    same = all(np.array_equal(np.asarray(a["algo"][k]), np.asarray(b["algo"][k])) for k in a["algo"])
+    assert_all(first["step"] == 10 and second["step"] == 20 and same
+               and straight["test_acc"] == second["test_acc"], f"grid {M}x{K}: resumed run differs")
+    mid = _final_state(shared_tmp, "resumed", 10)["algo"]
+    k = R % K
+    inflight = 2 * (K - 1 - k)
+    assert_all(np.asarray(mid["w_stash"]).shape[0] == inflight and
+               (inflight == 0 or np.abs(np.asarray(mid["w_stash"])).max() > 0), "stash not checkpointed")
+
+
+def test_resume_reuses_the_checkpointed_cuts(shared_tmp):
+    """A measured balance can change between runs: a resumed run takes the cuts from its checkpoint."""
+    if N != 2:
+        pytest.skip("1 x 2 grid")
+    hp = ["algorithm.name=fdg", "algorithm.stages=2", "run.steps=4", "run.checkpoint_every=2", "run.name=cuts"]
+    train(_dcfg(shared_tmp, *hp, "algorithm.cuts=[3]"), W, max_steps=2)
+    sess = setup_grid(_dcfg(shared_tmp, *hp, "run.resume=auto"), W)
+    cuts = sess.cuts
+    sess.close()
+    assert_all(tuple(cuts) == (3,), f"resumed with cuts {cuts}")
+    res = train(_dcfg(shared_tmp, *hp, "run.resume=auto"), W)
+    assert_all(res["step"] == 4, f"resume failed: {res}")
