@@ -541,13 +541,7 @@ class GridComm:
     # -- errors and global collectives -------------------------------------
     def agree(self, error=None):
         """Collective (all grid ranks). Raise :class:`CollectiveError` everywhere if any rank has an error."""
-        MPI = _mpi()
-        failed = self.base.allreduce(0 if error is None else 1, op=MPI.SUM)
-        if failed:
-            msgs = self.base.allgather(None if error is None else str(error))
-            first = next(m for m in msgs if m is not None)
-            more = f" (and {failed - 1} other rank(s))" if failed > 1 else ""
-            raise CollectiveError(first + more)
+        GraphComm.agree(self, error)  # uses only self.base
 
     def bcast(self, obj, root=0):
         """Collective (all grid ranks). Pickled broadcast of a small object from world rank ``root``."""
