@@ -247,3 +247,34 @@ def test_resume_reuses_the_checkpointed_cuts(shared_tmp):
     assert_all(tuple(cuts) == (3,), f"resumed with cuts {cuts}")
     res = train(_dcfg(shared_tmp, *hp, "run.resume=auto"), W)
     assert_all(res["step"] == 4, f"resume failed: {res}")
+
+
+class _Head(torch.nn.Module):
+    def __init__(self, linear):
+        super().__init__()
+        self.linear = linear
+
+    def forward(self, x):
+        return self.linear(x.mean(dim=(2, 3)))
+
+
+def test_resnet20_with_batchnorm_matches_reference():
+    """ResNet-20 (BatchNorm in train mode) on a 1 x N pipeline: == the reference, 1e-10."""
+    if N not in (2, 3):
+        pytest.skip("1 x 2 and 1 x 3 grids")
+    steps, cuts = 8, (4, 8)[:N - 1]
+    cfg = config.load(None, BASE + [f"algorithm.stages={N}", f"algorithm.cuts={list(cuts)}", "model.name=resnet20",
+                                    f"run.steps={steps}", "algorithm.momentum=0.9", "algorithm.lr=0.05",
+                                    "algorithm.beta=0.5"])
+    sess, state = _run(cfg, steps)
+    shard = load_agent_data("digits")
+    model = build_model("resnet20", shard.input_shape, shard.num_classes, seed=0).double()
+    units = [model.stem, *model.blocks, _Head(model.head)]
+    bounds = (0, *cuts, len(units))
+    stages = [torch.nn.Sequential(*units[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    a = cfg.algorithm
+    Wref = ref.fdg(stages, _ref_batches(cfg, 1, sess.steps_per_epoch), 1, steps, lambda t: a.lr,
+                   mu=a.momentum, beta=a.beta)
+    err = np.abs(state.x - Wref[sess.comm.k]).max()
+    sess.close()
+    assert_all(err < 1e-10, f"resnet20 1x{N}: max |mpi - reference| = {err:.3e}")
