@@ -462,3 +462,270 @@ class ScheduledGraphComm:
     def __exit__(self, *exc):
         self.close()
         return False
+
+
+# ===========================================================================
+# Leader SGD / EASGD communicators (issue 9).  Everything below belongs to
+# mpidl.algorithms.lsgd: a world/group pair of communicators with leader
+# election (MINLOC), leader broadcast, the EASGD sum, a nonblocking barrier for
+# asynchronous rounds, and ModelWindow, a one-sided (RMA) slot holding one model.
+# ===========================================================================
+
+class LeaderComm:
+    """Collective. World and group communicators of the leader-based methods.
+
+    ``LeaderComm(gc, groups, group_size)`` duplicates ``gc.base`` (all ranks)
+    and splits it into groups: ``groups="all"`` one group of every rank,
+    ``"size"`` consecutive blocks of ``group_size`` ranks (must divide the
+    world size), ``"node"`` one group per shared-memory node
+    (``Split_type(COMM_TYPE_SHARED)``).  Bytes handed to MPI are charged to
+    ``gc.bytes_sent`` / ``gc.messages_sent`` so the driver's counters include them.
+    """
+
+    def __init__(self, gc, groups="all", group_size=0):
+        MPI = _mpi()
+        self.gc = gc
+        self.world = gc.base.Dup()
+        self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
+        if groups == "all":
+            color = 0
+        elif groups == "size":
+            if group_size < 1 or self.size % group_size:
+                self.world.Free()
+                raise MpidlError(f"group_size {group_size} does not divide the {self.size} workers; "
+                                 f"choose a divisor of {self.size} (or groups = \"node\" / \"all\")")
+            color = self.rank // group_size
+        elif groups == "node":
+            node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+            color = node.allreduce(self.rank, op=MPI.MIN)
+            node.Free()
+        else:
+            self.world.Free()
+            raise MpidlError(f"groups must be all, size or node, got {groups!r}")
+        self.group = self.world.Split(color, key=self.rank)
+        self.group_id = color
+        self.grank, self.gsize = self.group.Get_rank(), self.group.Get_size()
+        self.group_ranks = self.group.allgather(self.rank)   # group rank -> world rank
+        self.n_groups = self.world.allreduce(1 if self.grank == 0 else 0, op=MPI.SUM)
+        self._windows = []
+        self._closed = False
+
+    def _scope(self, scope):
+        return self.world if scope == "world" else self.group
+
+    def charge(self, nbytes, messages=1):
+        """Local. Add bytes this rank handed to MPI to the driver's counters."""
+        self.gc.bytes_sent += int(nbytes)
+        self.gc.messages_sent += int(messages)
+
+    def elect(self, value, scope="world"):
+        """Collective over ``scope`` ("world" or "group"). ``(min value, its rank in scope)``.
+
+        One MINLOC allreduce; ties go to the lowest rank, so every rank agrees.
+        """
+        MPI = _mpi()
+        c = self._scope(scope)
+        n = c.Get_size()
+        v, r = c.allreduce((float(value), c.Get_rank()), op=MPI.MINLOC)
+        if n > 1:
+            self.charge(2 * (n - 1) * 16 // n, 2 * (n - 1))
+        return v, r
+
+    def bcast(self, x, root, scope="world"):
+        """Collective over ``scope``. Broadcast array ``x`` in place from ``root`` (rank in scope)."""
+        c = self._scope(scope)
+        a, wb = _as_array(x)
+        c.Bcast(a, root=root)
+        if wb is not None:
+            wb()
+        if c.Get_rank() == root and c.Get_size() > 1:
+            self.charge(a.nbytes * (c.Get_size() - 1), c.Get_size() - 1)
+        return x
+
+    def allreduce_sum(self, x, out):
+        """Collective over the world. ``out = sum_i x_i`` (ring-model bytes charged)."""
+        MPI = _mpi()
+        a, _ = _as_array(x, writable=False)
+        o, _ = _as_array(out)
+        if np.shares_memory(a, o):
+            self.world.Allreduce(MPI.IN_PLACE, o, op=MPI.SUM)
+        else:
+            self.world.Allreduce(a, o, op=MPI.SUM)
+        if self.size > 1:
+            self.charge(2 * (self.size - 1) * a.nbytes // self.size, 2 * (self.size - 1))
+        return out
+
+    def barrier(self):
+        """Collective over the world. Block until every rank arrives."""
+        self.world.Barrier()
+
+    def ibarrier(self):
+        """Collective over the world (nonblocking). A request; ``.Test()`` is True once all ranks entered."""
+        return self.world.Ibarrier()
+
+    def window(self, count, dtype, scope="world", init=None):
+        """Collective over ``scope``. A :class:`ModelWindow` of ``count`` values hosted by rank 0 of ``scope``."""
+        w = ModelWindow(self._scope(scope), count, dtype, self, init=init)
+        self._windows.append(w)
+        return w
+
+    def close(self):
+        """Collective. Free the windows and communicators (idempotent)."""
+        if self._closed:
+            return
+        for w in self._windows:
+            w.free()
+        self._windows.clear()
+        self.group.Free()
+        self.world.Free()
+        self._closed = True
+
+
+class TornReadError(MpidlError):
+    """A model read from a ModelWindow kept changing while it was read (should never happen)."""
+
+
+class ModelWindow:
+    """One model slot in an MPI RMA window, hosted by rank 0 of ``comm``.
+
+    Memory at the host, bytes: ``[seq, loss, owner, step]`` (float64 header),
+    the model (``count`` values of ``dtype``), ``seq`` again (float64 tail).
+    ``seq`` is 0 while the slot is empty and grows by one with every write.
+
+    Consistency: writers hold an MPI exclusive lock on the host, readers a
+    shared lock, so a read never overlaps a write (MPI passive-target
+    semantics).  As a check on that guarantee a writer puts header, model and
+    tail in that order (flushed in between) and a reader gets them in the same
+    order (flushed in between): a read that overlapped a write would see
+    ``head seq != tail seq``; :meth:`read` counts such reads in ``torn`` and
+    retries.  Passive target progress: see docs/algorithms/lsgd.md.
+    """
+
+    HDR = 32
+
+    def __init__(self, comm, count, dtype, lc, init=None):
+        MPI = _mpi()
+        self.comm, self.lc = comm, lc
+        self.dtype = np.dtype(dtype)
+        self.count = int(count)
+        self.nbytes = self.count * self.dtype.itemsize
+        self.is_host = comm.Get_rank() == 0
+        size = self.HDR + self.nbytes + 8 if self.is_host else 0
+        self.win = MPI.Win.Allocate(size, 1, comm=comm)
+        self._hdr = np.zeros(4)
+        self._tail = np.zeros(1)
+        self.torn = 0
+        self.writes = 0
+        if self.is_host:
+            self.win.Lock(0, MPI.LOCK_EXCLUSIVE)
+            self._put_raw(np.zeros(4), np.zeros(self.count, self.dtype) if init is None
+                          else np.asarray(init, self.dtype), 1.0 if init is not None else 0.0)
+            self.win.Unlock(0)
+        comm.Barrier()
+        self._freed = False
+
+    # raw transfers inside an epoch ------------------------------------
+    def _get_raw(self, out):
+        MPI = _mpi()
+        w = self.win
+        w.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
+        w.Flush(0)
+        w.Get([out.view(np.uint8), MPI.BYTE], 0, (self.HDR, self.nbytes, MPI.BYTE))
+        w.Flush(0)
+        w.Get([self._tail.view(np.uint8), MPI.BYTE], 0, (self.HDR + self.nbytes, 8, MPI.BYTE))
+        w.Flush(0)
+        return self._hdr[0] == self._tail[0]
+
+    def _put_raw(self, hdr, x, seq):
+        MPI = _mpi()
+        w = self.win
+        h = np.array([seq, hdr[1], hdr[2], hdr[3]], dtype=np.float64)
+        w.Put([h.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
+        w.Flush(0)
+        w.Put([np.ascontiguousarray(x, self.dtype).view(np.uint8), MPI.BYTE], 0,
+              (self.HDR, self.nbytes, MPI.BYTE))
+        w.Flush(0)
+        t = np.array([seq], dtype=np.float64)
+        w.Put([t.view(np.uint8), MPI.BYTE], 0, (self.HDR + self.nbytes, 8, MPI.BYTE))
+        w.Flush(0)
+
+    def _check(self, out):
+        if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
+            raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {out.dtype} x {out.size}")
+
+    # public operations -------------------------------------------------
+    def read(self, out, charge=True, retries=1000):
+        """Local (passive target, shared lock). Copy the slot into ``out``; return the header or None if empty.
+
+        Header: ``(seq, loss, owner, step)``.
+        """
+        MPI = _mpi()
+        self._check(out)
+        for _ in range(retries):
+            self.win.Lock(0, MPI.LOCK_SHARED)
+            ok = self._get_raw(out)
+            self.win.Unlock(0)
+            if charge:
+                self.lc.charge(self.nbytes + self.HDR + 8, 3)
+            if ok:
+                return None if self._hdr[0] == 0 else tuple(float(v) for v in self._hdr)
+            self.torn += 1
+        raise TornReadError(f"{retries} consecutive torn reads of a model window")
+
+    def exchange(self, x, loss, owner, step, decide, out):
+        """Local (passive target, exclusive lock). Read the header; publish ``x`` if ``decide(header)``.
+
+        ``decide`` gets ``None`` (empty slot) or ``(seq, loss, owner, step)``.
+        Returns ``(published, header)``; when not published, ``out`` receives
+        the slot's model and ``header`` describes it.
+        """
+        MPI = _mpi()
+        self._check(out)
+        w = self.win
+        w.Lock(0, MPI.LOCK_EXCLUSIVE)
+        try:
+            w.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
+            w.Flush(0)
+            seq = float(self._hdr[0])
+            cur = None if seq == 0 else tuple(float(v) for v in self._hdr)
+            if decide(cur):
+                self._put_raw((seq + 1, loss, owner, step), x, seq + 1)
+                self.writes += 1
+                self.lc.charge(self.nbytes + self.HDR + 8 + self.HDR, 4)
+                return True, (seq + 1, float(loss), float(owner), float(step))
+            if not self._get_raw(out):
+                self.torn += 1
+                raise TornReadError("torn read under an exclusive lock")
+            self.lc.charge(self.nbytes + 2 * self.HDR + 8, 4)
+            return False, tuple(float(v) for v in self._hdr)
+        finally:
+            w.Unlock(0)
+
+    def update(self, fn, buf):
+        """Local (passive target, exclusive lock). ``buf <- slot``; ``fn(buf)`` edits it; write it back.
+
+        The read-modify-write is atomic with respect to every other access
+        (EASGD's center update: c <- c + a (x_i - c)).
+        """
+        MPI = _mpi()
+        self._check(buf)
+        w = self.win
+        w.Lock(0, MPI.LOCK_EXCLUSIVE)
+        try:
+            if not self._get_raw(buf):
+                self.torn += 1
+                raise TornReadError("torn read under an exclusive lock")
+            hdr = self._hdr.copy()
+            fn(buf)
+            self._put_raw(hdr, buf, hdr[0] + 1)
+            self.writes += 1
+            self.lc.charge(2 * (self.nbytes + self.HDR + 8), 6)
+        finally:
+            w.Unlock(0)
+        return buf
+
+    def free(self):
+        """Collective over the window's communicator."""
+        if not self._freed:
+            self.win.Free()
+            self._freed = True
