@@ -23,6 +23,7 @@ is charged the bandwidth-optimal ring model, 2 (n - 1) / n x payload bytes and
 """
 from __future__ import annotations
 
+import time
 import zlib
 from collections import OrderedDict
 
@@ -586,22 +587,34 @@ class TornReadError(MpidlError):
 
 
 class ModelWindow:
-    """One model slot in an MPI RMA window, hosted by rank 0 of ``comm``.
+    """One published model in an MPI RMA window, hosted by rank 0 of ``comm``; no target progress needed.
 
-    Memory at the host, bytes: ``[seq, loss, owner, step]`` (float64 header),
-    the model (``count`` values of ``dtype``), ``seq`` again (float64 tail).
-    ``seq`` is 0 while the slot is empty and grows by one with every write.
+    Every rank holds one passive-target epoch (``Lock_all``) on the window for
+    its whole life; all synchronisation is built from MPI atomics, which MPI
+    completes without the host's participation where the hardware or shared
+    memory allows it (a host busy in a long backward pass does not stall the
+    others; see docs/algorithms/lsgd.md for the measurement and the progress
+    settings).
 
-    Consistency: writers hold an MPI exclusive lock on the host, readers a
-    shared lock, so a read never overlaps a write (MPI passive-target
-    semantics).  As a check on that guarantee a writer puts header, model and
-    tail in that order (flushed in between) and a reader gets them in the same
-    order (flushed in between): a read that overlapped a write would see
-    ``head seq != tail seq``; :meth:`read` counts such reads in ``torn`` and
-    retries.  Passive target progress: see docs/algorithms/lsgd.md.
+    Host memory (bytes): ``mutex`` (int64: 0 free, else owner rank + 1),
+    ``seq`` (int64: writes completed, 0 = empty), ``writing`` (int64: the
+    newest write begun), then two slots, each ``[version, loss, owner, step]``
+    (float64) + the model.
+
+    * Writers take the mutex (compare-and-swap spin with backoff), announce
+      ``writing = s + 1`` (atomic, flushed), write version ``s + 1`` into slot
+      ``(s + 1) mod 2`` (the slot readers are not being sent to), flush, then
+      publish ``seq = s + 1`` (atomic).
+    * Readers take no lock (a versioned double buffer): atomically read
+      ``s1 = seq``, get slot ``s1 mod 2``, flush, atomically read
+      ``w = writing``.  Only write ``s1 + 2`` touches that slot, and it is
+      announced before its first byte lands, so the read is valid iff
+      ``w <= s1 + 1`` and the slot's own version is ``s1``; otherwise it is
+      retried (counted in ``retries``).  A torn model is never returned.
     """
 
     HDR = 32
+    OFF = 24
 
     def __init__(self, comm, count, dtype, lc, init=None):
         MPI = _mpi()
@@ -609,123 +622,152 @@ class ModelWindow:
         self.dtype = np.dtype(dtype)
         self.count = int(count)
         self.nbytes = self.count * self.dtype.itemsize
+        self.slot = self.HDR + self.nbytes
         self.is_host = comm.Get_rank() == 0
-        size = self.HDR + self.nbytes + 8 if self.is_host else 0
+        size = self.OFF + 2 * self.slot if self.is_host else 0
         self.win = MPI.Win.Allocate(size, 1, comm=comm)
-        self._hdr = np.zeros(4)
-        self._tail = np.zeros(1)
-        self.torn = 0
-        self.writes = 0
         if self.is_host:
-            self.win.Lock(0, MPI.LOCK_EXCLUSIVE)
-            self._put_raw(np.zeros(4), np.zeros(self.count, self.dtype) if init is None
-                          else np.asarray(init, self.dtype), 1.0 if init is not None else 0.0)
-            self.win.Unlock(0)
+            np.frombuffer(self.win.tomemory(), dtype=np.uint8)[:self.OFF + self.HDR] = 0
         comm.Barrier()
+        self.win.Lock_all()
+        self._i64 = np.zeros(1, np.int64)
+        self._res = np.zeros(1, np.int64)
+        self._hdr = np.zeros(4)
+        self.retries = 0
+        self.writes = 0
         self._freed = False
+        if self.is_host and init is not None:
+            self._lock()
+            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype))
+            self._unlock()
+        comm.Barrier()
 
-    # raw transfers inside an epoch ------------------------------------
-    def _get_raw(self, out):
+    # atomics ---------------------------------------------------------
+    def _atomic(self, disp, value=None):
+        """Fetch the int64 at ``disp`` (and replace it with ``value`` if given); flushed."""
         MPI = _mpi()
-        w = self.win
-        w.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
-        w.Flush(0)
-        w.Get([out.view(np.uint8), MPI.BYTE], 0, (self.HDR, self.nbytes, MPI.BYTE))
-        w.Flush(0)
-        w.Get([self._tail.view(np.uint8), MPI.BYTE], 0, (self.HDR + self.nbytes, 8, MPI.BYTE))
-        w.Flush(0)
-        return self._hdr[0] == self._tail[0]
+        self._i64[0] = 0 if value is None else value
+        self.win.Fetch_and_op(self._i64, self._res, 0, disp, MPI.NO_OP if value is None else MPI.REPLACE)
+        self.win.Flush(0)
+        return int(self._res[0])
 
-    def _put_raw(self, hdr, x, seq):
+    def _lock(self):
+        me = np.array([self.comm.Get_rank() + 1], np.int64)
+        free = np.zeros(1, np.int64)
+        pause = 1e-6
+        while True:
+            self.win.Compare_and_swap(me, free, self._res, 0, 0)
+            self.win.Flush(0)
+            if self._res[0] == 0:
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
+    def _unlock(self):
+        self._atomic(0, 0)
+
+    # slots ------------------------------------------------------------
+    def _get_slot(self, s, out):
         MPI = _mpi()
-        w = self.win
-        h = np.array([seq, hdr[1], hdr[2], hdr[3]], dtype=np.float64)
-        w.Put([h.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
-        w.Flush(0)
-        w.Put([np.ascontiguousarray(x, self.dtype).view(np.uint8), MPI.BYTE], 0,
-              (self.HDR, self.nbytes, MPI.BYTE))
-        w.Flush(0)
-        t = np.array([seq], dtype=np.float64)
-        w.Put([t.view(np.uint8), MPI.BYTE], 0, (self.HDR + self.nbytes, 8, MPI.BYTE))
-        w.Flush(0)
+        off = self.OFF + (s % 2) * self.slot
+        self.win.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Get([out.view(np.uint8), MPI.BYTE], 0, (off + self.HDR, self.nbytes, MPI.BYTE))
+        self.win.Flush(0)
+
+    def _write(self, s, meta, x):
+        """Write version s + 1 (mutex held): fill the other slot, flush, publish seq."""
+        MPI = _mpi()
+        off = self.OFF + ((s + 1) % 2) * self.slot
+        self._atomic(16, s + 1)
+        h = np.array([s + 1, *meta], dtype=np.float64)
+        self.win.Put([h.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Put([np.ascontiguousarray(x, self.dtype).view(np.uint8), MPI.BYTE], 0,
+                     (off + self.HDR, self.nbytes, MPI.BYTE))
+        self.win.Flush(0)
+        self._atomic(8, s + 1)
+        self.writes += 1
+        self.lc.charge(self.slot + 8, 2)
 
     def _check(self, out):
         if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
             raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {out.dtype} x {out.size}")
 
     # public operations -------------------------------------------------
-    def read(self, out, charge=True, retries=1000):
-        """Local (passive target, shared lock). Copy the slot into ``out``; return the header or None if empty.
+    def read(self, out, charge=True, retries=100000):
+        """Local (no lock; versioned double buffer). Copy the newest model into ``out``.
 
-        Header: ``(seq, loss, owner, step)``.
+        Returns its header ``(seq, loss, owner, step)``, or None while the slot is empty.
         """
-        MPI = _mpi()
         self._check(out)
         for _ in range(retries):
-            self.win.Lock(0, MPI.LOCK_SHARED)
-            ok = self._get_raw(out)
-            self.win.Unlock(0)
+            s1 = self._atomic(8)
+            if s1 == 0:
+                return None
+            self._get_slot(s1, out)
+            s2 = self._atomic(16)
             if charge:
-                self.lc.charge(self.nbytes + self.HDR + 8, 3)
-            if ok:
-                return None if self._hdr[0] == 0 else tuple(float(v) for v in self._hdr)
-            self.torn += 1
-        raise TornReadError(f"{retries} consecutive torn reads of a model window")
+                self.lc.charge(self.slot + 16, 3)
+            if s2 <= s1 + 1 and int(self._hdr[0]) == s1:
+                return tuple(float(v) for v in self._hdr)
+            self.retries += 1
+        raise TornReadError(f"{retries} consecutive reads of a model window were overtaken by writers")
 
     def exchange(self, x, loss, owner, step, decide, out):
-        """Local (passive target, exclusive lock). Read the header; publish ``x`` if ``decide(header)``.
+        """Local (mutex). Publish ``x`` if ``decide(header)``, else read the published model into ``out``.
 
-        ``decide`` gets ``None`` (empty slot) or ``(seq, loss, owner, step)``.
-        Returns ``(published, header)``; when not published, ``out`` receives
-        the slot's model and ``header`` describes it.
+        ``decide`` gets ``None`` (empty) or the current ``(seq, loss, owner, step)``.
+        Returns ``(published, header)``, the header of what is now published.
         """
-        MPI = _mpi()
         self._check(out)
-        w = self.win
-        w.Lock(0, MPI.LOCK_EXCLUSIVE)
+        self._lock()
         try:
-            w.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (0, self.HDR, MPI.BYTE))
-            w.Flush(0)
-            seq = float(self._hdr[0])
-            cur = None if seq == 0 else tuple(float(v) for v in self._hdr)
+            s = self._atomic(8)
+            cur = None
+            if s:
+                self._get_hdr(s)
+                cur = tuple(float(v) for v in self._hdr)
             if decide(cur):
-                self._put_raw((seq + 1, loss, owner, step), x, seq + 1)
-                self.writes += 1
-                self.lc.charge(self.nbytes + self.HDR + 8 + self.HDR, 4)
-                return True, (seq + 1, float(loss), float(owner), float(step))
-            if not self._get_raw(out):
-                self.torn += 1
-                raise TornReadError("torn read under an exclusive lock")
-            self.lc.charge(self.nbytes + 2 * self.HDR + 8, 4)
+                self._write(s, (loss, owner, step), x)
+                return True, (float(s + 1), float(loss), float(owner), float(step))
+            self._get_slot(s, out)
+            self.lc.charge(self.HDR + 16, 3)
             return False, tuple(float(v) for v in self._hdr)
         finally:
-            w.Unlock(0)
+            self._unlock()
+
+    def _get_hdr(self, s):
+        MPI = _mpi()
+        off = self.OFF + (s % 2) * self.slot
+        self.win.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Flush(0)
 
     def update(self, fn, buf):
-        """Local (passive target, exclusive lock). ``buf <- slot``; ``fn(buf)`` edits it; write it back.
+        """Local (mutex). ``buf <- published model``; ``fn(buf)`` edits it; publish the result.
 
-        The read-modify-write is atomic with respect to every other access
-        (EASGD's center update: c <- c + a (x_i - c)).
+        Atomic with respect to every other writer (EASGD's center update
+        c <- c + a (x_i - c)); readers see the old or the new model, never a mix.
         """
-        MPI = _mpi()
         self._check(buf)
-        w = self.win
-        w.Lock(0, MPI.LOCK_EXCLUSIVE)
+        self._lock()
         try:
-            if not self._get_raw(buf):
-                self.torn += 1
-                raise TornReadError("torn read under an exclusive lock")
-            hdr = self._hdr.copy()
+            s = self._atomic(8)
+            if s:
+                self._get_slot(s, buf)
+                meta = tuple(float(v) for v in self._hdr[1:])
+            else:
+                buf[...] = 0
+                meta = (0.0, 0.0, 0.0)
             fn(buf)
-            self._put_raw(hdr, buf, hdr[0] + 1)
-            self.writes += 1
-            self.lc.charge(2 * (self.nbytes + self.HDR + 8), 6)
+            self._write(s, meta, buf)
+            self.lc.charge(self.slot + 16, 3)
         finally:
-            w.Unlock(0)
+            self._unlock()
         return buf
 
     def free(self):
         """Collective over the window's communicator."""
         if not self._freed:
+            self.comm.Barrier()
+            self.win.Unlock_all()
             self.win.Free()
             self._freed = True

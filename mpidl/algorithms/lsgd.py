@@ -312,6 +312,7 @@ class LSGD(_Worker):
         window, then broadcasts).  Returns the leader's rank.
         """
         if self.cfg.asynchronous:
+            mc.barrier()        # every worker has finished its last local step of the round
             hdr = self.win_g.read(out, charge=False) if mc.rank == 0 else None
             owner = mc.bcast(-1 if hdr is None else int(hdr[2]), root=0)
             if owner < 0:
@@ -382,6 +383,7 @@ class EASGD(_Worker):
     def center_model(self, state, mc, out):
         """Collective over ``mc``. The center into ``out`` (async: rank 0 reads the window, broadcasts)."""
         if self.cfg.asynchronous:
+            mc.barrier()        # every worker has finished its last local step of the round
             if mc.rank == 0:
                 self.win_c.read(out, charge=False)
             mc.bcast(out, root=0)
