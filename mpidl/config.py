@@ -23,7 +23,7 @@ from pathlib import Path
 from mpidl.errors import MpidlError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TopologyConfig", "RunConfig",
-           "LRConfig", "register_algorithm", "algorithm_registry", "load", "load_collective",
+           "LRConfig", "register_algorithm", "algorithm_registry", "algorithm_layout", "load", "load_collective",
            "from_dict", "to_dict", "parse_overrides"]
 
 
@@ -91,11 +91,23 @@ class RunConfig:
 
 
 _ALGOS: dict = {}
+_LAYOUTS: dict = {}
 
 
-def register_algorithm(name: str, config_cls, factory):
-    """Register ``name`` -> (frozen config class, factory(config, **ctx) -> Algorithm)."""
+def register_algorithm(name: str, config_cls, factory, layout=None):
+    """Register ``name`` -> (frozen config class, factory(config, **ctx) -> Algorithm).
+
+    ``layout`` is the family's setup function ``(cfg, world) -> Session`` (see
+    :mod:`mpidl.layouts`); None selects the agent layout (one rank = one agent).
+    """
     _ALGOS[name] = (config_cls, factory)
+    _LAYOUTS[name] = layout
+
+
+def algorithm_layout(name: str):
+    """The layout setup function registered for algorithm ``name`` (None = agent layout)."""
+    algorithm_registry()
+    return _LAYOUTS.get(name)
 
 
 def algorithm_registry() -> dict:

@@ -23,10 +23,13 @@ def main(comm, args):
     cfg = config.load_collective(comm, args.config, overrides)
     result = train(cfg, comm)
     if comm.Get_rank() == 0:
-        logging.getLogger("mpidl").info(
-            "finished (%s) at step %d/%d: test acc %.4f (average model), agents %.4f..%.4f, "
-            "gap %.4f, %.1f s, results in %s", result["stop"], result["step"], result["steps"],
-            result.get("test_acc", float("nan")), result.get("agent_acc_min", float("nan")),
-            result.get("agent_acc_max", float("nan")), result.get("generalization_gap", float("nan")),
-            result["time"], result["out"])
+        lg = logging.getLogger("mpidl")
+        head = f"finished ({result['stop']}) at step {result['step']}/{result['steps']}"
+        if result.get("evaluated"):
+            more = f", {result['summary']}" if result.get("summary") else ""
+            lg.info("%s: test acc %.4f%s, %.1f s, results in %s", head, result["test_acc"], more,
+                    result["time"], result["out"])
+        else:
+            lg.info("%s: no evaluation in this invocation (see %s/results.h5 for earlier ones), %.1f s",
+                    head, result["out"], result["time"])
     return 0

@@ -70,7 +70,7 @@ def test_divergence_names_step_and_agent_and_keeps_checkpoint(out):
     cfg = _cfg(out, "algorithm.name=cdsgd", "algorithm.lr=1e30", "run.steps=40", "run.checkpoint_every=1",
                "run.log_every=1", "run.name=nan")
     err = assert_raises_all(DivergenceError, train, cfg, WORLD, match="NaN/inf at step")
-    assert_all("on agent" in str(err) and "Last good checkpoint" in str(err), str(err))
+    assert_all("on rank" in str(err) and "Last good checkpoint" in str(err), str(err))
     with GraphComm(WORLD, T.complete(N)) as gc:
         store = CheckpointStore(f"{out}/nan/checkpoints", gc)
         step = store.latest()

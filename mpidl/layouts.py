@@ -1,0 +1,302 @@
+"""Rank layouts: how a family maps MPI ranks to its roles, for the one training loop.
+
+The driver (:mod:`mpidl.driver`) owns the loop: steps, logging, evaluation
+cadence, checkpoints, preemption, divergence checks and the results file.
+What differs between families is *who a rank is* (an agent with a whole
+model; a layer of a layer-parallel net; a stage of a pipeline replica; a
+worker in a group), which communicators it needs, what its state is and how
+the job evaluates.  A family declares that with a **layout**: a setup
+function registered with its algorithm,
+
+    register_algorithm(name, ConfigCls, factory, layout=setup_fn)
+
+``setup_fn(cfg, world) -> Session`` is Collective over ``world``.  It builds
+the family's communicators (through :mod:`mpidl.comm`), loads the data,
+builds the model(s), the algorithm (``factory``) and the initial state, and
+returns a :class:`Session`.  ``layout=None`` selects :func:`setup_agents`,
+the layout of the consensus families (NEXT, CDSGD, FedAvg, LSGD, EASGD): one
+rank = one agent holding a whole flat model, evaluated as the average model.
+
+Contract between the driver and a session
+-----------------------------------------
+* ``algo.step(k, session.state, session.oracle, session.comm)`` returns
+  ``(state, metrics)``; ``metrics["loss"]`` is this rank's training loss of
+  step k or ``None`` when the rank has none (a non-last pipeline stage or
+  pdADMM layer); ``metrics.get("acc")`` the batch accuracy or ``None``.
+  The driver averages both over the ranks that report them.
+* ``session.state`` is a dataclass of NumPy arrays and Python scalars
+  (checkpointed generically); ``extra_state()`` adds arrays that live outside
+  it (BatchNorm buffers, for instance).
+* ``session.evaluate(state)`` is Collective over ``session.mc`` and returns
+  the same ``(dict of floats, per-agent accuracies or None)`` on every rank;
+  the dict holds at least ``test_loss`` and ``test_acc``.
+* ``session.mc`` is a :class:`~mpidl.comm.GraphComm` over all ranks that
+  carries only the driver's control traffic, so the algorithm's byte counter
+  (``bytes_sent()``) stays exact.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from mpidl import config as C
+from mpidl import topology as T
+from mpidl.errors import MpidlError
+
+__all__ = ["Session", "AgentSession", "setup_agents", "build_topology", "setup_for", "CONVEX_MODELS",
+           "steps_per_epoch"]
+
+CONVEX_MODELS = {"convex-logistic": "logistic", "convex-lsq": "lsq"}
+"""Model names served by the Numba convex oracles instead of a torch model."""
+
+
+class Session:
+    """What the driver needs from a family for one run (see the module docstring).
+
+    Subclasses set the attributes in ``__init__`` and override the hooks they
+    need; the defaults suit a family without extra state or summary text.
+    """
+
+    mc = None
+    algo = None
+    state = None
+    comm = None
+    oracle = None
+    steps_per_epoch: int = 1
+    expect: dict = {}
+
+    def describe(self) -> str:
+        """Local. One line for the start-of-run log."""
+        return f"{self.algo.name}: {self.mc.size} ranks, {self.steps_per_epoch} steps/epoch"
+
+    def before_step(self, k: int) -> None:
+        """Local. Called before ``algo.step(k, ...)``."""
+
+    def extra_state(self) -> dict:
+        """Local. Arrays to checkpoint beside the algorithm state."""
+        return {}
+
+    def load_extra_state(self, d: dict) -> None:
+        """Local. Restore what :meth:`extra_state` saved."""
+
+    def bytes_sent(self) -> float:
+        """Local. Bytes this rank's algorithm handed to MPI so far."""
+        return float(getattr(self.comm, "bytes_sent", 0))
+
+    def evaluate(self, state):
+        """Collective. ``(metrics dict, per-agent test accuracies or None)``, equal on every rank."""
+        raise NotImplementedError
+
+    def summary(self, ev: dict) -> str:
+        """Local. Family-specific text for the evaluation log line."""
+        return ""
+
+    def close(self) -> None:
+        """Collective. Free the family's communicators."""
+
+
+def setup_for(cfg: C.Config):
+    """Local. The layout setup function registered for ``cfg.algorithm.name``."""
+    setup = C.algorithm_layout(cfg.algorithm.name)
+    return setup_agents if setup is None else setup
+
+
+def steps_per_epoch(mc, n_local: int, batch_size: int) -> tuple:
+    """Collective. ``(batch, steps per epoch)`` over local sample counts: the minimum over ranks.
+
+    ``batch_size = 0`` means full batch (the smallest shard).  Raises on every
+    rank when the smallest shard is smaller than one batch.
+    """
+    smallest = int(mc.allreduce(int(n_local), op="min"))
+    batch = smallest if batch_size == 0 else int(batch_size)
+    spe = smallest // batch if batch > 0 else 0
+    if spe < 1:
+        raise MpidlError(f"the smallest shard has {smallest} samples, fewer than batch_size "
+                         f"{batch_size}: lower [run] batch_size or use fewer ranks")
+    return batch, spe
+
+
+# -- the agent layout ---------------------------------------------------------
+
+def build_topology(tc: C.TopologyConfig, n: int):
+    """Local. The fixed topology (and schedule, or None) a config describes, for ``n`` agents."""
+    kw = {}
+    if tc.name == "erdos_renyi":
+        kw.update(p=tc.p, seed=tc.seed)
+    if tc.name == "torus" and tc.shape:
+        kw["shape"] = tuple(tc.shape)
+    topo = T.make(tc.name, n, weights=tc.weights or None, **kw)
+    schedule = None
+    if tc.schedule:
+        makers = {"one_peer_exponential": lambda: T.one_peer_exponential(n),
+                  "random_matching": lambda: T.random_matching(n, seed=tc.seed)}
+        if tc.schedule not in makers:
+            raise T.TopologyError(f"unknown schedule {tc.schedule!r}; choose one of {', '.join(makers)}")
+        schedule = makers[tc.schedule]()
+    return topo, schedule
+
+
+class _ScheduledComm:
+    """GraphComm facade whose mix uses the schedule's topology of the current step."""
+
+    def __init__(self, base, scheduled):
+        self._base, self._sched, self.k = base, scheduled, 0
+
+    def mix(self, x, out=None):
+        return self._sched.mix(x, self.k, out=out)
+
+    def start_mix(self, x, out=None):
+        return self._sched.at(self.k).start_mix(x, out=out)
+
+    def __getattr__(self, name):
+        return getattr(self._base, name)
+
+    @property
+    def bytes_sent(self):
+        return self._base.bytes_sent + self._sched.bytes_sent
+
+
+class AgentSession(Session):
+    """One rank = one agent with a whole flat model; evaluation of the average model.
+
+    Evaluation (Collective): the average model ``x_bar`` on the test set
+    (split over the ranks) and on each agent's training shard, every agent's
+    own model on a common test subset (``agent_acc_min/mean/max``), the
+    consensus error ``sqrt(mean_i ||x_i - x_bar||^2)``, and whatever the
+    algorithm adds through ``algo.eval_metrics(state, session)`` (or NEXT's
+    ``social_metrics``).
+    """
+
+    def __init__(self, cfg: C.Config, world):
+        rank, size = world.Get_rank(), world.Get_size()
+        topo, schedule = build_topology(cfg.topology, size)
+        self.topology = topo
+        self.gc = self.mc = self._sched = None
+        try:
+            self._build(cfg, world, topo, schedule, rank, size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, cfg, world, topo, schedule, rank, size):
+        import torch
+
+        from mpidl.comm import GraphComm, ScheduledGraphComm
+        from mpidl.data import load_agent_data
+        from mpidl.flat import FlatModel
+        from mpidl.models import build_model
+        from mpidl.oracles import TorchOracle
+
+        self.gc = GraphComm(world, topo)
+        self.mc = GraphComm(world, topo)  # control traffic, kept off the algorithm's counters
+        self._sched = None if schedule is None else ScheduledGraphComm(world, schedule)
+        self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
+        d, r = cfg.data, cfg.run
+        shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
+                                rank=rank, world_size=size, shards=d.shards or None, comm=self.mc)
+        batch, spe = steps_per_epoch(self.mc, len(shard.y), r.batch_size)
+        full_batch = r.batch_size == 0
+        self.steps_per_epoch = spe
+        if cfg.model.name in CONVEX_MODELS:
+            from mpidl.oracles import ConvexOracle
+            self.oracle = ConvexOracle(shard.x, shard.y, CONVEX_MODELS[cfg.model.name],
+                                       batch_size=0 if full_batch else batch, steps_per_epoch=spe,
+                                       seed=r.seed, rank=rank)
+            self.oracle_eval, self.fm = self.oracle, None
+            x0, self.xbuf, self.dim = np.zeros(self.oracle.dim), np.zeros(self.oracle.dim), self.oracle.dim
+        else:
+            dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
+
+            def new_model():
+                return FlatModel(build_model(cfg.model.name, shard.input_shape, shard.num_classes,
+                                             cfg.model.hidden, seed=r.seed), dtype)
+
+            self.fm, fm_eval = new_model(), new_model()
+            self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
+                                      seed=r.seed, rank=rank, num_classes=shard.num_classes,
+                                      loss=cfg.model.loss)
+            self.oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
+                                           num_classes=shard.num_classes, loss=cfg.model.loss)
+            x0, self.xbuf, self.dim = self.fm.x, fm_eval.x, self.fm.dim
+        _, factory = C.algorithm_registry()[cfg.algorithm.name]
+        self.algo = factory(cfg.algorithm, steps_per_epoch=spe, num_samples=len(shard.y))
+        self.state = self.algo.init(x0, self.comm)
+        from mpidl.checkpoint import topology_digest
+        self.expect = {"algorithm": cfg.algorithm.name, "topology": topology_digest(topo)}
+        # evaluation data
+        n_ev = d.eval_samples or len(shard.y_test)
+        self.xte_agent, self.yte_agent = shard.x_test[:n_ev], shard.y_test[:n_ev]
+        self.xte_slice, self.yte_slice = shard.x_test[rank::size], shard.y_test[rank::size]
+        n_tr = min(len(shard.y), d.eval_samples or len(shard.y))
+        self.xtr, self.ytr = shard.x[:n_tr], shard.y[:n_tr]
+
+    def describe(self) -> str:
+        return (f"{self.algo.name} on {self.topology.name}: {self.mc.size} agents, {self.dim} params, "
+                f"{self.steps_per_epoch} steps/epoch")
+
+    def before_step(self, k):
+        if self._sched is not None:
+            self.comm.k = k
+
+    def extra_state(self):
+        return self.fm.buffers() if self.fm is not None else {}
+
+    def load_extra_state(self, d):
+        if self.fm is not None:
+            self.fm.load_buffers(d)
+
+    def evaluate_model(self, x):
+        """Collective. ``(test_loss, test_acc)`` of the flat parameters ``x`` (the same on every rank).
+
+        The test set is split over the ranks; one allreduce combines the parts.
+        """
+        self.xbuf[...] = x
+        tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
+        nt = len(self.yte_slice)
+        s = self.mc.allreduce(np.array([tl * nt, ta * nt, nt], dtype=np.float64))
+        return float(s[0] / s[2]), float(s[1] / s[2])
+
+    def evaluate(self, state):
+        mc, x = self.mc, state.x
+        xbar = mc.allreduce(x, op="mean")
+        cons = math.sqrt(mc.allreduce(float(np.sum((x.astype(np.float64) - xbar) ** 2)), op="mean"))
+        # average model: test set split across ranks; train accuracy on each agent's shard
+        self.xbuf[...] = xbar
+        tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
+        rl, ra = self.oracle_eval.evaluate(self.xbuf, self.xtr, self.ytr)
+        nt, nr = len(self.yte_slice), len(self.ytr)
+        sums = mc.allreduce(np.array([tl * nt, ta * nt, nt, rl * nr, ra * nr, nr], dtype=np.float64))
+        # each agent's own model on the same test subset
+        _, acc_i = self.oracle.evaluate(x, self.xte_agent, self.yte_agent)
+        per = np.zeros(mc.size)
+        per[mc.rank] = acc_i
+        per = mc.allreduce(per)
+        out = {"test_loss": sums[0] / sums[2], "test_acc": sums[1] / sums[2],
+               "train_loss_avg_model": sums[3] / sums[5], "train_acc_avg_model": sums[4] / sums[5],
+               "agent_acc_mean": float(per.mean()), "agent_acc_min": float(per.min()),
+               "agent_acc_max": float(per.max()), "consensus_error": cons}
+        out["generalization_gap"] = out["train_acc_avg_model"] - out["test_acc"]
+        hook = getattr(self.algo, "eval_metrics", None)
+        if hook is not None:
+            out.update(hook(state, self))
+        social = getattr(self.algo, "social_metrics", None)
+        if social is not None:  # NEXT: objective, stationarity, tracking error of the social problem
+            extra = social(state, self.oracle, mc)
+            extra.pop("consensus_error", None)
+            out.update(extra)
+        return out, per
+
+    def summary(self, ev):
+        return (f"average model; agents {ev['agent_acc_min']:.4f}..{ev['agent_acc_max']:.4f}, "
+                f"consensus {ev['consensus_error']:.3e}, gap {ev['generalization_gap']:.4f}")
+
+    def close(self):
+        for c in (self._sched, self.mc, self.gc):
+            if c is not None:
+                c.close()
+
+
+def setup_agents(cfg: C.Config, world) -> AgentSession:
+    """Collective. The agent layout: one rank = one agent on ``cfg.topology``."""
+    return AgentSession(cfg, world)
