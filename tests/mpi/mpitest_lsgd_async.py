@@ -135,3 +135,5 @@ def test_async_run_resumes_from_checkpoint(shared_tmp, name, extra):
     second = train(config.load(None, base + ["run.resume=auto"]), W)
     assert_all(second["step"] == 8 and second["stop"] == "done" and np.isfinite(second["test_acc"]),
                f"second leg {second}")
+    col = "center_test_acc" if name == "easgd" else "leader_test_acc"
+    assert_all(0.0 <= second[col] <= 1.0, f"eval column {col} missing or out of range: {second.get(col)}")
