@@ -95,14 +95,12 @@ def test_async_lsgd_with_a_slow_worker_runs_to_completion(extra):
     # every worker read or published a leader; the published leader is a real worker's model
     buf = np.empty_like(state.x)
     owner = algo.leader_model(state, gc, buf)
-    xs = W.allgather(state.x.copy())
     assert_all(0 <= owner < N and state.have_g == 1 and np.all(np.isfinite(buf)), f"leader {owner}")
     if R == 0:
         print(f"async lsgd {extra}: local steps per worker {steps} in {rounds} rounds "
               f"(worker {N - 1} slowed 3x), leader {owner}")
     algo.close()
     gc.close()
-    del xs
 
 
 def test_async_easgd_center_loses_no_update():
