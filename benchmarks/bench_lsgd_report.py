@@ -33,6 +33,14 @@ def _bytes_per_step(run):
     return tr["bytes_sent"][-1] / tr["step"][-1]
 
 
+def _per_local(run):
+    """For async runs: bytes per *local* step (a round holds several local steps)."""
+    if not run.get("local_steps"):
+        return ""
+    per_round = np.mean(run["local_steps"]) / run["steps"]
+    return f" per round ({_bytes_per_step(run) / per_round:,.0f} per local step)"
+
+
 def _steps_axis(run):
     """x axis 'local steps per worker': async rounds scaled by the mean local steps per round."""
     s = np.array(run["eval"]["step"], float)
@@ -87,7 +95,7 @@ def _grid_table(doc):
         lines.append(f"| {LABEL[m]} | {100 * r['final_test_acc']:.2f}% | "
                      f"{'' if lead is None else f'{100 * lead:.2f}%'} | "
                      f"{'' if e is None else f'{100 * e:.2f}%'} | {r['steps']} | {ls} | {r['eval']['wall'][-1]:.1f} | "
-                     f"{r['train']['bytes_sent'][-1] / 1e6:.1f} | {_bytes_per_step(r):,.0f} |")
+                     f"{r['train']['bytes_sent'][-1] / 1e6:.1f} | {_bytes_per_step(r):,.0f}{_per_local(r)} |")
     loads = ", ".join(f"{r['load'][0]:.1f}" for r in runs)
     lines += ["", f"Load average (1 min) at the end of each run, in table order: {loads}."]
     return lines, t_eq
