@@ -120,8 +120,8 @@ def test_async_easgd_center_loses_no_update():
     gc.close()
 
 
-@pytest.mark.parametrize("name,extra", [("lsgd", ["algorithm.tau_G=2"]),
-                                        ("lsgd", ["algorithm.groups=size", "algorithm.group_size=1"]),
+@pytest.mark.parametrize("name,extra", [("lsgd", ["algorithm.tau_G=2", "algorithm.groups=size",
+                                                 "algorithm.group_size=1"]),
                                         ("easgd", ["algorithm.tau=2"])])
 def test_async_run_resumes_from_checkpoint(shared_tmp, name, extra):
     base = ["data.dataset=digits", "model.hidden=[16]", "run.batch_size=16", f'run.out="{shared_tmp}"',
