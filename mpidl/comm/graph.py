@@ -1,0 +1,485 @@
+"""GraphComm: graph consensus over MPI neighbour collectives (see :mod:`mpidl.comm`)."""
+from __future__ import annotations
+
+import zlib
+from collections import OrderedDict
+
+import numpy as np
+
+from mpidl.comm.core import _OPS, CollectiveError, _as_array, _mpi, _persistent_collectives, _pointers
+from mpidl.kernels.mixing import combine_prepared
+from mpidl.topology import Topology, TopologyError
+
+class Pending:
+    """Handle of a nonblocking mix; :meth:`wait` completes it and returns ``out``."""
+
+    def __init__(self, gc, plan, x, out, writeback, request):
+        self._gc, self._plan, self._x, self._out = gc, plan, x, out
+        self._writeback, self._request = writeback, request
+        self._done = False
+
+    def test(self) -> bool:
+        """Local. True when the communication has finished (wait() is then cheap)."""
+        return self._done or bool(self._request.Test())
+
+    def wait(self):
+        """Local. Finish the collective, apply the combine kernel, return ``out``."""
+        if not self._done:
+            self._request.Wait()
+            self._plan.busy = False
+            self._gc._combine(self._plan, self._x, self._out, self._writeback)
+            self._done = True
+        return self._out
+
+
+class _Plan:
+    """Preallocated receive buffer (+ persistent request) for one send buffer."""
+
+    __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
+
+    def __init__(self, send, indeg, w_self, w_in):
+        self.send = send
+        self.recv = np.empty((indeg, send.size), dtype=send.dtype)
+        # weights cast once to the data's dtype: the combine stays in that arithmetic
+        self.w = np.ascontiguousarray(w_in, dtype=send.dtype)
+        self.w_self = send.dtype.type(w_self)
+        self.request = None
+        self.busy = False
+
+
+class GraphComm:
+    """Collective. Consensus communicator for one agent (= this MPI rank).
+
+    ``GraphComm(comm, topology)`` must be called by every rank of ``comm``
+    with the same topology; a size or topology mismatch raises
+    :class:`~mpidl.topology.TopologyError` on every rank.  Close it with
+    :meth:`close` or use it as a context manager.
+    """
+
+    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None):
+        MPI = _mpi()
+        if not isinstance(topology, Topology):
+            raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
+        digest = (topology.size, zlib.crc32(topology.weights.tobytes()))
+        seen = comm.allgather(digest)
+        if topology.size != comm.Get_size():
+            raise TopologyError(
+                f"topology {topology.name!r} has {topology.size} agents but the MPI job has "
+                f"{comm.Get_size()} ranks; start it with mpiexec -n {topology.size} "
+                f"or build the topology for {comm.Get_size()} agents")
+        if any(d != digest for d in seen):
+            bad = next(r for r, d in enumerate(seen) if d != digest)
+            raise TopologyError(
+                f"ranks disagree on the topology (rank {bad} differs from rank {comm.Get_rank()}); "
+                "build it identically everywhere (same generator, size and seed)")
+        self.topology = topology
+        self.base = comm.Dup()
+        self.rank = self.base.Get_rank()
+        self.size = self.base.Get_size()
+        self.in_neighbors = topology.in_neighbors(self.rank)
+        self.out_neighbors = topology.out_neighbors(self.rank)
+        self.graph = self.base.Create_dist_graph_adjacent(
+            list(self.in_neighbors), list(self.out_neighbors),
+            sourceweights=MPI.UNWEIGHTED, destweights=MPI.UNWEIGHTED, reorder=False)
+        self._w_self = topology.self_weight(self.rank)
+        self._w_in = topology.in_weights(self.rank)
+        want = True if persistent is None else bool(persistent)
+        self.persistent = want and _persistent_collectives(self.graph)
+        self._plans: OrderedDict = OrderedDict()
+        self._plan_cache = max(1, int(plan_cache))
+        self._last = None  # fast path: (x, out, data pointers, plan, a, o) of the last mix
+        self.bytes_sent = 0
+        self.messages_sent = 0
+        self._closed = False
+
+    # -- lifecycle -------------------------------------------------------
+    def close(self):
+        """Collective. Free requests and communicators (idempotent)."""
+        if self._closed:
+            return
+        for plan in self._plans.values():
+            if plan.request is not None:
+                plan.request.Free()
+        self._plans.clear()
+        self._last = None
+        self.graph.Free()
+        self.base.Free()
+        self._closed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def reset_counters(self):
+        """Local. Zero ``bytes_sent`` and ``messages_sent``."""
+        self.bytes_sent = 0
+        self.messages_sent = 0
+
+    # -- consensus -------------------------------------------------------
+    def _plan_for(self, a: np.ndarray) -> _Plan:
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
+        key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = _Plan(a, len(self.in_neighbors), self._w_self, self._w_in)
+        if self.persistent:
+            plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
+        self._plans[key] = plan
+        while len(self._plans) > self._plan_cache:
+            _, old = self._plans.popitem(last=False)
+            if self._last is not None and self._last[3] is old:
+                self._last = None
+            if old.request is not None:
+                old.request.Free()
+        return plan
+
+    def _start(self, x, out):
+        # Fast path: the same x and out objects as the last call (the usual
+        # `mix(x, out=x)` loop) reuse its views and plan.  A NumPy array cannot
+        # move while we hold it; a torch tensor can (set_, resize_), so its
+        # data pointer is compared too.
+        last = self._last
+        if (last is not None and x is last[0] and out is last[1]
+                and (last[2] is None or last[2] == _pointers(x, out))):
+            plan, a, o = last[3], last[4], last[5]
+            if plan.busy:
+                raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+            return self._launch(plan, a, o, out, None)
+        a, staged = _as_array(x)
+        if out is None:
+            o, wb = np.empty_like(a), None
+            if type(x).__module__.startswith("torch"):
+                import torch
+                result = torch.from_numpy(o).view(x.shape).to(x.device)
+                if result.device.type != "cpu":  # staged: copy the host result over
+                    wb = (lambda r=result, h=o: r.copy_(torch.from_numpy(h).view(r.shape)))
+            else:
+                result = o.reshape(np.shape(x))
+        else:
+            o, wb = _as_array(out)
+            if o.size != a.size or o.dtype != a.dtype:
+                raise ValueError("mix: out must match x in size and dtype")
+            result = out
+        plan = self._plan_for(a)
+        if plan.busy:
+            raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+        if out is not None and wb is None and staged is None:  # CPU buffers only
+            torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
+            self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
+        return self._launch(plan, a, o, result, wb)
+
+    def _launch(self, plan, a, o, result, wb):
+        if plan.request is not None:
+            plan.request.Start()
+            request = plan.request
+        else:
+            request = self.graph.Ineighbor_allgather(plan.send, plan.recv)
+        plan.busy = True
+        self.bytes_sent += a.nbytes * len(self.out_neighbors)
+        self.messages_sent += len(self.out_neighbors)
+        return plan, a, o, result, wb, request
+
+    def _combine(self, plan, a, o, writeback):
+        combine_prepared(a, plan.recv, plan.w_self, plan.w, o)
+        if writeback is not None:
+            writeback()
+
+    def mix(self, x, out=None):
+        """Collective. Return ``W_ii x + sum_j W_ij x_j`` (into ``out`` if given).
+
+        ``out=x`` mixes in place.  One neighbour collective per call.
+        """
+        plan, a, o, result, wb, request = self._start(x, out)
+        request.Wait()
+        plan.busy = False
+        self._combine(plan, a, o, wb)
+        return result
+
+    def start_mix(self, x, out=None) -> Pending:
+        """Collective. Begin a mix; compute, then call ``.wait()`` for the result.
+
+        ``x`` must not be modified until ``wait()`` returns.
+        """
+        plan, a, o, result, wb, request = self._start(x, out)
+        return _PendingResult(self, plan, a, o, wb, request, result)
+
+    # -- point-to-neighbour payloads ------------------------------------
+    def exchange(self, send: dict) -> dict:
+        """Collective. Send ``send[j]`` to out-neighbour j; return ``{i: array}`` from in-neighbours.
+
+        Payloads may differ in shape and dtype per neighbour; an out-neighbour
+        missing from ``send`` gets nothing.  A key that is not an out-neighbour
+        is an error on every rank.
+        """
+        MPI = _mpi()
+        bad = [k for k in send if k not in self.out_neighbors]
+        self.agree(None if not bad else
+                   f"rank {self.rank}: exchange() to {bad}, which are not out-neighbours "
+                   f"{list(self.out_neighbors)} of this rank in topology {self.topology.name!r}")
+        arrays = {k: np.ascontiguousarray(_as_array(v, writable=False)[0].reshape(np.shape(v)))
+                  for k, v in send.items()}
+        meta = [(arrays[j].dtype.str, arrays[j].shape) if j in arrays else None
+                for j in self.out_neighbors]
+        rmeta = self.graph.neighbor_alltoall(meta)
+        scounts = [arrays[j].nbytes if j in arrays else 0 for j in self.out_neighbors]
+        rcounts = [int(np.prod(m[1])) * np.dtype(m[0]).itemsize if m else 0 for m in rmeta]
+        sbuf = np.empty(sum(scounts), dtype=np.uint8)
+        off = 0
+        for j, c in zip(self.out_neighbors, scounts):
+            if c:
+                sbuf[off:off + c] = arrays[j].reshape(-1).view(np.uint8)
+            off += c
+        rbuf = np.empty(sum(rcounts), dtype=np.uint8)
+        sdispl = [0] + np.cumsum(scounts).tolist()[:-1] if scounts else []
+        rdispl = [0] + np.cumsum(rcounts).tolist()[:-1] if rcounts else []
+        self.graph.Neighbor_alltoallv([sbuf, (scounts, sdispl), MPI.BYTE],
+                                      [rbuf, (rcounts, rdispl), MPI.BYTE])
+        self.bytes_sent += int(sum(scounts))
+        self.messages_sent += sum(1 for c in scounts if c)
+        result, off = {}, 0
+        for i, m, c in zip(self.in_neighbors, rmeta, rcounts):
+            if m is not None:
+                result[i] = rbuf[off:off + c].view(np.dtype(m[0])).reshape(m[1]).copy()
+            off += c
+        return result
+
+    # -- global collectives ---------------------------------------------
+    def agree(self, error=None):
+        """Collective. Raise :class:`CollectiveError` on every rank if any rank passes an error.
+
+        ``error`` is None (all fine here) or a message; the lowest failing
+        rank's message is raised everywhere.  Use it before a collective that
+        local bad input would otherwise hang.
+        """
+        MPI = _mpi()
+        failed = self.base.allreduce(0 if error is None else 1, op=MPI.SUM)
+        if failed:
+            msgs = self.base.allgather(None if error is None else str(error))
+            first = next(m for m in msgs if m is not None)
+            more = f" (and {failed - 1} other rank(s))" if failed > 1 else ""
+            raise CollectiveError(first + more)
+
+    def allreduce(self, x, op="sum", out=None):
+        """Collective. Elementwise reduction over all ranks (sum, mean, max, min).
+
+        Python and NumPy scalars return a scalar; arrays and tensors return an
+        array (``out=x`` reduces in place).
+        """
+        MPI = _mpi()
+        if op not in _OPS:
+            raise ValueError(f"unknown op {op!r}; choose one of {_OPS}")
+        mop = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
+        n = self.size
+        if np.isscalar(x) or (isinstance(x, np.ndarray) and x.ndim == 0 and out is None):
+            v = self.base.allreduce(x.item() if isinstance(x, np.generic) else x, op=mop)
+            self._charge_allreduce(8)
+            return v / n if op == "mean" else v
+        a, _ = _as_array(x, writable=False)
+        if out is None:
+            o, wb, result = np.empty_like(a), None, None
+        else:
+            o, wb = _as_array(out)
+            result = out
+        if o.size != a.size or o.dtype != a.dtype:
+            raise ValueError("allreduce: out must match x in size and dtype")
+        if np.shares_memory(a, o):
+            self.base.Allreduce(MPI.IN_PLACE, o, op=mop)
+        else:
+            self.base.Allreduce(a, o, op=mop)
+        if op == "mean":
+            o /= n
+        if wb is not None:
+            wb()
+        self._charge_allreduce(a.nbytes)
+        return o.reshape(np.shape(x)) if result is None else result
+
+    def start_allreduce(self, x: np.ndarray, op="sum"):
+        """Collective. Begin an elementwise reduction of the NumPy array ``x``; ``.wait()`` returns it.
+
+        A nonblocking ``Iallreduce`` into a new array (``x`` must stay untouched
+        until ``wait()``); ``mean`` is not offered.  Every rank must start its
+        reductions in the same order.
+        """
+        MPI = _mpi()
+        if op not in ("sum", "max", "min"):
+            raise ValueError(f"start_allreduce: op must be sum, max or min, got {op!r}")
+        a = np.ascontiguousarray(x)
+        o = np.empty_like(a)
+        req = self.base.Iallreduce(a, o, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        self._charge_allreduce(a.nbytes)
+        return _Reduction(req, a, o)
+
+    def _charge_allreduce(self, nbytes):
+        if self.size > 1:
+            self.bytes_sent += int(2 * (self.size - 1) * nbytes / self.size)
+            self.messages_sent += 2 * (self.size - 1)
+
+    def argmin(self, value):
+        """Collective. ``(min value, owner rank)`` over all ranks (MPI MINLOC; ties -> lowest rank)."""
+        MPI = _mpi()
+        v, r = self.base.allreduce((float(value), self.rank), op=MPI.MINLOC)
+        return v, r
+
+    def bcast(self, obj, root=0):
+        """Collective. Broadcast from ``root``: arrays/tensors in place, other objects pickled."""
+        if isinstance(obj, np.ndarray) or type(obj).__module__.startswith("torch"):
+            a, wb = _as_array(obj)
+            self.base.Bcast(a, root=root)
+            if wb is not None:
+                wb()
+            if self.rank == root:
+                self.bytes_sent += a.nbytes * (self.size - 1)
+            return obj
+        return self.base.bcast(obj, root=root)
+
+    def barrier(self):
+        """Collective. Block until every rank arrives."""
+        self.base.Barrier()
+
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- begin ----
+    def start_exchange(self, send: dict, recv: dict, tag: int = 0) -> "Exchange":
+        """Local (a collective pattern). Start sends ``send[j]`` to out-neighbours and receives
+        into the preallocated ``recv[i]`` from in-neighbours; ``.wait()`` completes both.
+
+        Point-to-point on the graph communicator (ranks are unchanged: reorder=False),
+        zero-copy: arrays must be C-contiguous, ``recv`` buffers writable, and each
+        pair of ranks must agree on the sizes (the caller's protocol fixes them).
+        Neither ``send`` nor ``recv`` arrays may be touched until ``wait()``
+        returns.  Counts bytes and messages like :meth:`exchange`.  Messages
+        between two ranks with the same tag arrive in the order they were started.
+        """
+        MPI = _mpi()
+        bad = [j for j in send if j not in self.out_neighbors] + \
+              [i for i in recv if i not in self.in_neighbors]
+        if bad:
+            raise ValueError(f"rank {self.rank}: start_exchange() with ranks {bad} that are not "
+                             f"neighbours in topology {self.topology.name!r}")
+        reqs = []
+        for i, buf in recv.items():
+            a, _ = _as_array(buf)
+            reqs.append(self.graph.Irecv([a.view(np.uint8), MPI.BYTE], source=i, tag=tag))
+        for j, arr in send.items():
+            a, _ = _as_array(arr, writable=False)
+            if not a.flags.c_contiguous:
+                raise ValueError("start_exchange needs C-contiguous send arrays")
+            reqs.append(self.graph.Isend([a.view(np.uint8), MPI.BYTE], dest=j, tag=tag))
+            self.bytes_sent += int(a.nbytes)
+            self.messages_sent += 1
+        return Exchange(reqs)
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- end ----
+
+
+# ---- pdADMM (issue 11): handle of start_exchange -- begin ----
+class Exchange:
+    """Handle of :meth:`GraphComm.start_exchange`: ``wait()`` completes every send and receive."""
+
+    def __init__(self, requests):
+        self._requests = requests
+
+    def wait(self):
+        """Local. Block until all messages of this exchange have completed."""
+        if self._requests:
+            _mpi().Request.Waitall(self._requests)
+            self._requests = []
+
+    def test(self) -> bool:
+        """Local. True when every message has completed (then wait() returns at once)."""
+        if not self._requests:
+            return True
+        done = _mpi().Request.Testall(self._requests)
+        if done:
+            self._requests = []
+        return bool(done)
+# ---- pdADMM (issue 11): handle of start_exchange -- end ----
+
+
+class _Reduction:
+    """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
+
+    def __init__(self, request, send, out):
+        self._request, self._send, self._out = request, send, out
+
+    def test(self) -> bool:
+        """Local. True when the reduction has finished."""
+        return self._request is None or bool(self._request.Test())
+
+    def wait(self) -> np.ndarray:
+        """Local. Finish the reduction and return the reduced array."""
+        if self._request is not None:
+            self._request.Wait()
+            self._request = self._send = None
+        return self._out
+
+
+class _PendingResult(Pending):
+    def __init__(self, gc, plan, a, o, wb, request, result):
+        super().__init__(gc, plan, a, o, wb, request)
+        self._result = result
+
+    def wait(self):
+        super().wait()
+        return self._result
+
+
+class ScheduledGraphComm:
+    """Collective. Consensus over a time-varying schedule ``step -> Topology``.
+
+    Keeps one :class:`GraphComm` per distinct topology (at most ``cache``;
+    the least recently used is closed when full).  Every rank evaluates the
+    same schedule at the same step, so creation and eviction stay collective.
+    """
+
+    def __init__(self, comm, schedule, *, cache=8):
+        self.comm = comm
+        self.schedule = schedule
+        self._cache: OrderedDict = OrderedDict()
+        self._max = max(1, int(cache))
+        self._retired_bytes = 0
+        self._retired_messages = 0
+        self.rank = comm.Get_rank()
+        self.size = comm.Get_size()
+
+    def at(self, step: int) -> GraphComm:
+        topo = self.schedule(step)
+        gc = self._cache.get(topo)
+        if gc is None:
+            gc = GraphComm(self.comm, topo)
+            self._cache[topo] = gc
+            while len(self._cache) > self._max:
+                _, old = self._cache.popitem(last=False)
+                self._retired_bytes += old.bytes_sent
+                self._retired_messages += old.messages_sent
+                old.close()
+        else:
+            self._cache.move_to_end(topo)
+        return gc
+
+    def mix(self, x, step: int, out=None):
+        """Collective. Mix with the topology of ``step``."""
+        return self.at(step).mix(x, out=out)
+
+    @property
+    def bytes_sent(self):
+        return self._retired_bytes + sum(g.bytes_sent for g in self._cache.values())
+
+    @property
+    def messages_sent(self):
+        return self._retired_messages + sum(g.messages_sent for g in self._cache.values())
+
+    def close(self):
+        for gc in self._cache.values():
+            gc.close()
+        self._cache.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
