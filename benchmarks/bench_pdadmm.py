@@ -231,6 +231,45 @@ def cmd_plot(args):
     fig.savefig(args.png, dpi=110)
 
 
+def cmd_tables(args):
+    """Markdown tables (stdout) from the JSON results of run_pdadmm.sh."""
+    R = args.dir
+
+    def load(name):
+        path = os.path.join(R, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+    t1, t2, p2, t784 = (load(f"pdadmm_iter_{k}.json") for k in ("t1", "t2", "p2", "784_t1"))
+    print("| run | median s/iter | p | W | b | z | q | u | wait | GEMM floor s | peak RSS MB | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, d in (("196 feat, 1 rank, 1 thread", t1), ("196 feat, 1 rank, 2 threads", t2),
+                     ("196 feat, 2 ranks x 1 thread", p2), ("784 feat, 1 rank, 1 thread", t784)):
+        if d is None:
+            continue
+        r0 = max(d["ranks"], key=lambda o: o["median_iter_s"])
+        u = r0["update_s"]
+        fl = r0["gemm_floor_s"]
+        print(f"| {label} | {d['median_iter_s']:.2f} | " + " | ".join(f"{u[k]:.2f}" for k in
+              ("p", "W", "b", "z", "q", "u", "wait")) + f" | {fl:.2f} | " if fl else
+              f"| {label} | {d['median_iter_s']:.2f} | " + " | ".join(f"{u[k]:.2f}" for k in
+              ("p", "W", "b", "z", "q", "u", "wait")) + " | - | ", end="")
+        print(f"{d['peak_rss_mb_max']:.0f} | {d['load'][0]:.1f} |")
+    for name in ("pdadmm_bytes_p3.json", "pdadmm_bytes_q_p3.json"):
+        d = load(name)
+        if d:
+            print(f"\n{name}: bytes/iteration (all ranks) {d['bytes_per_iter_total']:.0f}")
+    m = load("pdadmm_model.json")
+    if m:
+        print("\n| L | message | serial s/iter | message s | parallel s/iter | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for r in m["rows"]:
+            print(f"| {r['L']} | {r['message']} | {r['serial_s']:.2f} | {r['message_s']:.3f} | "
+                  f"{r['parallel_s']:.2f} | {r['speedup']:.2f} |")
+        print("per-layer s:", [round(v, 3) for v in m["layer_s"]])
+    g = load("pdadmm_msg.json")
+    if g:
+        print("msg:", {k: (g[k]["bytes"], round(g[k]["median_s"], 4)) for k in ("float32", "uint16")})
+
+
 def _write(path, obj):
     text = json.dumps(obj, indent=1)
     if path:
@@ -276,8 +315,10 @@ def main(argv=None):
     q.add_argument("--sgd", default="")
     q.add_argument("--png", default="docs/img/pdadmm_fmnist_acc.png")
     q.add_argument("--iter-s", type=float, required=True, help="measured seconds per iteration (1 rank, 1 thread)")
+    q = sub.add_parser("tables")
+    q.add_argument("--dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    {"iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
+    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":
