@@ -65,3 +65,14 @@ def test_combine_strided_inputs_and_outputs(which):
     np.testing.assert_allclose(out, ref.combine(np.ascontiguousarray(x), recv, 0.4, w), rtol=1e-14, atol=1e-14)
     if which != "x":
         assert np.all(outbuf[0::2] == 0)                                       # nothing else written
+
+
+def test_combine_error_names_the_row_count():
+    with pytest.raises(ValueError, match=r"3 rows but \(2,\) weights"):
+        kernels.combine(np.zeros(4), np.zeros((3, 4)), 1.0, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_combine_empty_vectors(k):
+    out = kernels.combine(np.zeros(0), np.zeros((k, 0)), 0.5, np.full(k, 0.5 / max(k, 1)))
+    assert out.shape == (0,)
