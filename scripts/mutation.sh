@@ -29,7 +29,7 @@ kernels-mixing|kernels/mixing.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q 
 kernels-prox|kernels/prox.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
 kernels-losses|kernels/losses.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
 kernels-surrogate|kernels/surrogate.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
-algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py tests/test_checkpoint.py
+algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py|$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
 algorithms-next|mpidl/algorithms/next.py|$MPI_RUN tests/mpi/mpitest_next.py -x
 topology|mpidl/topology.py|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
