@@ -53,6 +53,7 @@ def test_bad_schedules_are_errors(cfg, match):
 def test_good_schedules_validate():
     for kind in ("constant", "diminishing", "step"):
         assert check_lr(_cfg(kind)) is None
+    assert check_lr(_cfg("step", step_epochs=0.5)) is None          # fractional epochs are fine
 
 
 def test_step_schedule_with_zero_steps_per_epoch_counts_steps_as_epochs():
