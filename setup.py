@@ -14,7 +14,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mpidl", "mpidl.commands", "mpidl.algorithms", "mpidl.kernels"],
+    packages=["mpidl", "mpidl.comm", "mpidl.commands", "mpidl.algorithms", "mpidl.kernels"],
     package_dir={"mpidl.kernels": "kernels"},
     install_requires=[
         "numpy>=1.24",

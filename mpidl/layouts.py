@@ -292,6 +292,9 @@ class AgentSession(Session):
                 f"consensus {ev['consensus_error']:.3e}, gap {ev['generalization_gap']:.4f}")
 
     def close(self):
+        algo_close = getattr(getattr(self, "algo", None), "close", None)
+        if algo_close is not None:  # algorithms with their own communicators / RMA windows (LSGD, EASGD)
+            algo_close()
         for c in (self._sched, self.mc, self.gc):
             if c is not None:
                 c.close()
