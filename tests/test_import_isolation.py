@@ -1,4 +1,4 @@
-"""Import isolation: mpidl.kernels / topology / config / algorithms never import torch or mpi4py
+"""Import isolation: mpidl.kernels / topology / config never import torch or mpi4py
 (not merely "work without them"), and importing any mpidl module makes no MPI call."""
 import subprocess
 import sys
@@ -16,8 +16,7 @@ class Watch:
             attempts.append(name)
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Watch())
-import mpidl, mpidl.kernels, mpidl.topology, mpidl.config, mpidl.errors, mpidl.algorithms
-mpidl.config.algorithm_registry()
+import mpidl, mpidl.kernels, mpidl.topology, mpidl.config, mpidl.errors
 mpidl.topology.ring(4).spectral_gap()
 import numpy as np
 mpidl.kernels.combine(np.ones(3), np.ones((1, 3)), 0.5, [0.5])
