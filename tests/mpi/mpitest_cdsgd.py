@@ -123,6 +123,7 @@ def test_defaults_without_context():
 @pytest.mark.parametrize("name,overrides,ok", [
     ("cdmsgd", ["algorithm.momentum=1.0"], False), ("cdmsgd", ["algorithm.momentum=-0.1"], False),
     ("cdmsgd", ["algorithm.momentum=0.0"], True),
+    ("cdmsgd", [], True), ("centralized", [], True), ("fedavg", [], True), ("cdsgd", [], True),  # defaults
     ("centralized", ["algorithm.momentum=1.5"], False), ("centralized", ["algorithm.momentum=1.0"], False),
     ("centralized", ["algorithm.momentum=-0.1"], False), ("centralized", ["algorithm.momentum=0.0"], True),
     ("fedavg", ["algorithm.local_steps=0", "algorithm.local_epochs=0.5"], True),
