@@ -118,6 +118,15 @@ def test_defaults_without_context():
     x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_steps=3"], sizes,
                                  context=False)
     _close(x, ref.fedavg(x0, oracles, STEPS, lr, 3, [1] * N), "fedavg, equal weights")
+    x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_epochs=2.0"],
+                                 context=False)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, 2, [1] * N), "fedavg, 2 epochs of 1 step")
+
+
+def test_fedavg_default_local_steps_is_10():
+    sizes = [40 + 8 * i for i in range(N)]
+    x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1"], sizes)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, 10, sizes), "fedavg with the default local_steps")
 
 
 @pytest.mark.parametrize("name,overrides,ok", [
