@@ -32,7 +32,7 @@ PER_RANK = ('r="${PMI_RANK:-$OMPI_COMM_WORLD_RANK}"; "$0" -m mpidl "$@" >"$D/out
 def test_user_error_is_reported_once(args, match, tmp_path):
     n = 3
     env = dict(os.environ, OMP_NUM_THREADS="1", D=str(tmp_path))
-    proc = subprocess.run([mpiexec(), "-n", str(n), "sh", "-c", PER_RANK, sys.executable, *args], cwd=ROOT,
+    proc = subprocess.run([*mpiexec(), "-n", str(n), "sh", "-c", PER_RANK, sys.executable, *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]           # the wrapper, not mpidl
     rcs = {r: (tmp_path / f"rc.{r}").read_text().strip() for r in range(n) if (tmp_path / f"rc.{r}").exists()}
