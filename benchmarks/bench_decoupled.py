@@ -17,6 +17,10 @@
     first ``--subset`` samples of each replica's shard; writes
     ``benchmarks/results/decoupled/NAME.json``.
 
+``python benchmarks/bench_decoupled.py layouts``
+    Bytes per iteration on each link and the memory of the stashed weights /
+    inputs per stage, computed from the sliced models (float32).
+
 ``python benchmarks/bench_decoupled.py report``
     Plots (docs/img/bench_decoupled_*.png) and markdown tables (stdout) from the
     JSON files.
@@ -202,6 +206,37 @@ def report(args):
                   f"| {100 * best:.2f} | {last['wall']:.0f} |")
 
 
+# -- bytes per link and stash memory (computed from the sliced models; no timing) -------------------------
+LAYOUTS = [("mlp", (256, 256, 128), 128, {2: [2], 3: [1, 2], 4: [1, 2, 3]}),
+           ("mlp", (1152, 1024, 1024, 1024), 128, {2: [2]}),
+           ("cnn", (), 64, {2: [2], 3: [1, 2], 4: [1, 2, 4]}),
+           ("resnet20", (), 128, {2: [5], 3: [3, 7], 4: [3, 5, 8]})]
+
+
+def layouts(args):
+    import torch
+    from mpidl.models import build_model, slice_model
+    print("| model | K | cuts | stage k | params | d_k | fwd bytes/iter to k+1 | bwd bytes/iter to k-1 "
+          "| w_stash MiB | in_stash MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name, hidden, B, by_k in LAYOUTS:
+        for K, cuts in by_k.items():
+            model = build_model(name, (1, 28, 28), 10, hidden=hidden or (256, 128), seed=0).eval()
+            stages = slice_model(model, K, cuts)
+            h = torch.zeros(2, 1, 28, 28)
+            ins = []
+            with torch.no_grad():
+                for st in stages:
+                    ins.append(h[0].numel())
+                    h = st(h)
+            for k, st in enumerate(stages):
+                P = sum(p.numel() for p in st.parameters())
+                d = 2 * (K - 1 - k)
+                out = ins[k + 1] if k + 1 < K else 0
+                label = f"{name} {list(hidden)}" if hidden else name
+                print(f"| {label} | {K} | {cuts} | {k} | {P:,} | {d} | {4 * B * out:,} | "
+                      f"{4 * B * ins[k] if k else 0:,} | {4 * d * P / 2**20:.2f} | {4 * d * B * ins[k] / 2**20:.2f} |")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -218,8 +253,10 @@ def main():
     a.add_argument("--subset", type=int, default=0)
     a.add_argument("--eval-every", type=float, default=1.0)
     sub.add_parser("report")
+    sub.add_parser("layouts")
     args = p.parse_args()
-    {"timing": timing, "_time": worker_time, "train": worker_train, "report": report}[args.cmd](args)
+    {"timing": timing, "_time": worker_time, "train": worker_train, "report": report,
+     "layouts": layouts}[args.cmd](args)
 
 
 if __name__ == "__main__":
