@@ -175,35 +175,42 @@ def timing(args):
 
 
 # -- report ----------------------------------------------------------------------
+PLOTS = {"cnn": ("CNN, first 10000 samples, batch 64", ["cnn_BP", "cnn_K2"]),
+         "mlp_k": ("MLP 256-256-128, K stages", ["mlp_BP", "mlp_K2", "mlp_K3", "mlp_K4", "mlpdp_M2K2"]),
+         "mlp_beta": ("MLP 256-256-128, gradient shrinking beta",
+                      ["mlp_K2", "mlpbeta_K2-beta0.5", "mlp_K4", "mlpbeta_K4-beta0.5", "mlpbeta_K4-beta0.25"])}
+
+
 def report(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(ACC.glob("*.json"))}
-    groups = {}
-    for name, r in runs.items():
-        groups.setdefault(name.split("_")[0], []).append(r)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for grp, rs in groups.items():
+    for key, (title, names) in PLOTS.items():
+        rs = [runs[n] for n in names if n in runs]
+        if not rs:
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in rs:
             ax.plot([row["epoch"] for row in r["rows"]], [100 * row["test_acc"] for row in r["rows"]],
-                    marker="o", ms=3, label=r["name"].split("_", 1)[1])
+                    marker="o", ms=3, label=r["name"])
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"fdg on Fashion-MNIST: {grp}")
+        ax.set_title(f"fdg, Fashion-MNIST: {title}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(img / f"bench_decoupled_{grp}.png", dpi=110)
+        fig.savefig(img / f"bench_decoupled_{key}.png", dpi=110)
         plt.close(fig)
-        print(f"\n### {grp}\n\n| run | ranks | cuts | final epoch | test acc % | best % | wall s |\n|---|---|---|---|---|---|---|")
+        print(f"\n### {title}\n\n| run | ranks | cuts | epochs | final test acc % | best % | final train loss | wall s |"
+              "\n|---|---|---|---|---|---|---|---|")
         for r in rs:
             last = r["rows"][-1]
             best = max(row["test_acc"] for row in r["rows"])
-            print(f"| {r['name']} | {r['ranks']} | {r['cuts']} | {last['epoch']:.2f} | {100 * last['test_acc']:.2f} "
-                  f"| {100 * best:.2f} | {last['wall']:.0f} |")
+            print(f"| {r['name']} | {r['ranks']} | {r['cuts']} | {last['epoch']:.0f} | {100 * last['test_acc']:.2f} "
+                  f"| {100 * best:.2f} | {last['train_loss']:.4f} | {last['wall']:.0f} |")
 
 
 # -- bytes per link and stash memory (computed from the sliced models; no timing) -------------------------

@@ -19,9 +19,11 @@ if [[ $what == cnn || $what == all ]]; then
   wait
 fi
 if [[ $what == mlp || $what == all ]]; then
-  # MLP 784-256-256-128-10 (4 units), full training set, batch 128, 10 epochs: K = 1..4, beta, M x K = 2 x 2
+  # MLP 784-256-256-128-10 (4 units), full training set, batch 128, 10 epochs: K = 1..4, beta, M x K = 2 x 2.
+  # (lr05_BP / lr05_K2 in the results are the first two runs with lr 0.05: too large for the stale
+  # stages; K = 4 at lr 0.05 sat at 10% accuracy for its first 3 epochs and was stopped.)
   MLP=(--set model.name=mlp --set "model.hidden=[256, 256, 128]" --set run.batch_size=128 --set run.epochs=10
-       --set algorithm.lr=0.05 "${HP[@]}")
+       --set algorithm.lr=0.01 "${HP[@]}")
   $L -n 1 $B mlp_BP "${MLP[@]}" --set algorithm.stages=1
   $L -n 2 $B mlp_K2 "${MLP[@]}" --set algorithm.stages=2 --set "algorithm.cuts=[2]"
   $L -n 4 $B mlp_K4 "${MLP[@]}" --set algorithm.stages=4 --set "algorithm.cuts=[1, 2, 3]"
