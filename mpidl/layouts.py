@@ -210,7 +210,7 @@ class AgentSession(Session):
 
             def new_model():
                 return FlatModel(build_model(cfg.model.name, shard.input_shape, shard.num_classes,
-                                             cfg.model.hidden, seed=r.seed), dtype)
+                                             cfg.model.hidden, seed=r.seed, dropout=cfg.model.dropout), dtype)
 
             self.fm, fm_eval = new_model(), new_model()
             self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
@@ -292,6 +292,9 @@ class AgentSession(Session):
                 f"consensus {ev['consensus_error']:.3e}, gap {ev['generalization_gap']:.4f}")
 
     def close(self):
+        algo_close = getattr(getattr(self, "algo", None), "close", None)
+        if algo_close is not None:  # algorithms with their own communicators / RMA windows (LSGD, EASGD)
+            algo_close()
         for c in (self._sched, self.mc, self.gc):
             if c is not None:
                 c.close()

@@ -18,27 +18,31 @@ __all__ = ["build_model", "MLP", "CNN", "ResNet20", "model_units", "slice_model"
 
 
 class MLP(nn.Sequential):
-    def __init__(self, in_features: int, hidden, num_classes: int):
+    """Flatten, then Linear-ReLU per hidden width (each followed by Dropout(p) when p > 0), Linear."""
+
+    def __init__(self, in_features: int, hidden, num_classes: int, dropout: float = 0.0):
         layers = [nn.Flatten()]
         prev = in_features
         for h in hidden:
-            layers += [nn.Linear(prev, int(h)), nn.ReLU()]
+            layers += [nn.Linear(prev, int(h)), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout > 0 else [])
             prev = int(h)
         layers.append(nn.Linear(prev, num_classes))
         super().__init__(*layers)
 
 
 class CNN(nn.Sequential):
-    """conv 32-32-64-64 (3x3, ReLU, 2x2 max-pool after each pair), dense 512, as in arXiv 1706.07880."""
+    """conv 32-32-64-64 (3x3, ReLU, 2x2 max-pool after each pair), dense 512, as in arXiv 1706.07880
+    (Dropout(p) after the dense layer when p > 0)."""
 
-    def __init__(self, in_channels: int, side: int, num_classes: int):
+    def __init__(self, in_channels: int, side: int, num_classes: int, dropout: float = 0.0):
         s = side // 4
         super().__init__(
             nn.Conv2d(in_channels, 32, 3, padding=1), nn.ReLU(),
             nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
             nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * s * s, 512), nn.ReLU(), nn.Linear(512, num_classes))
+            nn.Flatten(), nn.Linear(64 * s * s, 512), nn.ReLU(),
+            *([nn.Dropout(dropout)] if dropout > 0 else []), nn.Linear(512, num_classes))
 
 
 class _Block(nn.Module):
@@ -77,19 +81,28 @@ class ResNet20(nn.Module):
         return self.head(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-def build_model(name: str, input_shape, num_classes: int, hidden=(256, 128), seed: int = 0) -> nn.Module:
-    """Local. Build a model with seeded initialisation (identical on every rank)."""
+def build_model(name: str, input_shape, num_classes: int, hidden=(256, 128), seed: int = 0,
+                dropout: float = 0.0) -> nn.Module:
+    """Local. Build a model with seeded initialisation (identical on every rank).
+
+    ``dropout`` (MLP and CNN only; 0 = none) adds Dropout layers that draw from torch's RNG in
+    training mode, which a checkpoint saves and a resume restores.
+    """
+    if not 0.0 <= dropout < 1.0:
+        raise MpidlError(f"dropout must lie in [0, 1), got {dropout}")
+    if dropout > 0 and name not in ("mlp", "cnn"):
+        raise MpidlError(f"dropout is implemented for the mlp and cnn models, not {name!r}")
     torch.manual_seed(seed)
     in_features = int(math.prod(input_shape))
     out = max(int(num_classes), 1)
     if name == "mlp":
-        return MLP(in_features, hidden, out)
+        return MLP(in_features, hidden, out, dropout)
     if name == "linear":
         return MLP(in_features, (), out)
     if len(input_shape) != 3 and name in ("cnn", "resnet20"):
         raise MpidlError(f"model {name!r} needs image input (C, H, W), got shape {tuple(input_shape)}")
     if name == "cnn":
-        return CNN(input_shape[0], input_shape[1], out)
+        return CNN(input_shape[0], input_shape[1], out, dropout)
     if name == "resnet20":
         return ResNet20(input_shape[0], out)
     raise MpidlError(f"unknown model {name!r}; choose mlp, cnn, resnet20 or linear")

@@ -1,26 +1,4 @@
-"""GraphComm: graph consensus over MPI neighbour collectives.
-
-This is the only module in mpidl that imports mpi4py.  A :class:`GraphComm`
-duplicates a base communicator (so the library's messages never meet the
-user's) and builds a distributed-graph communicator from a
-:class:`~mpidl.topology.Topology` with ``Create_dist_graph_adjacent``
-(``reorder=False``: rank i stays agent i).  One consensus mix,
-
-    x_i <- W_ii x_i + sum_{j in N_i} W_ij x_j                (ALGORITHMS.md section 0)
-
-is ONE ``Neighbor_allgather`` into a preallocated buffer (a persistent request
-when the MPI library has MPI-4 persistent collectives) followed by the Numba
-combine kernel :func:`mpidl.kernels.combine`.
-
-Buffers: NumPy arrays and CPU torch tensors enter zero-copy (``.numpy()``);
-a CUDA tensor is staged through host memory.  float32 and float64, any shape
-(contiguous).  Every rank must mix arrays of the same shape and dtype.
-
-Counters: ``bytes_sent`` / ``messages_sent`` count what this rank hands to
-MPI for its out-neighbours (exact for neighbour collectives).  An allreduce
-is charged the bandwidth-optimal ring model, 2 (n - 1) / n x payload bytes and
-2 (n - 1) messages, since its real traffic depends on the MPI library.
-"""
+"""GraphComm: graph consensus over MPI neighbour collectives (see :mod:`mpidl.comm`)."""
 from __future__ import annotations
 
 import zlib
@@ -28,56 +6,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-from mpidl.errors import MpidlError
+from mpidl.comm.core import _OPS, CollectiveError, _as_array, _mpi, _persistent_collectives, _pointers
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
-
-__all__ = ["GraphComm", "ScheduledGraphComm", "Pending", "CollectiveError", "world"]
-
-
-class CollectiveError(MpidlError):
-    """Raised on every rank when any rank reported an error to :meth:`GraphComm.agree`."""
-
-
-def _mpi():
-    """Import MPI lazily: importing mpidl must not initialise MPI."""
-    from mpi4py import MPI
-    return MPI
-
-
-def world():
-    """Local. ``MPI.COMM_WORLD`` (initialises MPI on first use)."""
-    return _mpi().COMM_WORLD
-
-
-_OPS = ("sum", "mean", "max", "min")
-
-
-def _as_array(x, writable=True):
-    """Flat zero-copy NumPy view of ``x`` plus a write-back callable (or None)."""
-    mod = type(x).__module__
-    if mod.startswith("torch"):
-        t = x.detach()
-        if t.device.type != "cpu":
-            host = t.to("cpu").contiguous()
-            return host.numpy().reshape(-1), (lambda: t.copy_(host.view_as(t), non_blocking=False))
-        if not t.is_contiguous():
-            raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
-        return t.numpy().reshape(-1), None
-    a = np.asarray(x)
-    if not a.flags.c_contiguous:
-        raise ValueError("GraphComm needs a C-contiguous array (np.ascontiguousarray)")
-    if writable and not a.flags.writeable:
-        raise ValueError("GraphComm cannot write into a read-only array")
-    return a.reshape(-1), None
-
-
-def _pointers(x, out):
-    """Data pointers of two CPU torch tensors / arrays (fast-path validity check)."""
-    px = x.data_ptr() if hasattr(x, "data_ptr") else x.__array_interface__["data"][0]
-    po = out.data_ptr() if hasattr(out, "data_ptr") else out.__array_interface__["data"][0]
-    return px, po
-
 
 class Pending:
     """Handle of a nonblocking mix; :meth:`wait` completes it and returns ``out``."""
@@ -152,8 +83,8 @@ class GraphComm:
             sourceweights=MPI.UNWEIGHTED, destweights=MPI.UNWEIGHTED, reorder=False)
         self._w_self = topology.self_weight(self.rank)
         self._w_in = topology.in_weights(self.rank)
-        has_persistent = hasattr(self.graph, "Neighbor_allgather_init")
-        self.persistent = has_persistent if persistent is None else (bool(persistent) and has_persistent)
+        want = True if persistent is None else bool(persistent)
+        self.persistent = want and _persistent_collectives(self.graph)
         self._plans: OrderedDict = OrderedDict()
         self._plan_cache = max(1, int(plan_cache))
         self._last = None  # fast path: (x, out, data pointers, plan, a, o) of the last mix
@@ -368,6 +299,22 @@ class GraphComm:
         self._charge_allreduce(a.nbytes)
         return o.reshape(np.shape(x)) if result is None else result
 
+    def start_allreduce(self, x: np.ndarray, op="sum"):
+        """Collective. Begin an elementwise reduction of the NumPy array ``x``; ``.wait()`` returns it.
+
+        A nonblocking ``Iallreduce`` into a new array (``x`` must stay untouched
+        until ``wait()``); ``mean`` is not offered.  Every rank must start its
+        reductions in the same order.
+        """
+        MPI = _mpi()
+        if op not in ("sum", "max", "min"):
+            raise ValueError(f"start_allreduce: op must be sum, max or min, got {op!r}")
+        a = np.ascontiguousarray(x)
+        o = np.empty_like(a)
+        req = self.base.Iallreduce(a, o, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
+        self._charge_allreduce(a.nbytes)
+        return _Reduction(req, a, o)
+
     def _charge_allreduce(self, nbytes):
         if self.size > 1:
             self.bytes_sent += int(2 * (self.size - 1) * nbytes / self.size)
@@ -394,6 +341,80 @@ class GraphComm:
     def barrier(self):
         """Collective. Block until every rank arrives."""
         self.base.Barrier()
+
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- begin ----
+    def start_exchange(self, send: dict, recv: dict, tag: int = 0) -> "Exchange":
+        """Local (a collective pattern). Start sends ``send[j]`` to out-neighbours and receives
+        into the preallocated ``recv[i]`` from in-neighbours; ``.wait()`` completes both.
+
+        Point-to-point on the graph communicator (ranks are unchanged: reorder=False),
+        zero-copy: arrays must be C-contiguous, ``recv`` buffers writable, and each
+        pair of ranks must agree on the sizes (the caller's protocol fixes them).
+        Neither ``send`` nor ``recv`` arrays may be touched until ``wait()``
+        returns.  Counts bytes and messages like :meth:`exchange`.  Messages
+        between two ranks with the same tag arrive in the order they were started.
+        """
+        MPI = _mpi()
+        bad = [j for j in send if j not in self.out_neighbors] + \
+              [i for i in recv if i not in self.in_neighbors]
+        if bad:
+            raise ValueError(f"rank {self.rank}: start_exchange() with ranks {bad} that are not "
+                             f"neighbours in topology {self.topology.name!r}")
+        reqs = []
+        for i, buf in recv.items():
+            a, _ = _as_array(buf)
+            reqs.append(self.graph.Irecv([a.view(np.uint8), MPI.BYTE], source=i, tag=tag))
+        for j, arr in send.items():
+            a, _ = _as_array(arr, writable=False)
+            if not a.flags.c_contiguous:
+                raise ValueError("start_exchange needs C-contiguous send arrays")
+            reqs.append(self.graph.Isend([a.view(np.uint8), MPI.BYTE], dest=j, tag=tag))
+            self.bytes_sent += int(a.nbytes)
+            self.messages_sent += 1
+        return Exchange(reqs)
+    # ---- pdADMM (issue 11): nonblocking point-to-neighbour messages -- end ----
+
+
+# ---- pdADMM (issue 11): handle of start_exchange -- begin ----
+class Exchange:
+    """Handle of :meth:`GraphComm.start_exchange`: ``wait()`` completes every send and receive."""
+
+    def __init__(self, requests):
+        self._requests = requests
+
+    def wait(self):
+        """Local. Block until all messages of this exchange have completed."""
+        if self._requests:
+            _mpi().Request.Waitall(self._requests)
+            self._requests = []
+
+    def test(self) -> bool:
+        """Local. True when every message has completed (then wait() returns at once)."""
+        if not self._requests:
+            return True
+        done = _mpi().Request.Testall(self._requests)
+        if done:
+            self._requests = []
+        return bool(done)
+# ---- pdADMM (issue 11): handle of start_exchange -- end ----
+
+
+class _Reduction:
+    """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
+
+    def __init__(self, request, send, out):
+        self._request, self._send, self._out = request, send, out
+
+    def test(self) -> bool:
+        """Local. True when the reduction has finished."""
+        return self._request is None or bool(self._request.Test())
+
+    def wait(self) -> np.ndarray:
+        """Local. Finish the reduction and return the reduced array."""
+        if self._request is not None:
+            self._request.Wait()
+            self._request = self._send = None
+        return self._out
 
 
 class _PendingResult(Pending):
@@ -462,148 +483,3 @@ class ScheduledGraphComm:
     def __exit__(self, *exc):
         self.close()
         return False
-
-
-# =============================================================================
-# GridComm: the M x K rank grid of the decoupled pipeline (issue 8).
-# Kept in one block: the rest of this module is the consensus communicator.
-# =============================================================================
-__all__ += ["GridComm", "GridError"]
-
-
-class GridError(MpidlError):
-    """A grid that does not fit the MPI job (raised on every rank)."""
-
-
-class GridComm:
-    """Collective. An M x K grid of ranks: M data-parallel replicas x K pipeline stages.
-
-    World rank r sits at replica ``m = r // K`` and stage ``k = r % K`` (a
-    pipeline is K consecutive ranks, so on a cluster its point-to-point links
-    stay inside a node when K divides the ranks per node).  The communicator
-    is duplicated first, then split twice:
-
-    * ``stage``: a :class:`GraphComm` over the M copies of stage k (complete
-      graph), for the allreduce of the stage's gradient;
-    * ``path``: the K stages of replica m (an mpi4py intracommunicator with
-      rank k), for the nonblocking point-to-point messages: activations go to
-      k + 1, input-gradients to k - 1.
-
-    ``M * K != size`` raises :class:`GridError` on every rank.  Counters:
-    ``link_bytes[+1]`` / ``link_bytes[-1]`` are the bytes this rank sent to
-    its successor / predecessor; ``stage.bytes_sent`` the allreduce traffic
-    (ring model, see :class:`GraphComm`); ``bytes_sent`` their sum.
-    """
-
-    TAG_ACT, TAG_GRAD, TAG_EVAL = 11, 12, 13
-
-    def __init__(self, comm, M: int, K: int):
-        size = comm.Get_size()
-        M, K = int(M), int(K)
-        if M < 1 or K < 1 or M * K != size:
-            raise GridError(f"an M x K = {M} x {K} grid needs {M * K} ranks but the MPI job has "
-                            f"{size}; start it with mpiexec -n {M * K} or set [algorithm] "
-                            f"replicas/stages so that replicas x stages = {size}")
-        from mpidl import topology as T
-        self.M, self.K = M, K
-        self.base = comm.Dup()
-        self.rank, self.size = self.base.Get_rank(), size
-        self.m, self.k = divmod(self.rank, K)
-        split = self.base.Split(self.k, self.m)
-        try:
-            self.stage = GraphComm(split, T.complete(M))
-        finally:
-            split.Free()
-        self.path = self.base.Split(self.m, self.k)
-        self.link_bytes = {+1: 0, -1: 0}
-        self.link_messages = {+1: 0, -1: 0}
-        self._requests = []
-        self._closed = False
-
-    # -- lifecycle -------------------------------------------------------
-    def close(self):
-        """Collective. Finish outstanding messages, free the communicators (idempotent)."""
-        if self._closed:
-            return
-        self.waitall()
-        self.path.Free()
-        self.stage.close()
-        self.base.Free()
-        self._closed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-        return False
-
-    # -- errors and global collectives -------------------------------------
-    def agree(self, error=None):
-        """Collective (all grid ranks). Raise :class:`CollectiveError` everywhere if any rank has an error."""
-        GraphComm.agree(self, error)  # uses only self.base
-
-    def bcast(self, obj, root=0):
-        """Collective (all grid ranks). Pickled broadcast of a small object from world rank ``root``."""
-        return self.base.bcast(obj, root=root)
-
-    def allreduce_stage(self, x, op="mean", out=None):
-        """Collective over the M copies of this stage (see :meth:`GraphComm.allreduce`)."""
-        return self.stage.allreduce(x, op=op, out=out)
-
-    # -- point to point along the pipeline -----------------------------------
-    def _peer(self, direction):
-        if direction not in (+1, -1):
-            raise ValueError(f"direction must be +1 (successor) or -1 (predecessor), got {direction!r}")
-        peer = self.k + direction
-        if not 0 <= peer < self.K:
-            raise ValueError(f"stage {self.k} of {self.K} has no {'successor' if direction > 0 else 'predecessor'}")
-        return peer
-
-    def isend(self, x, direction: int, tag: int):
-        """Local. Start sending contiguous ``x`` to stage k + direction; completes in :meth:`waitall`.
-
-        ``x`` must not change until then.
-        """
-        a, _ = _as_array(x, writable=False)
-        req = self.path.Isend(a, dest=self._peer(direction), tag=tag)
-        self._requests.append(req)
-        self.link_bytes[direction] += a.nbytes
-        self.link_messages[direction] += 1
-        return req
-
-    def irecv(self, out, direction: int, tag: int):
-        """Local. Start receiving into contiguous ``out`` from stage k + direction (see :meth:`waitall`)."""
-        a, wb = _as_array(out)
-        if wb is not None:
-            raise ValueError("irecv needs a CPU buffer")
-        req = self.path.Irecv(a, source=self._peer(direction), tag=tag)
-        self._requests.append(req)
-        return req
-
-    def waitall(self):
-        """Local. Complete every message started by :meth:`isend` / :meth:`irecv`."""
-        if self._requests:
-            _mpi().Request.Waitall(self._requests)
-            self._requests = []
-
-    def send(self, x, direction: int, tag: int):
-        """Local. Blocking send of contiguous ``x`` to stage k + direction."""
-        self.isend(x, direction, tag)
-        self.waitall()
-
-    def recv(self, out, direction: int, tag: int):
-        """Local. Blocking receive into ``out`` from stage k + direction."""
-        self.irecv(out, direction, tag)
-        self.waitall()
-        return out
-
-    @property
-    def bytes_sent(self):
-        return self.link_bytes[+1] + self.link_bytes[-1] + self.stage.bytes_sent
-
-    def reset_counters(self):
-        """Local. Zero every byte / message counter."""
-        self.link_bytes = {+1: 0, -1: 0}
-        self.link_messages = {+1: 0, -1: 0}
-        self.stage.reset_counters()

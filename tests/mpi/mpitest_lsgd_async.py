@@ -1,0 +1,137 @@
+"""Asynchronous LSGD / EASGD: RMA model windows are never read torn, a slowed worker does not
+hang the run, EASGD's center loses no update, and async runs resume from a checkpoint."""
+import time
+
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpiutil import assert_all
+from mpidl import config
+from mpidl import topology as T
+from mpidl.comm import GraphComm, LeaderComm
+from mpidl.driver import train
+from reference.oracles import make_problem
+
+MPI_SIZES = (1, 2, 3, 4)
+MPI_TIMEOUT = 300
+W = MPI.COMM_WORLD
+N, R = W.Get_size(), W.Get_rank()
+
+
+def test_window_reads_are_never_torn_and_updates_never_lost():
+    """Every rank hammers one window with writes of uniform models (value = header loss) and
+    lock-free reads, checking each read model is uniform and matches its header; a second
+    window gets K read-modify-write increments per rank, which must all survive.  The host
+    first sleeps outside MPI: the others must not need it to make progress."""
+    n, K = 200_000, 25
+    with GraphComm(W, T.ring(N)) as gc:
+        lc = LeaderComm(gc)
+        win = lc.window(n, np.float64, "world")
+        ctr = lc.window(n, np.float64, "world", init=np.zeros(n))
+        x, out = np.empty(n), np.empty(n)
+        if R == 0:
+            time.sleep(0.5)
+        bad, reads = 0, 0
+        for i in range(K):
+            v = float(R * 1000 + i + 1)
+            x[...] = v
+            win.exchange(x, v, R, i, lambda h: True, out)
+            for _ in range(2):
+                h = win.read(out)
+                if h is not None:
+                    reads += 1
+                    bad += int(not (out[0] == h[1] and np.all(out == out[0])))
+            ctr.update(lambda c: np.add(c, 1.0, out=c), out)
+            h = ctr.read(out)
+            bad += int(not np.all(out == out[0]))
+        W.Barrier()
+        final = np.empty(n)
+        ctr.read(final)
+        assert_all(bad == 0 and reads >= K, f"{bad} torn reads out of {reads}")
+        assert_all(np.all(final == N * K), f"center lost updates: {final[:3]} != {N * K}")
+        assert_all(win.writes == K and ctr.writes == K + (1 if R == 0 else 0),  # + the host's init
+                   "write counts")
+        lc.close()
+
+
+class _Recording:
+    """Wraps an oracle: remembers the sum of lr * g actually applied (constant lr, no momentum)."""
+
+    def __init__(self, oracle, lr):
+        self.o, self.lr, self.dim = oracle, lr, oracle.dim
+        self.moved = np.zeros(oracle.dim)
+
+    def loss_grad(self, x, k):
+        loss, g = self.o.loss_grad(x, k)
+        self.moved += self.lr * g
+        return loss, g
+
+
+def _loop(name, overrides, rounds, oracle_wrap=None):
+    cfg = config.load(None, [f"algorithm.name={name}", "algorithm.asynchronous=true",
+                             f"algorithm.slow_rank={N - 1}", "algorithm.slow_factor=3.0"] + overrides).algorithm
+    factory = config.algorithm_registry()[name][1]
+    oracles, x0, spe = make_problem(N)
+    oracle = oracles[R] if oracle_wrap is None else oracle_wrap(oracles[R], cfg.lr)
+    algo = factory(cfg, steps_per_epoch=spe)
+    gc = GraphComm(W, T.ring(N))
+    state = algo.init(x0.copy(), gc)
+    losses = []
+    for k in range(rounds):
+        state, m = algo.step(k, state, oracle, gc)
+        losses.append(m["loss"])
+    return algo, state, gc, oracle, x0, losses
+
+
+@pytest.mark.parametrize("extra", [[], ["algorithm.groups=size", "algorithm.group_size=1", "algorithm.tau=2"],
+                                   ["algorithm.groups=node", "algorithm.tau=1", "algorithm.momentum=0.5"]])
+def test_async_lsgd_with_a_slow_worker_runs_to_completion(extra):
+    rounds = 12
+    algo, state, gc, _, _, losses = _loop("lsgd", ["algorithm.lr=0.05", "algorithm.tau_G=2"] + extra, rounds)
+    steps = W.allgather(algo.local_steps)
+    assert_all(all(np.isfinite(losses)) and state.t == algo.local_steps >= rounds,
+               f"rounds {rounds}, local steps {steps}")
+    # every worker read or published a leader; the published leader is a real worker's model
+    buf = np.empty_like(state.x)
+    owner = algo.leader_model(state, gc, buf)
+    assert_all(0 <= owner < N and state.have_g == 1 and np.all(np.isfinite(buf)), f"leader {owner}")
+    if R == 0:
+        print(f"async lsgd {extra}: local steps per worker {steps} in {rounds} rounds "
+              f"(worker {N - 1} slowed 3x), leader {owner}")
+    algo.close()
+    gc.close()
+
+
+def test_async_easgd_center_loses_no_update():
+    """x_i <- x_i - a (x_i - c), c <- c + a (x_i - c) conserve sum_i x_i + c, so at the end
+    sum_i x_i + c = (N + 1) x0 - sum_i sum_t lr g_i,t whatever the interleaving."""
+    rounds = 15
+    algo, state, gc, oracle, x0, losses = _loop("easgd", ["algorithm.lr=0.05", "algorithm.tau=1",
+                                                         "algorithm.beta=0.9"], rounds, _Recording)
+    c = algo.center_model(state, gc, np.empty_like(state.x))
+    total = gc.allreduce(state.x.copy()) + c
+    want = (N + 1) * x0 - gc.allreduce(oracle.moved.copy())
+    err = np.abs(total - want).max()
+    # the host also wrote the initial center and (first round) the restored one
+    writes = algo.win_c.writes - (2 if R == 0 else 0)
+    assert_all(err < 1e-10 and writes == algo.local_steps, f"conservation error {err:.3e}, {writes} writes")
+    algo.close()
+    gc.close()
+
+
+@pytest.mark.parametrize("name,extra", [("lsgd", ["algorithm.tau_G=2", "algorithm.groups=size",
+                                                 "algorithm.group_size=1"]),
+                                        ("easgd", ["algorithm.tau=2"])])
+def test_async_run_resumes_from_checkpoint(shared_tmp, name, extra):
+    base = ["data.dataset=digits", "model.hidden=[16]", "run.batch_size=16", f'run.out="{shared_tmp}"',
+            "run.log_every=2", "run.eval_every=4", "data.eval_samples=100", f"algorithm.name={name}",
+            "algorithm.asynchronous=true", "run.steps=8", "run.checkpoint_every=4", "run.name=a",
+            f"algorithm.slow_rank={N - 1}", "algorithm.slow_factor=2.0"] + extra
+    first = train(config.load(None, base), W, max_steps=4)
+    assert_all(first["step"] == 4 and first["stop"] == "max_steps", f"first leg {first}")
+    second = train(config.load(None, base + ["run.resume=auto"]), W)
+    assert_all(second["step"] == 8 and second["stop"] == "done" and np.isfinite(second["test_acc"]),
+               f"second leg {second}")
+    col = "center_test_acc" if name == "easgd" else "leader_test_acc"
+    assert_all(0.0 <= second[col] <= 1.0, f"eval column {col} missing or out of range: {second.get(col)}")
