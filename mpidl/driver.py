@@ -140,7 +140,9 @@ def _loop(cfg, session, max_steps):
                 win[2] += acc
                 win[3] += 1
             k += 1
-            progress.update(k, loss=loss if loss is not None else float("nan"))
+            # ranks without a loss of their own (rank 0 of pdADMM, a first pipeline stage) show
+            # the last agreed training loss
+            progress.update(k, loss=loss if loss is not None else last.get("train_loss", float("nan")))
             if k % r.log_every == 0 or k == total:
                 check_finite()
                 tot = mc.allreduce(np.append(win, session.bytes_sent()))
