@@ -14,7 +14,7 @@ setup(
     long_description=(HERE / "README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["mpidl", "mpidl.commands", "mpidl.algorithms", "mpidl.kernels"],
+    packages=["mpidl", "mpidl.comm", "mpidl.commands", "mpidl.algorithms", "mpidl.kernels"],
     package_dir={"mpidl.kernels": "kernels"},
     install_requires=[
         "numpy>=1.24",
@@ -30,6 +30,7 @@ setup(
         "test": ["pytest>=7", "hypothesis", "scipy", "scikit-learn"],
         "plot": ["matplotlib"],
         "data": ["scikit-learn"],    # the bundled `digits` dataset
+        "mutation": ["cosmic-ray>=8.7"],   # scripts/mutation.sh (not in CI); see docs/testing.md
     },
     entry_points={"console_scripts": ["mpidl=mpidl.__main__:main"]},
 )

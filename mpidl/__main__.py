@@ -5,7 +5,10 @@ Each command lives in ``mpidl/commands/<name>.py`` and defines ``HELP``,
 (``comm`` is ``MPI.COMM_WORLD`` or None when the command needs no MPI).
 
 Errors: an :class:`~mpidl.errors.MpidlError` is printed once (rank 0), with no
-traceback, and every rank exits with status 2.  Any other exception prints its
+traceback, and every rank exits with status 2.  Before any command that needs
+MPI runs, :func:`mpidl.comm.init_world` refuses N singleton worlds started by
+an N-task launcher (srun without a PMI plugin, another MPI's mpiexec); then
+only the launcher's task 0 prints the one-line error.  Any other exception prints its
 traceback with a ``[rank N]`` prefix and aborts the whole MPI job, so one
 failing rank never leaves the others hanging until walltime.
 """
@@ -53,8 +56,13 @@ def main(argv=None) -> int:
     comm = None
     rank = 0
     if mod.NEEDS_MPI:
-        from mpidl.comm import world
-        comm = world()
+        from mpidl.comm import LaunchError, init_world
+        try:
+            comm = init_world()
+        except LaunchError as e:  # N singleton worlds of an N-task launch: one line, exit 2
+            if e.launcher_rank in (0, None):
+                print(f"mpidl {args.command}: error: {e}", file=sys.stderr, flush=True)
+            return 2
         rank = comm.Get_rank()
     from mpidl import log
     log.setup(rank)

@@ -48,6 +48,7 @@ class ModelConfig:
     hidden: tuple = (256, 128)          # MLP widths
     loss: str = "ce"                    # ce | squared (squared: needed by NEXT's Gauss-Newton surrogate)
     dtype: str = "float32"              # float32 | float64
+    dropout: float = 0.0                # Dropout probability in the MLP / CNN (0 = none)
 
 
 @dataclass(frozen=True)
@@ -208,6 +209,8 @@ def from_dict(d: dict) -> Config:
         raise ConfigError("[run] set epochs > 0 or steps > 0")
     if parts["model"].loss not in ("ce", "squared"):
         raise ConfigError(f"[model] loss must be ce or squared, got {parts['model'].loss!r}")
+    if not 0.0 <= parts["model"].dropout < 1.0:
+        raise ConfigError(f"[model] dropout must lie in [0, 1), got {parts['model'].dropout}")
     if parts["model"].dtype not in ("float32", "float64"):
         raise ConfigError(f"[model] dtype must be float32 or float64, got {parts['model'].dtype!r}")
     return Config(**parts)

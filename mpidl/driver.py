@@ -118,6 +118,7 @@ def _loop(cfg, session, max_steps):
 
     def save(step):
         check_finite()
+        rec.sync(step)  # results up to this step are durable before the checkpoint exists
         store.save(step, {"algo": state_to_dict(session.state), "buffers": session.extra_state(),
                           "rng": rng_state()}, dict(meta, step=step))
 

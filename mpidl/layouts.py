@@ -210,7 +210,7 @@ class AgentSession(Session):
 
             def new_model():
                 return FlatModel(build_model(cfg.model.name, shard.input_shape, shard.num_classes,
-                                             cfg.model.hidden, seed=r.seed), dtype)
+                                             cfg.model.hidden, seed=r.seed, dropout=cfg.model.dropout), dtype)
 
             self.fm, fm_eval = new_model(), new_model()
             self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,

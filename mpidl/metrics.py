@@ -12,7 +12,11 @@ Every series has a ``wall_time`` column (seconds since the run started,
 continued across resumes) unless the caller logs its own.  The file is
 written as ``path + ".tmp"``, flushed every ``flush_every`` rows or
 ``flush_seconds`` seconds (so a crash leaves a readable ``.tmp``), and renamed
-to ``path`` by :meth:`Recorder.close`.
+to ``path`` by :meth:`Recorder.close`.  :meth:`Recorder.sync` (called before
+each checkpoint is declared complete) also fsyncs it, so a crash loses no row
+up to the newest checkpoint; a resume continues from the ``.tmp`` a crashed
+run left (or from ``path``), drops the rows after the checkpoint and continues
+the wall time from the moment of the checkpoint.
 
 Consensus error (the disagreement between agents, ALGORITHMS.md section 0)::
 
@@ -115,7 +119,13 @@ class Recorder:
         os.makedirs(parent, exist_ok=True)
         src = None
         if resume:
-            src = self.path if os.path.exists(self.path) else (self.tmp if os.path.exists(self.tmp) else None)
+            # A .tmp exists only while a run writes it, or after a run crashed: then it is newer
+            # than path (which a previous, cleanly stopped invocation left) and holds its rows.
+            src = self.tmp if _readable(self.tmp) else None
+            if src is None and os.path.exists(self.tmp):
+                log.warning("results: %s is damaged; resuming from %s", self.tmp, self.path)
+            if src is None and os.path.exists(self.path):
+                src = self.path
             if src is None:
                 log.warning("results: nothing to resume at %s; starting a new file", self.path)
         if src == self.path:
@@ -161,6 +171,10 @@ class Recorder:
                 wt = wt[np.isfinite(wt)]
                 if wt.size:
                     last_t = max(last_t, float(wt.max()))
+        # the wall time recorded when the resumed checkpoint was made durable (see sync)
+        synced = [d for d in json.loads(f.attrs.get("durable", "[]")) if d.get("step") == resume_step]
+        if synced:
+            last_t = max(last_t, float(synced[-1]["wall_time"]))
         self._time_offset = last_t
 
     # -- writing ----------------------------------------------------------------
@@ -224,6 +238,33 @@ class Recorder:
         f.flush()
         self._last_flush = time.monotonic()
 
+    def sync(self, step: int | None = None) -> None:
+        """Collective. Make every row logged so far durable: write them, flush HDF5, fsync (rank 0).
+
+        Call it before a checkpoint of ``step`` is declared complete: a crash
+        after the checkpoint then loses no row up to it, and a resume from it
+        continues the wall time from this moment (kept in the ``durable``
+        attribute, the newest 32 checkpoints).  A failure raises
+        :class:`ResultsError` on every rank.
+        """
+        err = None
+        if self.active and self._file is not None:
+            try:
+                if step is not None:
+                    durable = json.loads(self._file.attrs.get("durable", "[]"))
+                    durable = [d for d in durable if d.get("step") != int(step)]
+                    durable.append({"step": int(step), "wall_time": self.elapsed()})
+                    self._file.attrs["durable"] = json.dumps(durable[-32:])
+                self.flush()
+                fd = os.open(self.tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except (OSError, ValueError) as e:
+                err = f"cannot make results file {self.tmp} durable: {e}"
+        _agree(self.comm, err)
+
     def close(self) -> None:
         """Collective. Write what is buffered and rename ``path.tmp`` to ``path`` (idempotent)."""
         err = None
@@ -242,6 +283,17 @@ class Recorder:
 
     def __exit__(self, *exc):
         self.close()
+        return False
+
+
+def _readable(path) -> bool:
+    """Local. Whether ``path`` exists and opens as an mpidl results file."""
+    if not os.path.exists(path):
+        return False
+    try:
+        with open_read(path) as f:
+            return f.attrs.get("format") == FORMAT
+    except OSError:
         return False
 
 

@@ -260,7 +260,7 @@ def _mpiexec():
 def _launch(root, steps, resume=False, n=2):
     env = dict(os.environ, OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [_mpiexec(), "-n", str(n), sys.executable, str(TESTS / "mpi" / "preempt_job.py"), str(root), str(steps)]
+    cmd = [*_mpiexec(), "-n", str(n), sys.executable, str(TESTS / "mpi" / "preempt_job.py"), str(root), str(steps)]
     return subprocess.Popen(cmd + (["--resume"] if resume else []), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 

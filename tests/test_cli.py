@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _run(n, *args, timeout=180):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([mpiexec(), "-n", str(n), sys.executable, "-m", "mpidl", *args], cwd=ROOT,
+    return subprocess.run([*mpiexec(), "-n", str(n), sys.executable, "-m", "mpidl", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 

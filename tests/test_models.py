@@ -60,3 +60,30 @@ def test_oracle_gradient_matches_finite_differences():
         assert abs((lp - lm) / 2e-6 - g[i]) < 1e-6
     J, r, m = o.residual_jacobian(x0, 0)
     np.testing.assert_allclose(J.T @ r / m, g, atol=1e-10)   # GN gradient consistency
+
+
+def test_dropout_option():
+    """model.dropout: off by default (no Dropout layer, nothing changes); on, it draws from torch's
+    RNG in training mode only."""
+    import pytest
+    from mpidl.config import ConfigError, load
+    from mpidl.errors import MpidlError
+    plain = build_model("mlp", (1, 8, 8), 10, hidden=(12,), seed=3)
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain.modules())
+    drop = build_model("mlp", (1, 8, 8), 10, hidden=(12, 6), seed=3, dropout=0.5)
+    assert [m.p for m in drop.modules() if isinstance(m, torch.nn.Dropout)] == [0.5, 0.5]
+    cnn = build_model("cnn", (1, 8, 8), 10, seed=3, dropout=0.25)
+    assert [m.p for m in cnn.modules() if isinstance(m, torch.nn.Dropout)] == [0.25]
+    x = torch.randn(4, 1, 8, 8)
+    drop.train()
+    assert not torch.equal(drop(x), drop(x))              # a new mask each call
+    drop.eval()
+    assert torch.equal(drop(x), drop(x))
+    with torch.no_grad():                                 # same weights as the plain model in eval mode
+        for p, q in zip(build_model("mlp", (1, 8, 8), 10, hidden=(12, 6), seed=3).parameters(), drop.parameters()):
+            assert torch.equal(p, q)
+    with pytest.raises(MpidlError, match="dropout"):
+        build_model("resnet20", (1, 8, 8), 10, dropout=0.1)
+    with pytest.raises(ConfigError, match="dropout"):
+        load(None, ["model.dropout=1.0"])
+    assert load(None, []).model.dropout == 0.0

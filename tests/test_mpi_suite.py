@@ -3,9 +3,17 @@
 Each ``tests/mpi/mpitest_*.py`` may declare ``MPI_SIZES = (...)`` (default
 1, 2, 3, 4) and ``MPI_TIMEOUT = seconds`` (default 300).  A launch that
 exceeds its timeout is killed and fails, so a hang shows as a failure.
+
+The launcher is the mpiexec next to ``sys.executable`` (or on PATH); override
+it with ``MPIDL_MPIEXEC`` and add launcher options with ``MPIDL_MPIEXEC_ARGS``,
+e.g. for Open MPI as root::
+
+    MPIDL_MPIEXEC=mpiexec.openmpi MPIDL_MPIEXEC_ARGS=--oversubscribe \
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 python -m pytest tests/test_mpi_suite.py
 """
 import ast
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -33,18 +41,29 @@ def _cases():
 
 
 def mpiexec():
-    cand = Path(sys.executable).parent / "mpiexec"
-    found = str(cand) if cand.exists() else shutil.which("mpiexec")
-    if not found:
-        pytest.fail("mpiexec not found: install an MPI (pip install mpich) or put mpiexec on PATH")
-    return found
+    """The launcher as a list: ``$MPIDL_MPIEXEC`` if set, else the mpiexec next to this Python
+    (the MPICH wheel puts one there), else ``mpiexec`` on PATH; then ``$MPIDL_MPIEXEC_ARGS``
+    (e.g. ``--oversubscribe`` for Open MPI).  Both are split like a shell would."""
+    override = os.environ.get("MPIDL_MPIEXEC", "").strip()
+    if override:
+        cmd = shlex.split(override)
+        if not shutil.which(cmd[0]):
+            pytest.fail(f"MPIDL_MPIEXEC={override!r}: {cmd[0]} not found")
+    else:
+        cand = Path(sys.executable).parent / "mpiexec"
+        found = str(cand) if cand.exists() else shutil.which("mpiexec")
+        if not found:
+            pytest.fail("mpiexec not found: install an MPI (pip install mpich), put mpiexec on PATH "
+                        "or set MPIDL_MPIEXEC")
+        cmd = [found]
+    return cmd + shlex.split(os.environ.get("MPIDL_MPIEXEC_ARGS", ""))
 
 
 @pytest.mark.parametrize("path,n,timeout", list(_cases()))
 def test_mpi(path, n, timeout, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", MPIDL_TEST_LOGDIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    cmd = [mpiexec(), "-n", str(n), sys.executable, str(MPI_DIR / "run.py"), str(path),
+    cmd = [*mpiexec(), "-n", str(n), sys.executable, str(MPI_DIR / "run.py"), str(path),
            "--rootdir", str(ROOT), "-c", str(ROOT / "pytest.ini")]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)

@@ -3,4 +3,4 @@
 Importing this package registers the built-in algorithms with
 :func:`mpidl.config.register_algorithm`.
 """
-from mpidl.algorithms import cdsgd, lsgd, next  # noqa: F401
+from mpidl.algorithms import cdsgd, fdg_grid, lsgd, next, pdadmm_layout  # noqa: F401

@@ -6,7 +6,6 @@ from mpi4py import MPI
 from mpiutil import assert_all
 from mpidl import config
 from mpidl import topology as T
-from mpidl.algorithms.base import lr_at
 from mpidl.comm import GraphComm
 from reference import cdsgd as ref
 from reference.oracles import make_problem
@@ -17,17 +16,17 @@ N, R = W.Get_size(), W.Get_rank()
 STEPS = 12
 
 
-def _run(algo_name, topo, overrides, sizes=None):
+def _run(algo_name, topo, overrides, sizes=None, steps=STEPS):
     cfg = config.load(None, [f"algorithm.name={algo_name}"] + overrides).algorithm
     factory = config.algorithm_registry()[algo_name][1]
     oracles, x0, spe = make_problem(N, sizes=sizes)
     algo = factory(cfg, steps_per_epoch=spe, num_samples=oracles[R].A.shape[0])
     with GraphComm(W, topo) as gc:
         state = algo.init(x0.copy(), gc)
-        for k in range(STEPS):
+        for k in range(steps):
             state, m = algo.step(k, state, oracles[R], gc)
         assert_all(np.isfinite(m["loss"]), "loss finite")
-    lr = lambda k: lr_at(cfg, k, spe)  # noqa: E731
+    lr = ref.lr_of(cfg, spe)  # independent of mpidl's lr_at
     return state.x, oracles, x0, lr, cfg
 
 
@@ -36,33 +35,43 @@ def _close(x, X, what):
     assert_all(err < 1e-10, f"{what}: max |mpi - reference| = {err:.3e}")
 
 
-@pytest.mark.parametrize("form,period", [("cta", 1), ("atc", 1), ("cta", 3)])
-def test_cdsgd_matches_reference(form, period):
+# spe = 5 steps per epoch: the step schedule (step_epochs=1) decays at k = 5 and 10
+SCHEDULES = {"constant": ["algorithm.lr_schedule=constant"],
+             "diminishing": ["algorithm.lr_schedule=diminishing", "algorithm.decay=0.3", "algorithm.power=0.75"],
+             "step": ["algorithm.lr_schedule=step", "algorithm.decay=0.5", "algorithm.step_epochs=1.0"]}
+
+
+@pytest.mark.parametrize("form,period,schedule", [("cta", 1, "diminishing"), ("atc", 1, "step"),
+                                                  ("cta", 3, "constant"), ("cta", 1, "step")])
+def test_cdsgd_matches_reference(form, period, schedule):
     topo = T.ring(N)
     x, oracles, x0, lr, cfg = _run("cdsgd", topo, [f"algorithm.form={form}", f"algorithm.comm_period={period}",
-                                                   "algorithm.lr=0.1", "algorithm.weight_decay=0.01",
-                                                   "algorithm.lr_schedule=diminishing"])
-    _close(x, ref.cdsgd(topo.weights, x0, oracles, STEPS, lr, 0.01, period, form), f"cdsgd {form} c={period}")
+                                                   "algorithm.lr=0.1", "algorithm.weight_decay=0.01"]
+                                   + SCHEDULES[schedule])
+    _close(x, ref.cdsgd(topo.weights, x0, oracles, STEPS, lr, 0.01, period, form),
+           f"cdsgd {form} c={period} {schedule}")
 
 
-@pytest.mark.parametrize("form", ["nesterov", "heavy-ball"])
-def test_cdmsgd_matches_reference(form):
+@pytest.mark.parametrize("form,schedule", [("nesterov", "constant"), ("heavy-ball", "step")])
+def test_cdmsgd_matches_reference(form, schedule):
     topo = T.exponential(N)
     x, oracles, x0, lr, cfg = _run("cdmsgd", topo, [f"algorithm.momentum_form={form}", "algorithm.lr=0.05",
-                                                    "algorithm.momentum=0.9"])
-    _close(x, ref.cdmsgd(topo.weights, x0, oracles, STEPS, lr, 0.9, form), f"cdmsgd {form}")
+                                                    "algorithm.momentum=0.9"] + SCHEDULES[schedule])
+    _close(x, ref.cdmsgd(topo.weights, x0, oracles, STEPS, lr, 0.9, form), f"cdmsgd {form} {schedule}")
 
 
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_centralized_matches_reference(nesterov):
     x, oracles, x0, lr, cfg = _run("centralized", T.ring(N), ["algorithm.lr=0.1", "algorithm.momentum=0.5",
-                                                              f"algorithm.nesterov={str(nesterov).lower()}"])
+                                                              f"algorithm.nesterov={str(nesterov).lower()}"]
+                                   + SCHEDULES["diminishing" if nesterov else "step"])
     _close(x, ref.centralized(x0, oracles, STEPS, lr, 0.5, nesterov), "centralized")
 
 
 def test_fedavg_matches_reference_with_unequal_sizes():
     sizes = [40 + 8 * i for i in range(N)]
-    x, oracles, x0, lr, cfg = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_steps=4"], sizes)
+    x, oracles, x0, lr, cfg = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_steps=4"]
+                                   + SCHEDULES["diminishing"], sizes)
     _close(x, ref.fedavg(x0, oracles, STEPS, lr, 4, sizes), "fedavg")
 
 
@@ -76,15 +85,18 @@ def test_cdsgd_complete_graph_atc_equals_centralized_sgd():
 
 
 def test_cdsgd_complete_graph_cta_average_follows_averaged_gradient():
-    """W = 1/N, paper form: the agents' mean moves by -lr * mean_i g_i(x_i), and after the
-    next mix every agent sits at that mean (the centralized update on the averaged gradient)."""
-    x, oracles, x0, lr, cfg = _run("cdsgd", T.complete(N), ["algorithm.lr=0.1"])
-    X = ref.cdsgd(T.complete(N).weights, x0, oracles, STEPS, lr)
-    xbar = X.mean(0)
+    """W = 1/N, paper form: from the MPI states X after STEPS steps, one more MPI step must give
+    x_i = mean_j x_j - lr g_i(x_i) on every agent, so the mean moves by -lr * mean_i g_i(x_i)."""
+    lr_on = ["algorithm.lr=0.1", "algorithm.lr_schedule=diminishing"]
+    x, oracles, x0, lr, cfg = _run("cdsgd", T.complete(N), lr_on)
+    x1, *_ = _run("cdsgd", T.complete(N), lr_on, steps=STEPS + 1)
+    X = np.stack(W.allgather(x))
     G = np.stack([o.loss_grad(X[i].copy(), STEPS)[1].copy() for i, o in enumerate(oracles)])
-    X2 = ref.cdsgd(T.complete(N).weights, x0, oracles, STEPS + 1, lr)
-    assert_all(np.abs(X2.mean(0) - (xbar - lr(STEPS) * G.mean(0))).max() < 1e-12, "average dynamics")
-    _close(x, X, "cdsgd complete")
+    expect = X.mean(0) - lr(STEPS) * G[R]
+    assert_all(np.abs(x1 - expect).max() < 1e-12, "one CTA step on complete(N) != mean - lr g_i")
+    X1 = np.stack(W.allgather(x1))
+    assert_all(np.abs(X1.mean(0) - (X.mean(0) - lr(STEPS) * G.mean(0))).max() < 1e-12, "average dynamics")
+    _close(x, ref.cdsgd(T.complete(N).weights, x0, oracles, STEPS, lr), "cdsgd complete")
 
 
 def test_fedavg_one_local_step_equals_minibatch_sgd():

@@ -106,8 +106,34 @@ def test_failed_save_on_one_rank_fails_everywhere_and_keeps_previous(root, gc):
 
 
 def test_guard_agrees_when_one_rank_is_signalled(gc):
+    """The answer comes one call late (a nonblocking reduction) but at the same call on every rank."""
     with PreemptionGuard(gc) as guard:
-        assert_all(not guard.should_stop(), "no signal yet")
+        for _ in range(3):
+            assert_all(not guard.should_stop(), "no signal yet")
         if R == LAST:
             guard.request()
-        assert_all(guard.should_stop(), "every rank must stop when one rank was signalled")
+        assert_all(not guard.should_stop(), "the reduction started before the signal says no")
+        assert_all(guard.should_stop(), "every rank must stop one call after one rank was signalled")
+        assert_all(guard.should_stop(), "a stop stays a stop")
+
+
+def test_guard_agrees_under_random_signal_timing(gc):
+    """Signals at random calls on random ranks: every rank stops at the same call, the call after
+    the first signal was contributed (an independent count of calls, not the guard's)."""
+    rng = np.random.default_rng(7)
+    for trial in range(5):
+        when = rng.integers(0, 6, size=gc.size)      # the same draw on every rank
+        who = rng.random(gc.size) < 0.5
+        who[rng.integers(gc.size)] = True            # at least one rank is signalled
+        first = int(when[who].min())
+        with PreemptionGuard(gc) as guard:
+            stopped_at = None
+            for call in range(10):
+                if who[R] and call == when[R]:
+                    guard.request()
+                if guard.should_stop():
+                    stopped_at = call
+                    break
+        calls = gc.base.allgather(stopped_at)
+        assert_all(len(set(calls)) == 1, f"trial {trial}: ranks stopped at different calls {calls}")
+        assert_all(stopped_at == first + 1, f"trial {trial}: stopped at {stopped_at}, first signal at {first}")

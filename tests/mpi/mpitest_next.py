@@ -8,8 +8,11 @@ from mpiutil import assert_all
 from mpidl import config
 from mpidl import topology as T
 from mpidl.comm import GraphComm
+from mpidl.algorithms.next import NEXTState
 from mpidl.oracles import ConvexOracle
-from reference.next import fista, next_stacked
+from mpiutil import agent_data
+from reference.convex import ConvexRef
+from reference.next import fista, next_stacked, soft
 from reference.oracles import make_problem
 
 MPI_SIZES = (1, 2, 3, 4)
@@ -23,15 +26,17 @@ def _algo(overrides):
 
 
 def _logistic_problem(d=6, m=30, seed=0):
+    """(mpidl ConvexOracles, independent NumPy oracles of the same shards, Lipschitz constant)."""
     rng = np.random.default_rng(seed)
     wt = rng.standard_normal(d)
-    oracles = []
+    oracles, refs = [], []
     for i in range(N):
         X = rng.standard_normal((m + 5 * i, d)) + 0.3 * i        # heterogeneous shards
         y = (X @ wt + rng.standard_normal(len(X)) > 0).astype(float)
         oracles.append(ConvexOracle(X, y, "logistic"))
-    L = sum(np.linalg.norm(o.X, 2) ** 2 / (4 * o.n) for o in oracles)
-    return oracles, L
+        refs.append(ConvexRef(X, y, "logistic"))
+    L = sum(np.linalg.norm(r.X, 2) ** 2 / (4 * r.n) for r in refs)
+    return oracles, refs, L
 
 
 def _topology():
@@ -75,7 +80,7 @@ def test_next_gauss_newton_matches_exact_reference():
 
 
 def _lsq_jac(o, x, k):
-    from mpidl.oracles import batch_indices
+    from reference.convex import batch_indices
     idx = batch_indices(o.A.shape[0], o.batch, o.spe, o.seed, o.rank, k)
     A = o.A[idx]
     return A, A @ x - o.b[idx], len(idx)
@@ -98,9 +103,10 @@ def test_tracking_invariant_every_iteration():
 
 @pytest.mark.parametrize("reg,lam", [("l2", 0.01), ("l1", 0.1)])
 def test_convex_exactness_logistic(reg, lam):
-    oracles, L = _logistic_problem()
-    d = oracles[0].dim
-    xs = fista(lambda w: sum(o.full_loss_grad(w)[1] for o in oracles), L, np.zeros(d), reg, lam)
+    oracles, refs, L = _logistic_problem()
+    d = refs[0].dim
+    # the centralized minimiser from the independent NumPy oracle (not the ConvexOracle NEXT uses)
+    xs = fista(lambda w: sum(r.full_loss_grad(w)[1] for r in refs), L, np.zeros(d), reg, lam)
     algo, _ = _algo([f"algorithm.reg={reg}", f"algorithm.lam={lam}", f"algorithm.tau={L}",
                      "algorithm.alpha0=1.0", "algorithm.eps=0.001"])
     state, m = _run(algo, _topology(), oracles[R], np.zeros(d), 600)
@@ -126,3 +132,56 @@ def test_single_agent_is_the_local_method():
         v = x - g / 4.0
         x = np.sign(v) * np.maximum(np.abs(v) - 0.05 / 4.0, 0)
     assert_all(np.abs(state.x - x).max() < 1e-12, "N=1 NEXT != proximal gradient")
+
+
+def _stacked_social_metrics(Wx, Y, G, refs, tau, reg, lam):
+    """The social-problem metrics of NEXT, from the stacked states, in plain NumPy."""
+    wbar = Wx.mean(0)
+    F = sum(r.full_loss_grad(wbar)[0] for r in refs)
+    gF = sum(r.full_loss_grad(wbar)[1] for r in refs)
+    reg_val = {"l1": lam * np.abs(wbar).sum(), "l2": lam * wbar @ wbar, "none": 0.0}[reg]
+    v = wbar - gF / tau
+    p = {"l1": soft(v, lam / tau), "l2": v / (1 + 2 * lam / tau), "none": v}[reg]
+    return {"objective": F + reg_val, "stationarity": tau * np.linalg.norm(wbar - p),
+            "consensus_error": np.sqrt(np.mean(np.sum((Wx - wbar) ** 2, axis=1))),
+            "tracking_error": np.linalg.norm(Y.mean(0) - G.mean(0)), "sparsity": np.mean(wbar == 0.0)}
+
+
+@pytest.mark.parametrize("reg", ["l1", "l2", "none"])
+def test_social_metrics_match_stacked_computation(reg):
+    """Arbitrary per-agent states (so every metric is far from 0): social_metrics must equal the
+    same quantities computed from the stacked states with the independent NumPy oracle."""
+    oracles, refs, _ = _logistic_problem()
+    d = refs[0].dim
+    Wx, Y, G = agent_data(N, (d,), np.float64, seed=21), agent_data(N, (d,), np.float64, seed=22), \
+        agent_data(N, (d,), np.float64, seed=23)
+    Wx[:, 0] = 0.0 if reg == "l1" else Wx[:, 0]        # a zero coordinate of the average
+    tau, lam = 3.0, 0.2
+    algo, _ = _algo([f"algorithm.reg={reg}", f"algorithm.lam={lam}", f"algorithm.tau={tau}"])
+    state = NEXTState(wy=np.concatenate([Wx[R], Y[R]]), g=G[R].copy(), alpha=0.37, ready=True)
+    with GraphComm(WORLD, _topology()) as gc:
+        algo.init(np.zeros(d), gc)
+        m = algo.social_metrics(state, oracles[R], gc)
+    expect = _stacked_social_metrics(Wx, Y, G, refs, tau, reg, lam)
+    expect["alpha"] = 0.37
+    bad = {k: (m[k], v) for k, v in expect.items() if not abs(m[k] - v) <= 1e-10 * max(1.0, abs(v))}
+    assert_all(not bad, f"{reg}: metric(s) differ from the stacked computation: {bad}")
+    assert_all(expect["tracking_error"] > 0.1 and (N == 1 or expect["consensus_error"] > 0.1),
+               "the test states must make the metrics nonzero")
+
+
+def test_social_metrics_along_a_run_match_stacked_reference():
+    """After 12 NEXT iterations on the stacked reference's problem, the reported metrics equal the
+    ones computed from the reference's X, Y and gradients (consensus error is not 0 here)."""
+    oracles, refs, L = _logistic_problem()
+    d, steps, reg, lam = refs[0].dim, 12, "l1", 0.05
+    algo, _ = _algo([f"algorithm.reg={reg}", f"algorithm.lam={lam}", f"algorithm.tau={L}", "algorithm.alpha0=0.9"])
+    topo = T.path(N)                                    # not W = 1/N: consensus is not exact
+    state, m = _run(algo, topo, oracles[R], np.zeros(d), steps)
+    last = {}
+    X, Y = next_stacked(topo.weights, np.zeros(d), refs, steps, L, 0.9, 0.01, reg, lam,
+                        trace=lambda k, X, Y, G: last.update(G=G.copy()))
+    expect = _stacked_social_metrics(X, Y, last["G"], refs, L, reg, lam)
+    bad = {k: (m[k], v) for k, v in expect.items() if not abs(m[k] - v) <= 1e-9 * max(1e-3, abs(v))}
+    assert_all(not bad, f"metric(s) differ from the stacked reference: {bad}")
+    assert_all(N < 3 or expect["consensus_error"] > 1e-6, f"consensus error {expect['consensus_error']}")

@@ -7,6 +7,27 @@ Written straight from the equations in mpidl/algorithms/cdsgd.py.
 import numpy as np
 
 
+def lr_schedule(kind, lr, decay=0.1, power=1.0, step_epochs=10.0, steps_per_epoch=1):
+    """The learning rate alpha_k as a function of the step k, written from the config's
+    documentation (not from mpidl.algorithms.base.lr_at):
+
+    constant: lr;  diminishing: lr (1 + decay k)^(-power);
+    step: lr decay^floor(e / step_epochs) with epoch e = k / steps_per_epoch.
+    """
+    if kind == "constant":
+        return lambda k: float(lr)
+    if kind == "diminishing":
+        return lambda k: float(lr * np.power(1.0 + decay * k, -power))
+    if kind == "step":
+        return lambda k: float(lr * decay ** np.floor(k / steps_per_epoch / step_epochs))
+    raise ValueError(kind)
+
+
+def lr_of(cfg, steps_per_epoch):
+    """:func:`lr_schedule` for the fields of an algorithm config (values only)."""
+    return lr_schedule(cfg.lr_schedule, cfg.lr, cfg.decay, cfg.power, cfg.step_epochs, steps_per_epoch)
+
+
 def _grads(oracles, X, k, wd):
     return np.stack([o.loss_grad(X[i].copy(), k)[1].copy() + wd * X[i] for i, o in enumerate(oracles)])
 

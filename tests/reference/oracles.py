@@ -1,7 +1,7 @@
 """Small NumPy oracles shared by the stacked references and the MPI tests."""
 import numpy as np
 
-from mpidl.oracles import batch_indices
+from .convex import batch_indices
 
 
 class LsqOracle:

@@ -1,0 +1,285 @@
+"""pdADMM benchmarks (issue 11): per-iteration time and its breakdown, the GEMM floor, peak RSS,
+threads, ranks, messages, a layer-parallel time model, SGD at equal wall time, and plots.
+
+Timing commands (run each under ``flock -x /work/bench.lock``; record ``uptime``)::
+
+    python benchmarks/bench_pdadmm.py iter --threads 1 --out benchmarks/results/pdadmm_iter_t1.json
+    python benchmarks/bench_pdadmm.py iter --threads 2 --out benchmarks/results/pdadmm_iter_t2.json
+    mpiexec -n 2 python benchmarks/bench_pdadmm.py iter --out benchmarks/results/pdadmm_iter_p2.json
+    mpiexec -n 2 python benchmarks/bench_pdadmm.py msg --out benchmarks/results/pdadmm_msg.json
+    python benchmarks/bench_pdadmm.py model --iter benchmarks/results/pdadmm_iter_t1.json \
+        --msg benchmarks/results/pdadmm_msg.json --out benchmarks/results/pdadmm_model.json
+
+Accuracy (shared lock): the curves come from ``mpidl run jobs/configs/pdadmm_fmnist.toml``
+(results.h5), and ``sgd`` trains the same MLP with minibatch SGD for a wall-time budget::
+
+    python benchmarks/bench_pdadmm.py sgd --seconds 600 --out benchmarks/results/pdadmm_sgd.json
+    python benchmarks/bench_pdadmm.py plot --runs RUN_DIR [RUN_DIR ...] --sgd benchmarks/results/pdadmm_sgd.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+
+import numpy as np
+
+
+def _cfg(args):
+    from mpidl import config
+    over = ["algorithm.name=" + ('"pdadmm-q"' if args.quantize else '"pdadmm"'),
+            f"model.hidden={[args.width] * (args.layers - 1)}", "run.batch_size=0",
+            f"algorithm.downsample={2 if args.features == 196 else 1}",
+            f"algorithm.threads_per_rank={args.threads}", "algorithm.rho=1e-4", "algorithm.nu=1e-4",
+            "data.eval_samples=1000", f'data.dataset="{args.dataset}"']
+    if args.quantize:
+        over.append("algorithm.quantize_p=true")
+    return config.load(None, over)
+
+
+def _rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def cmd_iter(args):
+    """Per-iteration time (median), per-update and per-layer breakdown, GEMM floor, peak RSS."""
+    from mpi4py import MPI
+
+    from mpidl.algorithms.pdadmm_layout import setup_layers
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    rss0 = _rss_mb()
+    s = setup_layers(_cfg(args), world)
+    algo, state = s.algo, s.state
+    rss_setup = _rss_mb()
+    state, _ = algo.step(0, state, None, s.comm)            # warm-up (JIT load, page faults)
+    for k in algo.times:
+        algo.times[k] = 0.0
+    algo.layer_times[:] = 0
+    b0 = s.comm.bytes_sent
+    walls = []
+    for k in range(1, args.iters + 1):
+        world.Barrier()
+        t = time.perf_counter()
+        state, _ = algo.step(k, state, None, s.comm)
+        world.Barrier()
+        walls.append(time.perf_counter() - t)
+    nbytes = (s.comm.bytes_sent - b0) / args.iters
+    floor = _gemm_floor(algo, args.iters) if args.floor else None
+    ev, _ = s.evaluate(state)
+    out = {"rank": rank, "size": size, "layers": algo.L, "dims": algo.dims, "block": [algo.l0, algo.l1],
+           "threads": args.threads, "iters": args.iters, "iter_s": walls,
+           "median_iter_s": statistics.median(walls),
+           "update_s": {k: v / args.iters for k, v in algo.times.items()},
+           "layer_s": (algo.layer_times / args.iters).tolist(), "gemm_floor_s": floor,
+           "bytes_per_iter": nbytes, "peak_rss_mb": _rss_mb(), "rss_before_setup_mb": rss0,
+           "rss_after_setup_mb": rss_setup, "test_acc_after": ev["test_acc"],
+           "quantize": bool(args.quantize), "load": os.getloadavg()}
+    allout = world.gather(out, root=0)
+    s.close()
+    if rank == 0:
+        res = {"ranks": allout, "median_iter_s": max(o["median_iter_s"] for o in allout),
+               "bytes_per_iter_total": sum(o["bytes_per_iter"] for o in allout),
+               "peak_rss_mb_max": max(o["peak_rss_mb"] for o in allout), "load": os.getloadavg(),
+               "argv": sys.argv[1:]}
+        _write(args.out, res)
+
+
+def _gemm_floor(algo, reps):
+    """Median time of the four GEMMs per layer (two for layer 1) of one iteration, standalone."""
+    tot = 0.0
+    for lay in algo._layers:
+        n_in, n_out = lay.p.shape[1], lay.R.shape[1]
+        G = np.empty((algo.N, n_in), algo.dtype)
+        S = np.empty((algo.N, n_out), algo.dtype)
+        Gw = np.ones((n_out, n_in), algo.dtype)
+        ops = [lambda: np.matmul(lay.R.T, lay.p), lambda: np.matmul(lay.p, Gw.T, out=S)]
+        if lay.l > 0:
+            ops += [lambda: np.matmul(lay.R, lay.W, out=G), lambda: np.matmul(G, lay.W.T, out=S)]
+        for op in ops:
+            ts = []
+            for _ in range(max(reps, 3)):
+                t = time.perf_counter()
+                op()
+                ts.append(time.perf_counter() - t)
+            tot += statistics.median(ts)
+    return tot
+
+
+def cmd_msg(args):
+    """Time of one N x w message (float32 and uint16) between ranks 0 and 1 of the path."""
+    from mpi4py import MPI
+
+    from mpidl import topology as T
+    from mpidl.comm import GraphComm
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    if size != 2:
+        raise SystemExit("msg needs exactly 2 ranks")
+    res = {}
+    with GraphComm(world, T.path(2)) as gc:
+        for name, dt in (("float32", np.float32), ("uint16", np.uint16)):
+            a = np.ones((args.n, args.width), dt)
+            b = np.empty_like(a)
+            ts = []
+            for _ in range(args.reps):
+                world.Barrier()
+                t = time.perf_counter()
+                if rank == 0:
+                    gc.start_exchange({1: a}, {}, tag=5).wait()
+                else:
+                    gc.start_exchange({}, {0: b}, tag=5).wait()
+                world.Barrier()
+                ts.append(time.perf_counter() - t)
+            res[name] = {"bytes": a.nbytes, "median_s": statistics.median(ts), "all_s": ts}
+    if rank == 0:
+        res.update(load=os.getloadavg(), n=args.n, width=args.width, transport="MPICH shared memory, one node")
+        _write(args.out, res)
+
+
+def cmd_model(args):
+    """Layer-parallel time model for L = 3, 5, 10 ranks from measured per-layer and message times."""
+    it = json.load(open(args.iter))["ranks"][0]
+    msg = json.load(open(args.msg))
+    lt = it["layer_s"]
+    if len(lt) != 3:
+        raise SystemExit("model needs the per-layer times of the 1-rank L = 3 run")
+    first, hidden, last = lt
+    rows = []
+    for net in args.L:
+        serial = first + (net - 2) * hidden + last
+        for label, m in (("measured shared-memory message", msg["float32"]["median_s"]),
+                         (f"{args.gbps:g} GB/s network", msg["float32"]["bytes"] / (args.gbps * 1e9))):
+            par = max(first, hidden, last) + m       # q message not overlapped; p overlaps W/b/z
+            rows.append({"L": net, "message": label, "serial_s": serial, "message_s": m,
+                         "parallel_s": par, "speedup": serial / par})
+    _write(args.out, {"layer_s": lt, "rows": rows, "iter": args.iter, "msg": args.msg})
+
+
+def cmd_sgd(args):
+    """Minibatch SGD on the same MLP (same torch init) for a compute-time budget; test accuracy curve.
+
+    The budget is process CPU seconds of the training steps (one thread), i.e. the wall time
+    on an idle core: on the shared machine CPU time is the fair clock for both methods.
+    """
+    import torch
+
+    from mpidl.algorithms.pdadmm_layout import downsample
+    from mpidl.data import load_dataset
+    from mpidl.models import build_model
+    torch.set_num_threads(args.threads)
+    ds = load_dataset("fashion-mnist")
+    f = 2 if args.features == 196 else 1
+    X = torch.from_numpy(downsample(ds.x_train, f).astype(np.float32))
+    Xt = torch.from_numpy(downsample(ds.x_test, f).astype(np.float32))
+    y, yt = torch.from_numpy(ds.y_train), torch.from_numpy(ds.y_test)
+    model = build_model("mlp", (X.shape[1],), 10, (500, 500), seed=0)
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    curve, spent, epoch = [], 0.0, 0
+    next_eval = 0.0
+    while spent < args.seconds:
+        perm = torch.randperm(len(y), generator=gen)
+        for i in range(0, len(y), args.batch):
+            t = time.process_time()
+            idx = perm[i:i + args.batch]
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
+            loss.backward()
+            opt.step()
+            spent += time.process_time() - t
+            if spent >= next_eval or spent >= args.seconds:
+                with torch.no_grad():
+                    acc = float((model(Xt).argmax(1) == yt).float().mean())
+                curve.append({"train_cpu_s": spent, "epoch": epoch + i / len(y), "test_acc": acc})
+                next_eval += args.seconds / 20
+            if spent >= args.seconds:
+                break
+        epoch += 1
+    _write(args.out, {"seconds": args.seconds, "lr": args.lr, "batch": args.batch, "features": X.shape[1],
+                      "curve": curve, "final_test_acc": curve[-1]["test_acc"], "load": os.getloadavg()})
+
+
+def cmd_plot(args):
+    """Test accuracy vs iteration (and vs wall time with SGD) of finished runs -> docs/img/."""
+    import h5py
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in args.runs:
+        with h5py.File(os.path.join(run, "results.h5")) as h:
+            step, acc, wall = h["eval/step"][()], h["eval/test_acc"][()], h["eval/wall"][()]
+        label = os.path.basename(run.rstrip("/"))
+        a1.plot(step, acc, marker=".", label=label)
+        a2.plot(step * args.iter_s, acc, marker=".", label=label)
+        print(label, "steps", list(step), "acc", [round(float(v), 4) for v in acc])
+    if args.sgd:
+        d = json.load(open(args.sgd))
+        a2.plot([c["train_cpu_s"] for c in d["curve"]], [c["test_acc"] for c in d["curve"]], label="SGD (same MLP)")
+    a1.set_xlabel("pdADMM iteration (full batch)")
+    a2.set_xlabel(f"single-core seconds (iterations x {args.iter_s:.2f} s measured; SGD: CPU time)")
+    for a in (a1, a2):
+        a.set_ylabel("test accuracy")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.tight_layout()
+    fig.savefig(args.png, dpi=110)
+
+
+def _write(path, obj):
+    text = json.dumps(obj, indent=1)
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+    print(text)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("iter")
+    q.add_argument("--features", type=int, default=196, choices=(196, 784))
+    q.add_argument("--dataset", default="fashion-mnist")
+    q.add_argument("--layers", type=int, default=3)
+    q.add_argument("--width", type=int, default=500)
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--iters", type=int, default=3)
+    q.add_argument("--quantize", action="store_true")
+    q.add_argument("--no-floor", dest="floor", action="store_false")
+    q.add_argument("--out", default="")
+    q = sub.add_parser("msg")
+    q.add_argument("--n", type=int, default=60000)
+    q.add_argument("--width", type=int, default=500)
+    q.add_argument("--reps", type=int, default=5)
+    q.add_argument("--out", default="")
+    q = sub.add_parser("model")
+    q.add_argument("--iter", required=True)
+    q.add_argument("--msg", required=True)
+    q.add_argument("--L", type=int, nargs="+", default=[3, 5, 10])
+    q.add_argument("--gbps", type=float, default=12.5)
+    q.add_argument("--out", default="")
+    q = sub.add_parser("sgd")
+    q.add_argument("--seconds", type=float, required=True)
+    q.add_argument("--features", type=int, default=196, choices=(196, 784))
+    q.add_argument("--threads", type=int, default=1)
+    q.add_argument("--lr", type=float, default=0.05)
+    q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--out", default="")
+    q = sub.add_parser("plot")
+    q.add_argument("--runs", nargs="+", required=True)
+    q.add_argument("--sgd", default="")
+    q.add_argument("--png", default="docs/img/pdadmm_fmnist_acc.png")
+    q.add_argument("--iter-s", type=float, required=True, help="measured seconds per iteration (1 rank, 1 thread)")
+    args = p.parse_args(argv)
+    {"iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()

@@ -1,0 +1,216 @@
+"""The M x K grid layout of the decoupled pipeline: setup, evaluation, checkpoint identity.
+
+``setup_grid(cfg, world)`` (Collective) builds, on every rank (replica m,
+stage k):
+
+* the grid communicators (:class:`mpidl.comm.GridComm`, M x K = world size)
+  and the driver's own communicator ``mc`` over all ranks;
+* replica m's data: part m of M of the training set (the same partition the
+  ``centralized`` algorithm gives rank m of an M-rank job), the test set;
+* the whole seeded model, cut into K stages at ``[algorithm] cuts`` or, when
+  empty, at the cuts that minimise the largest stage cost, the per-unit
+  forward + backward time measured on rank 0 on one training batch and
+  broadcast (:func:`mpidl.models.balanced_cuts`); rank k keeps stage k;
+* the per-sample shapes of every stage boundary (a dry forward), the
+  :class:`~mpidl.algorithms.fdg.FDG` algorithm and its initial state.
+
+Evaluation runs the whole pipeline forward on the test set, split over the M
+replicas: stage 0 forwards 1000-sample chunks, each stage passes its output
+to the next (blocking point-to-point), the last stage scores them, and one
+allreduce over all ranks gives every rank the same test loss and accuracy.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+
+from mpidl.algorithms.fdg import FDG, FDGConfig, StageData, staleness
+from mpidl.config import register_algorithm
+from mpidl.comm import GraphComm, GridComm
+from mpidl.data import load_agent_data
+from mpidl.errors import MpidlError
+from mpidl.flat import FlatModel
+from mpidl.layouts import Session, steps_per_epoch
+from mpidl.models import balanced_cuts, build_model, check_cuts, model_units, slice_model, unit_costs
+
+log = logging.getLogger("mpidl.fdg")
+
+__all__ = ["setup_grid", "GridSession", "grid_shape"]
+
+
+
+def grid_shape(acfg, size: int):
+    """Local. (M, K) for a world of ``size`` ranks (raises MpidlError on every rank alike)."""
+    K = int(acfg.stages)
+    M = int(acfg.replicas) or (size // K if K and size % K == 0 else 0)
+    if M < 1 or M * K != size:
+        raise MpidlError(f"fdg: an M x K grid with K = {K} stages and M = {acfg.replicas or 'auto'} "
+                         f"replicas does not fit {size} MPI ranks (M x K must equal the world size); "
+                         f"set [algorithm] stages/replicas or start mpiexec -n M*K")
+    return M, K
+
+
+class GridSession(Session):
+    """What the driver talks to (see /work/LAYOUT_API.md); one per rank."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def describe(self) -> str:
+        a = self.algo
+        share = ""
+        if self.stage_costs is not None:
+            tot = sum(self.stage_costs) or 1.0
+            share = ", measured cost share per stage " + "/".join(f"{c / tot:.2f}" for c in self.stage_costs)
+        return (f"fdg: {self.M} x {self.K} grid (replicas x stages), cuts {list(self.cuts)} of "
+                f"{self.n_units} units{share}, staleness {[staleness(k, self.K) for k in range(self.K)]}, "
+                f"beta {a.cfg.beta}, {self.steps_per_epoch} steps/epoch, {a.n_batches} batches fed "
+                f"({a.total} iterations, pipeline drained at the end)")
+
+    def before_step(self, k):
+        pass
+
+    def extra_state(self) -> dict:
+        return self.fm.buffers()
+
+    def load_extra_state(self, d):
+        self.fm.load_buffers(d)
+
+    def bytes_sent(self) -> float:
+        return float(self.comm.bytes_sent)
+
+    def summary(self, ev) -> str:
+        return ""
+
+    @torch.no_grad()
+    def evaluate(self, state):
+        """Collective over mc. Whole-pipeline forward on the test set (split over replicas)."""
+        g, fm, k, K = self.comm, self.fm, self.comm.k, self.K
+        model = fm.model
+        model.eval()
+        X, Y = self.test_x, self.test_y
+        n = len(Y)
+        loss_sum, correct = 0.0, 0.0
+        dt = fm.params.dtype
+        for a in range(0, n, self.eval_chunk):
+            c = min(self.eval_chunk, n - a)
+            if k == 0:
+                h = torch.as_tensor(X[a:a + c]).to(dt)
+            else:
+                buf = np.empty((c,) + self.shapes[k], dtype=fm.x.dtype)
+                h = torch.from_numpy(g.recv(buf, -1, g.TAG_EVAL))
+            out = model(h)
+            if k < K - 1:
+                g.send(out.contiguous(), +1, g.TAG_EVAL)
+            else:
+                yb = torch.as_tensor(Y[a:a + c])
+                yb = yb.to(dt) if self.algo.num_classes == 0 else yb.long()
+                loss_sum += float(self.algo._loss(out, yb)) * c
+                if self.algo.num_classes:
+                    correct += float((out.argmax(1) == yb).sum())
+        last = k == K - 1
+        tot = self.mc.allreduce(np.array([loss_sum, correct, n if last else 0], np.float64))
+        ev = {"test_loss": float(tot[0] / max(tot[2], 1)),
+              "test_acc": float(tot[1] / max(tot[2], 1)) if self.algo.num_classes else float("nan")}
+        return ev, None
+
+    def close(self):
+        self.comm.close()
+        self.mc.close()
+
+
+def _resumed_cuts(cfg, mc):
+    """Collective. The cuts recorded in the checkpoint this run will resume from (None if it starts afresh)."""
+    from pathlib import Path
+
+    from mpidl.checkpoint import CheckpointStore
+    r = cfg.run
+    if r.resume == "no":
+        return None
+    store = CheckpointStore(Path(r.out) / cfg.run_name / "checkpoints", mc)
+    step = store.latest() if r.resume == "auto" else int(r.resume)
+    if step is None or step not in store.steps():
+        return None
+    got = store.manifest(step).get("meta", {}).get("cuts")
+    return None if got is None else tuple(int(c) for c in str(got).split(",") if c)
+
+
+def _cuts(cfg, acfg, model, units, K, sample, mc):
+    name = type(model).__name__
+    if acfg.cuts:
+        return check_cuts(acfg.cuts, K, len(units), name), None
+    check_cuts(tuple(range(1, K)), K, len(units), name)  # K <= number of units
+    resumed = _resumed_cuts(cfg, mc)
+    if resumed is not None and len(resumed) == K - 1:  # measured timings vary: keep the checkpoint's cuts
+        return check_cuts(resumed, K, len(units), name), None
+    costs = unit_costs(units, sample, repeats=5) if mc.rank == 0 else None
+    costs = mc.bcast(costs, root=0)
+    cuts = balanced_cuts(costs, K)
+    bounds = (0, *cuts, len(units))
+    return cuts, [float(sum(costs[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def setup_grid(cfg, world):
+    """Collective over ``world``. Build the grid session of the ``fdg`` algorithm (see the module doc)."""
+    from mpidl import topology as T
+    acfg, d, r = cfg.algorithm, cfg.data, cfg.run
+    size = world.Get_size()
+    if cfg.model.name not in ("mlp", "cnn", "resnet20", "linear"):
+        raise MpidlError(f"fdg cuts torch models into stages (mlp, cnn, resnet20, linear), not {cfg.model.name!r}")
+    M, K = grid_shape(acfg, size)
+    torch.set_num_threads(max(1, r.threads))
+    mc = GraphComm(world, T.ring(size))
+    try:
+        grid = GridComm(world, M, K)
+    except Exception:
+        mc.close()
+        raise
+    try:
+        return _setup(cfg, acfg, d, r, mc, grid, M, K)
+    except Exception:
+        grid.close()
+        mc.close()
+        raise
+
+
+def _setup(cfg, acfg, d, r, mc, grid, M, K):
+    m, k = grid.m, grid.k
+    shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
+                            rank=m, world_size=M, shards=d.shards or None, comm=mc)
+    if r.batch_size == 0:
+        raise MpidlError("fdg needs minibatches: set [run] batch_size > 0")
+    batch = r.batch_size
+    batch, spe = steps_per_epoch(mc, len(shard.y), batch)
+    total = r.steps if r.steps > 0 else max(1, int(math.ceil(r.epochs * spe)))
+    dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
+    model = build_model(cfg.model.name, shard.input_shape, shard.num_classes, cfg.model.hidden, seed=r.seed)
+    model = model.to(dtype)
+    units = model_units(model)
+    sample = torch.as_tensor(shard.x[:batch]).to(dtype)
+    cuts, stage_costs = _cuts(cfg, acfg, model, units, K, sample, mc)
+    stages = slice_model(model, K, cuts)
+    shapes = [tuple(shard.input_shape)]
+    with torch.no_grad():
+        h = torch.zeros((2,) + tuple(shard.input_shape), dtype=dtype)
+        for s in stages:
+            s.eval()
+            h = s(h)
+            shapes.append(tuple(h.shape[1:]))
+    fm = FlatModel(stages[k], dtype)
+    algo = FDG(acfg, fm=fm, k=k, K=K, batch=batch, shapes=shapes, steps_per_epoch=spe, total_steps=total,
+               loss=cfg.model.loss, num_classes=shard.num_classes)
+    state = algo.init(fm.x, grid)
+    data = StageData(shard.x if k == 0 else shard.x[:0], shard.y, batch=batch, steps_per_epoch=spe,
+                     seed=r.seed, replica=m, dtype=dtype, num_classes=shard.num_classes)
+    test_x, test_y = shard.x_test[m::M], shard.y_test[m::M]
+    sess = GridSession(mc=mc, algo=algo, state=state, comm=grid, oracle=data, data=data,
+                       steps_per_epoch=spe, total=total, fm=fm, M=M, K=K, cuts=cuts, n_units=len(units),
+                       stage_costs=stage_costs, shapes=shapes, test_x=test_x, test_y=test_y, eval_chunk=1000,
+                       expect={"algorithm": "fdg", "grid": f"{M}x{K}", "cuts": ",".join(map(str, cuts))})
+    return sess
+
+
+register_algorithm("fdg", FDGConfig, FDG, layout=setup_grid)

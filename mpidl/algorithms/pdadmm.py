@@ -1,0 +1,421 @@
+"""pdADMM: layer-parallel gradient-free ADMM for an MLP (and its quantised variant pdADMM-G-Q).
+
+Wang, Chai, Cheng, Zhao, "Toward Model Parallelism for Deep Neural Network
+based on Gradient-free ADMM Framework", arXiv 2009.02868 (pdADMM); quantised
+follow-up arXiv 2105.09837 (pdADMM-G-Q).  ALGORITHMS.md section 4.
+
+Problem (L layers, row layout: one row per sample, p_1 = X, a_l = p_l W_l^T + b_l)
+
+    min  CE(z_L; y) + (nu/2) sum_l ||z_l - a_l||^2 + (nu/2) sum_{l<L} ||q_l - relu(z_l)||^2
+         + (mu/2) sum_l ||W_l||^2
+    s.t. p_{l+1} = q_l,   augmented with  <u_l, p_{l+1} - q_l> + (rho/2)||p_{l+1} - q_l||^2.
+
+One iteration, every layer at once (layer l reads q_{l-1}, u_{l-1} of the
+previous iteration and p_{l+1} of this one):
+
+    p_l (l >= 2): g = -nu R_l W_l + u_{l-1} + rho (p_l - q_{l-1}),  R_l = z_l - a_l;
+                  p_l <- p_l - g / t, t by bounded backtracking from tau0
+                  (kernels.admm.backtrack with g^T H g = nu ||g W^T||^2 + rho ||g||^2)
+                  [pdadmm-q with quantize_p: p_l projected onto the grid]
+    W_l:          G = -nu R_l^T p_l + mu W_l;  W_l <- W_l - G / t  (same backtracking,
+                  g^T H g = nu ||p G^T||^2 + mu ||G||^2)
+    b_l:          b_l <- mean over samples of (z_l - p_l W_l^T)          (exact)
+    z_l (l < L):  two-branch elementwise minimiser (kernels.admm.z_update)
+    z_L:          row-wise bounded FISTA on CE(z; y) + (nu/2)||z - a_L||^2 (kernels.admm.ce_prox)
+    q_l (l < L):  (nu relu z_l + rho p_{l+1} + u_l) / (nu + rho)   [pdadmm-q: onto the grid]
+    u_l (l < L):  u_l + rho (p_{l+1} - q_l)
+
+Bookkeeping: the residual R_l = z_l - a_l is part of the state and is updated
+with the curvature products of the backtracking (R += (g W^T)/t after the p
+step, R += (p G^T)/t after the W step, R -= mean(R) for b), so one iteration
+costs four GEMMs per layer (two for layer 1): R W, g W^T, R^T p, p G^T.
+
+Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
+iteration a rank sends p of its first layer to the previous rank (started right
+after the p update, so it overlaps the W/b/z updates) and q of its last layer
+to the next rank.  u_l is NOT sent: both neighbours of a boundary apply the same
+``u_update`` to the same operands (p_{l+1} and q_l are exchanged bitwise), so
+their copies stay equal.  Quantised runs send grid indices (uint16 for 1000
+points), never floats.  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
+the mean CE(z_L) fell by < rho_tol in each of the last two iterations (the
+public code's schedule; the cost is broadcast from the last rank).
+
+The stacked single-process reference is tests/reference/pdadmm.py.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from mpidl.kernels import admm as KA
+from mpidl.kernels import quantize as KQ
+from mpidl.kernels.threads import block_bounds, set_threads
+
+__all__ = ["PdADMMConfig", "PdADMMQConfig", "PdADMM", "PdADMMState", "layer_blocks"]
+
+_TAG_P, _TAG_Q, _TAG_INIT = 11, 12, 13
+
+
+@dataclass(frozen=True)
+class PdADMMConfig:
+    name: str = "pdadmm"
+    rho: float = 1e-4                   # penalty of p_{l+1} = q_l
+    nu: float = 1e-4                    # weight of the layer-fit terms
+    mu: float = 0.0                     # weight decay (mu/2)||W||^2
+    tau0: float = 10.0                  # first curvature tried by backtracking (p and W)
+    max_doublings: int = 10             # backtracking cap; a step that never passes is skipped
+    fista_iters: int = 50               # z_L: FISTA steps per row at most
+    fista_tol: float = 1e-6             # z_L: stop a row when its objective changes by <= tol
+    fista_step: float = 1.0             # z_L: FISTA step (<= 2)
+    quantize: bool = False              # project q onto the grid, send grid indices
+    quantize_p: bool = False            # also project p (needs quantize); p crosses the wire as indices
+    grid_lo: float = -1.0
+    grid_hi: float = 2.0
+    grid_points: int = 1000
+    rho_raise: bool = False             # rho <- min(rho_factor rho, rho_max) on a stalled cost
+    rho_factor: float = 10.0
+    rho_max: float = 1.0
+    rho_tol: float = 0.01
+    init: str = "torch"                 # torch (the MLP's seeded init) | normal (N(0, init_std), as the public code)
+    init_std: float = 0.1
+    downsample: int = 1                 # average-pool images by this factor (2: 28x28 -> 14x14)
+    threads_per_rank: int = 1           # Numba and BLAS threads of each layer rank
+
+    def validate(self):
+        for key in ("rho", "nu", "tau0", "fista_step", "rho_factor", "rho_max", "init_std"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.mu < 0 or self.fista_tol < 0 or self.rho_tol < 0:
+            raise ValueError("mu, fista_tol and rho_tol must be >= 0")
+        if self.fista_step > 2:
+            raise ValueError(f"fista_step must be <= 2 (softmax-CE curvature <= 1/2), got {self.fista_step}")
+        if self.max_doublings < 0 or self.fista_iters < 0:
+            raise ValueError("max_doublings and fista_iters must be >= 0")
+        if self.threads_per_rank < 1 or self.downsample < 1:
+            raise ValueError("threads_per_rank and downsample must be >= 1")
+        if self.init not in ("torch", "normal"):
+            raise ValueError(f"init must be torch or normal, got {self.init!r}")
+        if self.quantize_p and not self.quantize:
+            raise ValueError("quantize_p needs quantize = true")
+        if self.quantize:
+            try:
+                KQ.check_grid(self.grid_lo, self.grid_hi, self.grid_points)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"quantization grid cannot hold the values: {e}") from None
+            if not self.grid_lo <= 0.0 < self.grid_hi:
+                raise ValueError(f"quantization grid [{self.grid_lo}, {self.grid_hi}] cannot hold the "
+                                 "layer outputs q ~ relu(z) >= 0: it needs grid_lo <= 0 < grid_hi")
+
+
+@dataclass(frozen=True)
+class PdADMMQConfig(PdADMMConfig):
+    """pdADMM-G-Q: the same fields, quantisation on by default."""
+    name: str = "pdadmm-q"
+    quantize: bool = True
+
+
+@dataclass
+class PdADMMState:
+    """This rank's block of layers; every array is the concatenation over its layers."""
+    W: np.ndarray
+    b: np.ndarray
+    z: np.ndarray
+    R: np.ndarray           # z_l - p_l W_l^T - b_l
+    p: np.ndarray           # p_l of the block's layers l >= 2
+    q: np.ndarray           # q_l of the block's layers l < L
+    u: np.ndarray           # u_l of the block's layers l < L
+    q_in: np.ndarray        # q_{l0-1} received from the previous rank (empty on rank 0)
+    u_in: np.ndarray        # this rank's copy of u_{l0-1}
+    tau_p: np.ndarray       # last tried backtracking curvature per layer (p)
+    tau_W: np.ndarray       # last tried backtracking curvature per layer (W)
+    rejected: np.ndarray    # backtracking steps skipped (cap reached), per layer: [p, W]
+    costs: np.ndarray       # last three mean CE(z_L) (rho_raise); NaN = not yet
+    rho: float = 1e-4
+    loss: float = float("nan")
+
+
+def layer_blocks(n_layers: int, n_ranks: int):
+    """Local. Contiguous layer blocks [l0, l1) per rank (the first L mod P ranks get one more)."""
+    if n_ranks > n_layers:
+        raise ValueError(f"pdADMM needs at most one rank per layer: {n_ranks} ranks for {n_layers} layers")
+    b = block_bounds(n_layers, n_ranks)
+    return [(int(b[r]), int(b[r + 1])) for r in range(n_ranks)]
+
+
+@dataclass
+class _Layer:
+    l: int                  # global index (0-based)
+    W: np.ndarray
+    b: np.ndarray
+    z: np.ndarray
+    R: np.ndarray
+    p: np.ndarray           # input (X for l == 0)
+    q: np.ndarray = None
+    u: np.ndarray = None
+
+
+class PdADMM:
+    """Local per-rank math + the path messages of one layer block (see the module docstring)."""
+
+    state_cls = PdADMMState
+
+    def __init__(self, cfg: PdADMMConfig, *, dims, n_samples, rank, size, dtype=np.float32, X=None, y=None, **_):
+        cfg.validate()
+        self.cfg, self.name = cfg, cfg.name
+        self.dims = [int(d) for d in dims]          # n_0 (input), n_1, ..., n_L
+        self.L = len(self.dims) - 1
+        self.N = int(n_samples)
+        self.rank, self.size = int(rank), int(size)
+        self.dtype = np.dtype(dtype)
+        self.l0, self.l1 = layer_blocks(self.L, self.size)[self.rank]
+        self.X, self.y = X, y
+        self.grid = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points) if cfg.quantize else None
+        self.times = {k: 0.0 for k in ("p", "W", "b", "z", "q", "u", "wait")}
+        self.layer_times = np.zeros(self.l1 - self.l0)   # compute seconds per local layer
+
+    # -- shapes ------------------------------------------------------------------
+    def _sizes(self):
+        N, d = self.N, self.dims
+        ls = range(self.l0, self.l1)
+        return {"W": sum(d[l + 1] * d[l] for l in ls), "b": sum(d[l + 1] for l in ls),
+                "z": sum(N * d[l + 1] for l in ls), "p": sum(N * d[l] for l in ls if l > 0),
+                "q": sum(N * d[l + 1] for l in ls if l < self.L - 1),
+                "in": N * d[self.l0] if self.l0 > 0 else 0}
+
+    def _bind(self, st):
+        """Per-layer views into the state's flat arrays (kept valid across resume)."""
+        N, d, layers = self.N, self.dims, []
+        off = dict.fromkeys(("W", "b", "z", "p", "q"), 0)
+
+        def take(name, arr, n, shape):
+            v = arr[off[name]:off[name] + n].reshape(shape)
+            off[name] += n
+            return v
+        for l in range(self.l0, self.l1):
+            n_in, n_out = d[l], d[l + 1]
+            W = take("W", st.W, n_out * n_in, (n_out, n_in))
+            b = take("b", st.b, n_out, (n_out,))
+            oz = off["z"]
+            z = take("z", st.z, N * n_out, (N, n_out))
+            R = st.R[oz:oz + N * n_out].reshape(N, n_out)
+            p = self.X if l == 0 else take("p", st.p, N * n_in, (N, n_in))
+            lay = _Layer(l, W, b, z, R, p)
+            if l < self.L - 1:
+                oq = off["q"]
+                lay.q = take("q", st.q, N * n_out, (N, n_out))
+                lay.u = st.u[oq:oq + N * n_out].reshape(N, n_out)
+            layers.append(lay)
+        self._layers, self._st_id = layers, (id(st.W), id(st.z))
+        self.q_in = st.q_in.reshape(N, d[self.l0]) if self.l0 > 0 else None
+        self.u_in = st.u_in.reshape(N, d[self.l0]) if self.l0 > 0 else None
+        return layers
+
+    def _scratch(self):
+        N, d, dt = self.N, self.dims, self.dtype
+        ls = range(self.l0, self.l1)
+        self._G = np.empty(N * max(d[l] for l in ls), dt)
+        self._S = np.empty(N * max(d[l + 1] for l in ls), dt)
+        self._ce = np.empty(N)
+        last_w = d[self.l1]
+        self._p_recv = np.empty((N, last_w), dt) if self.l1 < self.L else None
+        if self.grid is not None:
+            it = KQ.index_dtype(self.grid[2])
+            self._qidx = np.empty(N * max(d[l + 1] for l in ls), it)          # interior q indices
+            self._qidx_send = np.empty((N, last_w), it) if self.l1 < self.L else None
+            self._qidx_recv = np.empty((N, d[self.l0]), it) if self.l0 > 0 else None
+            if self.cfg.quantize_p:
+                self._pidx = np.empty(N * max(d[l] for l in ls), it)
+                self._pidx_send = np.empty((N, d[self.l0]), it) if self.l0 > 0 else None
+                self._pidx_recv = np.empty((N, last_w), it) if self.l1 < self.L else None
+
+    # -- init ----------------------------------------------------------------------
+    def init(self, params, comm):
+        """Collective over the path ``comm``: a forward pass through the ranks.
+
+        ``params = (Ws, bs)``: this block's weights (n_l x n_{l-1}) and biases.
+        z_l = a_l, q_l = relu(z_l) (projected when quantising), p_{l+1} = q_l,
+        u_l = 0, R_l = 0.
+        """
+        c = self.cfg
+        set_threads(c.threads_per_rank)
+        _blas_threads(c.threads_per_rank)
+        s, dt, N, d = self._sizes(), self.dtype, self.N, self.dims
+        nl = self.l1 - self.l0
+        st = PdADMMState(W=np.empty(s["W"], dt), b=np.empty(s["b"], dt), z=np.empty(s["z"], dt),
+                         R=np.zeros(s["z"], dt), p=np.empty(s["p"], dt), q=np.empty(s["q"], dt),
+                         u=np.zeros(s["q"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
+                         tau_p=np.zeros(nl), tau_W=np.zeros(nl), rejected=np.zeros((nl, 2), np.int64),
+                         costs=np.full(3, np.nan), rho=float(c.rho))
+        layers = self._bind(st)
+        self._scratch()
+        Ws, bs = params
+        if self.l0 > 0:
+            comm.start_exchange({}, {self.rank - 1: self.q_in}, tag=_TAG_INIT).wait()
+            layers[0].p[...] = self.q_in
+        for j, lay in enumerate(layers):
+            lay.W[...] = Ws[j]
+            lay.b[...] = bs[j]
+            np.matmul(lay.p, lay.W.T, out=lay.z)
+            lay.z += lay.b
+            if lay.q is not None:
+                np.maximum(lay.z, 0, out=lay.q)
+                if self.grid is not None:
+                    KQ.dequantize(KQ.quantize(lay.q, *self.grid), *self.grid, dtype=dt, out=lay.q)
+                nxt = layers[j + 1].p if j + 1 < nl else None
+                if nxt is not None:
+                    nxt[...] = lay.q
+        if self.l1 < self.L:
+            comm.start_exchange({self.rank + 1: layers[-1].q}, {}, tag=_TAG_INIT).wait()
+        return st
+
+    # -- one iteration -----------------------------------------------------------------
+    def step(self, k, state, oracle, comm):
+        """Collective over the path ``comm`` (two neighbour messages per boundary)."""
+        c, T = self.cfg, self.times
+        if self._st_id != (id(state.W), id(state.z)):
+            self._bind(state)
+        layers, rho, nu, rank = self._layers, state.rho, c.nu, self.rank
+        LT = self.layer_times
+        t = time.perf_counter()
+        for j, lay in enumerate(layers):
+            if lay.l > 0:
+                self._p_update(j, lay, state, rho)
+                t = _tick(T, "p", t, LT, j)
+        # p of the first layer goes to the previous rank; p of the next rank's first layer comes in
+        send, recv = {}, {}
+        if self.l0 > 0:
+            send[rank - 1] = self._pidx_send if c.quantize_p else layers[0].p
+        if self.l1 < self.L:
+            recv[rank + 1] = self._pidx_recv if c.quantize_p else self._p_recv
+        ex = comm.start_exchange(send, recv, tag=_TAG_P)
+        t = time.perf_counter()
+        for j, lay in enumerate(layers):
+            self._w_update(j, lay, state)
+            t = _tick(T, "W", t, LT, j)
+            KA.center_columns(lay.R, lay.b)
+            t = _tick(T, "b", t, LT, j)
+            if lay.q is not None:
+                KA.z_step(lay.z, lay.R, lay.q)
+            else:
+                a = lay.z - lay.R
+                _, ce, _ = KA.ce_prox(a, self.y, lay.z, nu, c.fista_step, c.fista_iters, c.fista_tol,
+                                      out=lay.z, ce=self._ce)
+                np.subtract(lay.z, a, out=lay.R)
+                state.loss = float(np.sum(ce) / self.N)
+            t = _tick(T, "z", t, LT, j)
+        ex.wait()
+        if c.quantize_p and self.l1 < self.L:
+            KQ.dequantize(self._pidx_recv, *self.grid, dtype=self.dtype, out=self._p_recv)
+        t = _tick(T, "wait", t)
+        for j, lay in enumerate(layers):
+            if lay.q is None:
+                continue
+            p_next = layers[j + 1].p if j + 1 < len(layers) else self._p_recv
+            if self.grid is not None:
+                boundary = j + 1 == len(layers)
+                idx = self._qidx_send if boundary else self._qidx[:lay.q.size].reshape(lay.q.shape)
+                KQ.q_update_quantized(lay.z, p_next, lay.u, nu, rho, *self.grid, out=lay.q, out_idx=idx)
+            else:
+                KA.q_update(lay.z, p_next, lay.u, nu, rho, out=lay.q)
+            t = _tick(T, "q", t, LT, j)
+            KA.u_update(lay.u, p_next, lay.q, rho)
+            t = _tick(T, "u", t, LT, j)
+        # q of the last layer goes to the next rank (for its p update at k + 1)
+        send, recv = {}, {}
+        if self.l1 < self.L:
+            send[rank + 1] = self._qidx_send if self.grid is not None else layers[-1].q
+        if self.l0 > 0:
+            recv[rank - 1] = self._qidx_recv if self.grid is not None else self.q_in
+        comm.start_exchange(send, recv, tag=_TAG_Q).wait()
+        t = _tick(T, "wait", t)
+        if self.l0 > 0:
+            if self.grid is not None:
+                KQ.dequantize(self._qidx_recv, *self.grid, dtype=self.dtype, out=self.q_in)
+            KA.u_update(self.u_in, layers[0].p, self.q_in, rho)
+            t = _tick(T, "u", t, LT, 0)
+        if c.rho_raise:
+            self._raise_rho(state, comm)
+        last = self.l1 == self.L
+        return state, {"loss": state.loss if last else None, "rho": rho}
+
+    def _p_update(self, j, lay, state, rho):
+        c, nu = self.cfg, self.cfg.nu
+        n_in, n_out = lay.p.shape[1], lay.R.shape[1]
+        q_prev = self._layers[j - 1].q if j > 0 else self.q_in
+        u_prev = self._layers[j - 1].u if j > 0 else self.u_in
+        G = self._G[:self.N * n_in].reshape(self.N, n_in)
+        S = self._S[:self.N * n_out].reshape(self.N, n_out)
+        np.matmul(lay.R, lay.W, out=G)
+        KA.p_grad(G, lay.p, q_prev, u_prev, nu, rho)
+        gg = KA.sumsq(G)
+        np.matmul(G, lay.W.T, out=S)
+        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + rho * gg, c.tau0, c.max_doublings)
+        state.tau_p[j] = t
+        if not ok:
+            state.rejected[j, 0] += 1
+            if c.quantize_p and j == 0:
+                KQ.quantize(lay.p, *self.grid, out_idx=self._pidx_send)
+            return
+        KA.axpy(lay.p, G, -1.0 / t)
+        if c.quantize_p:
+            idx = self._pidx_send if j == 0 else self._pidx[:lay.p.size].reshape(lay.p.shape)
+            KQ.quantize(lay.p, *self.grid, out_idx=idx)
+            KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
+            np.matmul(lay.p, lay.W.T, out=lay.R)           # R = z - b - p W^T (fresh)
+            KA.resid_refresh(lay.R, lay.z, lay.b)
+        else:
+            KA.axpy(lay.R, S, 1.0 / t)
+
+    def _w_update(self, j, lay, state):
+        c, nu = self.cfg, self.cfg.nu
+        n_out = lay.R.shape[1]
+        G = np.matmul(lay.R.T, lay.p)
+        G *= -nu
+        if c.mu > 0:
+            G += c.mu * lay.W
+        gg = KA.sumsq(G)
+        S = self._S[:self.N * n_out].reshape(self.N, n_out)
+        np.matmul(lay.p, G.T, out=S)
+        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + c.mu * gg, c.tau0, c.max_doublings)
+        state.tau_W[j] = t
+        if not ok:
+            state.rejected[j, 1] += 1
+            return
+        KA.axpy(lay.W, G, -1.0 / t)
+        KA.axpy(lay.R, S, 1.0 / t)
+
+    def _raise_rho(self, state, comm):
+        cost = np.array([state.loss if self.l1 == self.L else 0.0])
+        comm.bcast(cost, root=self.size - 1)
+        h = state.costs
+        h[:2] = h[1:]
+        h[2] = cost[0]
+        c = self.cfg
+        if np.all(np.isfinite(h)) and h[0] - h[1] < c.rho_tol and h[1] - h[2] < c.rho_tol:
+            state.rho = min(state.rho * c.rho_factor, c.rho_max)
+
+    # -- model access ------------------------------------------------------------------
+    def weights(self, state):
+        """Local. [(W_l, b_l)] of this rank's layers (views into the state)."""
+        if self._st_id != (id(state.W), id(state.z)):
+            self._bind(state)
+        return [(lay.W, lay.b) for lay in self._layers]
+
+
+def _tick(times, key, t, per_layer=None, j=0):
+    now = time.perf_counter()
+    times[key] += now - t
+    if per_layer is not None:
+        per_layer[j] += now - t
+    return now
+
+
+def _blas_threads(n):
+    """Local. Limit the BLAS behind NumPy to ``n`` threads (threadpoolctl when installed)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return
+    threadpool_limits(limits=int(n), user_api="blas")

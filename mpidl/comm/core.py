@@ -1,0 +1,136 @@
+"""Local helpers shared by the communicators: lazy MPI, the launch check, buffer conversion."""
+from __future__ import annotations
+
+import numpy as np
+
+from mpidl.errors import MpidlError
+
+class CollectiveError(MpidlError):
+    """Raised on every rank when any rank reported an error to :meth:`GraphComm.agree`."""
+
+
+class LaunchError(MpidlError):
+    """The launcher started N > 1 tasks but each sees an MPI world of 1 (launcher/MPI mismatch).
+
+    ``launcher_rank`` is this task's rank as the launcher numbered it (or
+    None), so that only task 0 prints the message.
+    """
+
+    def __init__(self, msg, launcher_rank=None):
+        super().__init__(msg)
+        self.launcher_rank = launcher_rank
+
+
+def _mpi():
+    """Import MPI lazily: importing mpidl must not initialise MPI."""
+    from mpi4py import MPI
+    return MPI
+
+
+def world():
+    """Local. ``MPI.COMM_WORLD`` (initialises MPI on first use)."""
+    return _mpi().COMM_WORLD
+
+
+def init_world():
+    """Local. Initialise MPI for a program's start and return ``COMM_WORLD``, refusing a bad launch.
+
+    The launcher is checked twice (:func:`mpidl.launch.launch_mismatch`):
+    before ``MPI_Init``, where the environment alone proves a mismatch that
+    would make the library abort in ``MPI_Init`` with its own error (MPICH
+    under Open MPI's mpiexec, Open MPI under srun without a PMI plugin), and
+    after it (:func:`check_launch`).  Raises :class:`LaunchError`.  When
+    mpi4py already initialised MPI (``python -m mpi4py``), only the second
+    check runs.
+    """
+    import sys
+    import mpi4py
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.initialize = False  # look at the launcher before MPI_Init
+        mpi4py.rc.finalize = True     # ... and still finalise at exit, as mpi4py would
+    MPI = _mpi()
+    if not MPI.Is_initialized():
+        from mpidl.launch import launch_mismatch
+        found = launch_mismatch(None, MPI.Get_library_version(), mpicc=_mpicc())
+        if found is not None:
+            raise LaunchError(*found)
+        levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
+                  "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
+        MPI.Init_thread(levels.get(str(mpi4py.rc.thread_level), MPI.THREAD_MULTIPLE))
+    comm = MPI.COMM_WORLD
+    check_launch(comm)
+    return comm
+
+
+def _mpicc():
+    import mpi4py
+    try:
+        return (mpi4py.get_config() or {}).get("mpicc")
+    except Exception:  # noqa: BLE001 (no build config: the hint falls back to a guess)
+        return None
+
+
+def check_launch(comm) -> None:
+    """Local. Raise :class:`LaunchError` when ``comm`` is a singleton world of an N-task launch.
+
+    Call it where the program starts, before any file is written; the rules
+    are in :func:`mpidl.launch.launch_mismatch`.
+    """
+    if comm.Get_size() != 1:
+        return
+    from mpidl.launch import launch_mismatch
+    found = launch_mismatch(1, _mpi().Get_library_version(), mpicc=_mpicc())
+    if found is not None:
+        raise LaunchError(*found)
+
+
+_OPS = ("sum", "mean", "max", "min")
+
+
+def _persistent_collectives(graph) -> bool:
+    """Collective over ``graph``. Whether persistent neighbour collectives work, agreed by all ranks.
+
+    mpi4py always defines ``Neighbor_allgather_init``, but a library without
+    MPI-4 persistent collectives (Open MPI 4.x reports MPI 3.1) raises
+    NotImplementedError when it is called.  So every rank makes one trial
+    request on a one-element buffer (freed unstarted) and the ranks take the
+    logical AND: either all use persistent requests or all fall back to
+    ``Ineighbor_allgather``.
+    """
+    MPI = _mpi()
+    ok = hasattr(graph, "Neighbor_allgather_init")
+    if ok:
+        indeg = graph.Get_dist_neighbors_count()[0]
+        send, recv = np.zeros(1), np.zeros(max(1, indeg))
+        try:
+            req = graph.Neighbor_allgather_init([send, 1, MPI.DOUBLE], [recv, 1, MPI.DOUBLE])
+            req.Free()
+        except (NotImplementedError, MPI.Exception):
+            ok = False
+    return bool(graph.allreduce(ok, op=MPI.LAND))
+
+
+def _as_array(x, writable=True):
+    """Flat zero-copy NumPy view of ``x`` plus a write-back callable (or None)."""
+    mod = type(x).__module__
+    if mod.startswith("torch"):
+        t = x.detach()
+        if t.device.type != "cpu":
+            host = t.to("cpu").contiguous()
+            return host.numpy().reshape(-1), (lambda: t.copy_(host.view_as(t), non_blocking=False))
+        if not t.is_contiguous():
+            raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
+        return t.numpy().reshape(-1), None
+    a = np.asarray(x)
+    if not a.flags.c_contiguous:
+        raise ValueError("GraphComm needs a C-contiguous array (np.ascontiguousarray)")
+    if writable and not a.flags.writeable:
+        raise ValueError("GraphComm cannot write into a read-only array")
+    return a.reshape(-1), None
+
+
+def _pointers(x, out):
+    """Data pointers of two CPU torch tensors / arrays (fast-path validity check)."""
+    px = x.data_ptr() if hasattr(x, "data_ptr") else x.__array_interface__["data"][0]
+    po = out.data_ptr() if hasattr(out, "data_ptr") else out.__array_interface__["data"][0]
+    return px, po

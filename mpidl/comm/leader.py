@@ -1,0 +1,314 @@
+"""Leader SGD / EASGD communicators (issue 9; see :mod:`mpidl.comm` and :mod:`mpidl.algorithms.lsgd`).
+
+A world/group pair of communicators with leader election (MINLOC), leader
+broadcast, the EASGD sum, a nonblocking barrier for asynchronous rounds, and
+:class:`ModelWindow`, a one-sided (RMA) slot holding one model.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from mpidl.comm.core import _as_array, _mpi
+from mpidl.errors import MpidlError
+
+class LeaderComm:
+    """Collective. World and group communicators of the leader-based methods.
+
+    ``LeaderComm(gc, groups, group_size)`` duplicates ``gc.base`` (all ranks)
+    and splits it into groups: ``groups="all"`` one group of every rank,
+    ``"size"`` consecutive blocks of ``group_size`` ranks (must divide the
+    world size), ``"node"`` one group per shared-memory node
+    (``Split_type(COMM_TYPE_SHARED)``).  Bytes handed to MPI are charged to
+    ``gc.bytes_sent`` / ``gc.messages_sent`` so the driver's counters include them.
+    """
+
+    def __init__(self, gc, groups="all", group_size=0):
+        MPI = _mpi()
+        self.gc = gc
+        self.world = gc.base.Dup()
+        self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
+        if groups == "all":
+            color = 0
+        elif groups == "size":
+            if group_size < 1 or self.size % group_size:
+                self.world.Free()
+                raise MpidlError(f"group_size {group_size} does not divide the {self.size} workers; "
+                                 f"choose a divisor of {self.size} (or groups = \"node\" / \"all\")")
+            color = self.rank // group_size
+        elif groups == "node":
+            node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
+            color = node.allreduce(self.rank, op=MPI.MIN)
+            node.Free()
+        else:
+            self.world.Free()
+            raise MpidlError(f"groups must be all, size or node, got {groups!r}")
+        self.group = self.world.Split(color, key=self.rank)
+        self.group_id = color
+        self.grank, self.gsize = self.group.Get_rank(), self.group.Get_size()
+        self.group_ranks = self.group.allgather(self.rank)   # group rank -> world rank
+        self.n_groups = self.world.allreduce(1 if self.grank == 0 else 0, op=MPI.SUM)
+        self._windows = []
+        self._closed = False
+
+    def _scope(self, scope):
+        return self.world if scope == "world" else self.group
+
+    def charge(self, nbytes, messages=1):
+        """Local. Add bytes this rank handed to MPI to the driver's counters."""
+        self.gc.bytes_sent += int(nbytes)
+        self.gc.messages_sent += int(messages)
+
+    def elect(self, value, scope="world"):
+        """Collective over ``scope`` ("world" or "group"). ``(min value, its rank in scope)``.
+
+        One MINLOC allreduce; ties go to the lowest rank, so every rank agrees.
+        """
+        MPI = _mpi()
+        c = self._scope(scope)
+        n = c.Get_size()
+        v, r = c.allreduce((float(value), c.Get_rank()), op=MPI.MINLOC)
+        if n > 1:
+            self.charge(2 * (n - 1) * 16 // n, 2 * (n - 1))
+        return v, r
+
+    def bcast(self, x, root, scope="world"):
+        """Collective over ``scope``. Broadcast array ``x`` in place from ``root`` (rank in scope)."""
+        c = self._scope(scope)
+        a, wb = _as_array(x)
+        c.Bcast(a, root=root)
+        if wb is not None:
+            wb()
+        if c.Get_rank() == root and c.Get_size() > 1:
+            self.charge(a.nbytes * (c.Get_size() - 1), c.Get_size() - 1)
+        return x
+
+    def allreduce_sum(self, x, out):
+        """Collective over the world. ``out = sum_i x_i`` (ring-model bytes charged)."""
+        MPI = _mpi()
+        a, _ = _as_array(x, writable=False)
+        o, _ = _as_array(out)
+        if np.shares_memory(a, o):
+            self.world.Allreduce(MPI.IN_PLACE, o, op=MPI.SUM)
+        else:
+            self.world.Allreduce(a, o, op=MPI.SUM)
+        if self.size > 1:
+            self.charge(2 * (self.size - 1) * a.nbytes // self.size, 2 * (self.size - 1))
+        return out
+
+    def barrier(self):
+        """Collective over the world. Block until every rank arrives."""
+        self.world.Barrier()
+
+    def ibarrier(self):
+        """Collective over the world (nonblocking). A request; ``.Test()`` is True once all ranks entered."""
+        return self.world.Ibarrier()
+
+    def window(self, count, dtype, scope="world", init=None):
+        """Collective over ``scope``. A :class:`ModelWindow` of ``count`` values hosted by rank 0 of ``scope``."""
+        w = ModelWindow(self._scope(scope), count, dtype, self, init=init)
+        self._windows.append(w)
+        return w
+
+    def close(self):
+        """Collective. Free the windows and communicators (idempotent)."""
+        if self._closed:
+            return
+        for w in self._windows:
+            w.free()
+        self._windows.clear()
+        self.group.Free()
+        self.world.Free()
+        self._closed = True
+
+
+class TornReadError(MpidlError):
+    """A model read from a ModelWindow kept changing while it was read (should never happen)."""
+
+
+class ModelWindow:
+    """Collective to build and free. One model in an MPI RMA window hosted by rank 0 of ``comm``.
+
+    Every rank holds one passive-target epoch (``Lock_all``) on the window for
+    its whole life; all synchronisation is built from MPI atomics, which MPI
+    completes without the host's participation where the hardware or shared
+    memory allows it (a host busy in a long backward pass does not stall the
+    others; see docs/algorithms/lsgd.md for the measurement and the progress
+    settings).
+
+    Host memory (bytes): ``mutex`` (int64: 0 free, else owner rank + 1),
+    ``seq`` (int64: writes completed, 0 = empty), ``writing`` (int64: the
+    newest write begun), then two slots, each ``[version, loss, owner, step]``
+    (float64) + the model.
+
+    * Writers take the mutex (compare-and-swap spin with backoff), announce
+      ``writing = s + 1`` (atomic, flushed), write version ``s + 1`` into slot
+      ``(s + 1) mod 2`` (the slot readers are not being sent to), flush, then
+      publish ``seq = s + 1`` (atomic).
+    * Readers take no lock (a versioned double buffer): atomically read
+      ``s1 = seq``, get slot ``s1 mod 2``, flush, atomically read
+      ``w = writing``.  Only write ``s1 + 2`` touches that slot, and it is
+      announced before its first byte lands, so the read is valid iff
+      ``w <= s1 + 1`` and the slot's own version is ``s1``; otherwise it is
+      retried (counted in ``retries``).  A torn model is never returned.
+    """
+
+    HDR = 32
+    OFF = 24
+
+    def __init__(self, comm, count, dtype, lc, init=None):
+        MPI = _mpi()
+        self.comm, self.lc = comm, lc
+        self.dtype = np.dtype(dtype)
+        self.count = int(count)
+        self.nbytes = self.count * self.dtype.itemsize
+        self.slot = self.HDR + self.nbytes
+        self.is_host = comm.Get_rank() == 0
+        size = self.OFF + 2 * self.slot if self.is_host else 0
+        self.win = MPI.Win.Allocate(size, 1, comm=comm)
+        if self.is_host:
+            np.frombuffer(self.win.tomemory(), dtype=np.uint8)[:self.OFF + self.HDR] = 0
+        comm.Barrier()
+        self.win.Lock_all()
+        self._i64 = np.zeros(1, np.int64)
+        self._res = np.zeros(1, np.int64)
+        self._hdr = np.zeros(4)
+        self.retries = 0
+        self.writes = 0
+        self._freed = False
+        if self.is_host and init is not None:
+            self._lock()
+            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype))
+            self._unlock()
+        comm.Barrier()
+
+    # atomics ---------------------------------------------------------
+    def _atomic(self, disp, value=None):
+        """Fetch the int64 at ``disp`` (and replace it with ``value`` if given); flushed."""
+        MPI = _mpi()
+        self._i64[0] = 0 if value is None else value
+        self.win.Fetch_and_op(self._i64, self._res, 0, disp, MPI.NO_OP if value is None else MPI.REPLACE)
+        self.win.Flush(0)
+        return int(self._res[0])
+
+    def _lock(self):
+        me = np.array([self.comm.Get_rank() + 1], np.int64)
+        free = np.zeros(1, np.int64)
+        pause = 1e-6
+        while True:
+            self.win.Compare_and_swap(me, free, self._res, 0, 0)
+            self.win.Flush(0)
+            if self._res[0] == 0:
+                return
+            time.sleep(pause)
+            pause = min(2 * pause, 1e-3)
+
+    def _unlock(self):
+        self._atomic(0, 0)
+
+    # slots ------------------------------------------------------------
+    def _get_slot(self, s, out):
+        MPI = _mpi()
+        off = self.OFF + (s % 2) * self.slot
+        self.win.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Get([out.view(np.uint8), MPI.BYTE], 0, (off + self.HDR, self.nbytes, MPI.BYTE))
+        self.win.Flush(0)
+
+    def _write(self, s, meta, x):
+        """Write version s + 1 (mutex held): fill the other slot, flush, publish seq."""
+        MPI = _mpi()
+        off = self.OFF + ((s + 1) % 2) * self.slot
+        self._atomic(16, s + 1)
+        h = np.array([s + 1, *meta], dtype=np.float64)
+        self.win.Put([h.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Put([np.ascontiguousarray(x, self.dtype).view(np.uint8), MPI.BYTE], 0,
+                     (off + self.HDR, self.nbytes, MPI.BYTE))
+        self.win.Flush(0)
+        self._atomic(8, s + 1)
+        self.writes += 1
+        self.lc.charge(self.slot + 8, 2)
+
+    def _check(self, out):
+        if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
+            raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {out.dtype} x {out.size}")
+
+    # public operations -------------------------------------------------
+    def read(self, out, charge=True, retries=100000):
+        """Local (no lock; versioned double buffer). Copy the newest model into ``out``.
+
+        Returns its header ``(seq, loss, owner, step)``, or None while the slot is empty.
+        """
+        self._check(out)
+        for _ in range(retries):
+            s1 = self._atomic(8)
+            if s1 == 0:
+                return None
+            self._get_slot(s1, out)
+            s2 = self._atomic(16)
+            if charge:
+                self.lc.charge(self.slot + 16, 3)
+            if s2 <= s1 + 1 and int(self._hdr[0]) == s1:
+                return tuple(float(v) for v in self._hdr)
+            self.retries += 1
+        raise TornReadError(f"{retries} consecutive reads of a model window were overtaken by writers")
+
+    def exchange(self, x, loss, owner, step, decide, out):
+        """Local (mutex). Publish ``x`` if ``decide(header)``, else read the published model into ``out``.
+
+        ``decide`` gets ``None`` (empty) or the current ``(seq, loss, owner, step)``.
+        Returns ``(published, header)``, the header of what is now published.
+        """
+        self._check(out)
+        self._lock()
+        try:
+            s = self._atomic(8)
+            cur = None
+            if s:
+                self._get_hdr(s)
+                cur = tuple(float(v) for v in self._hdr)
+            if decide(cur):
+                self._write(s, (loss, owner, step), x)
+                return True, (float(s + 1), float(loss), float(owner), float(step))
+            self._get_slot(s, out)
+            self.lc.charge(self.HDR + 16, 3)
+            return False, tuple(float(v) for v in self._hdr)
+        finally:
+            self._unlock()
+
+    def _get_hdr(self, s):
+        MPI = _mpi()
+        off = self.OFF + (s % 2) * self.slot
+        self.win.Get([self._hdr.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+        self.win.Flush(0)
+
+    def update(self, fn, buf):
+        """Local (mutex). ``buf <- published model``; ``fn(buf)`` edits it; publish the result.
+
+        Atomic with respect to every other writer (EASGD's center update
+        c <- c + a (x_i - c)); readers see the old or the new model, never a mix.
+        """
+        self._check(buf)
+        self._lock()
+        try:
+            s = self._atomic(8)
+            if s:
+                self._get_slot(s, buf)
+                meta = tuple(float(v) for v in self._hdr[1:])
+            else:
+                buf[...] = 0
+                meta = (0.0, 0.0, 0.0)
+            fn(buf)
+            self._write(s, meta, buf)
+            self.lc.charge(self.slot + 16, 3)
+        finally:
+            self._unlock()
+        return buf
+
+    def free(self):
+        """Collective over the window's communicator."""
+        if not self._freed:
+            self.comm.Barrier()
+            self.win.Unlock_all()
+            self.win.Free()
+            self._freed = True

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# A throwaway single-node Slurm (munged + slurmctld + slurmd) for the cluster checks.
+#   scripts/cluster/slurm.sh start DIR     write DIR/slurm.conf, start the daemons, wait for the node
+#   scripts/cluster/slurm.sh stop DIR      cancel every job, stop the daemons started from DIR
+# Clients need `export SLURM_CONF=DIR/slurm.conf`.  Everything (state, spool, logs, the munge
+# socket) lives under DIR, on non-default ports, so nothing system-wide is configured.
+# Process tracking is proctrack/linuxproc and task/none: no cgroups, no CPU binding, nothing
+# touches processes outside the jobs.  The node claims ${MPIDL_SLURM_CPUS:-8} CPUs whatever the
+# machine has (SlurmdParameters=config_overrides), so 8-rank jobs run on 2 cores.
+# MpiDefault=none, as Debian's slurm-wlm ships: srun needs --mpi=pmi2 for MPICH.
+set -euo pipefail
+cmd=${1:?usage: slurm.sh start|stop DIR}
+dir=$(realpath -m "${2:?usage: slurm.sh start|stop DIR}")
+
+stop_pid() {  # stop_pid PIDFILE: TERM, then KILL after 10 s (only the process the file names)
+    local f=$1 pid i
+    [ -f "$f" ] || return 0
+    pid=$(cat "$f" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        kill "$pid" 2>/dev/null || true
+        for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+        kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+}
+
+case $cmd in
+start)
+    mkdir -p "$dir"/{state,spool,munge,log}
+    chmod 700 "$dir/munge"
+    host=$(hostname -s)
+    cpus=${MPIDL_SLURM_CPUS:-8}
+    port=${MPIDL_SLURM_PORT:-6917}
+    cat > "$dir/slurm.conf" <<CONF
+ClusterName=mpidl-ci
+SlurmctldHost=$host(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort=$port
+SlurmdPort=$((port + 1))
+AuthType=auth/munge
+CryptoType=crypto/munge
+AuthInfo=socket=$dir/munge/munge.socket
+MpiDefault=none
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+ReturnToService=2
+JobRequeue=1
+KillWait=15
+MinJobAge=600
+StateSaveLocation=$dir/state
+SlurmdSpoolDir=$dir/spool
+SlurmctldPidFile=$dir/slurmctld.pid
+SlurmdPidFile=$dir/slurmd.pid
+SlurmctldLogFile=$dir/log/slurmctld.log
+SlurmdLogFile=$dir/log/slurmd.log
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+    key=${MUNGE_KEY:-/etc/munge/munge.key}
+    if [ ! -s "$key" ]; then  # the munge package creates one; make a private one if it did not
+        key=$dir/munge/munge.key
+        [ -s "$key" ] || { dd if=/dev/urandom bs=1 count=1024 of="$key" 2>/dev/null; chmod 400 "$key"; }
+    fi
+    munged --force --socket="$dir/munge/munge.socket" --key-file="$key" \
+        --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed"
+    export SLURM_CONF=$dir/slurm.conf
+    slurmctld -f "$SLURM_CONF" -c
+    slurmd -f "$SLURM_CONF" -c
+    for _ in $(seq 60); do
+        if sinfo -h -o '%T' 2>/dev/null | grep -qx idle; then
+            echo "[slurm] up: node $host with $cpus CPUs, SLURM_CONF=$SLURM_CONF"
+            exit 0
+        fi
+        sleep 1
+    done
+    echo "[slurm] the node did not come up; logs in $dir/log:" >&2
+    tail -n 20 "$dir"/log/*.log >&2 || true
+    exit 1
+    ;;
+stop)
+    if [ -f "$dir/slurm.conf" ] && [ -f "$dir/slurmctld.pid" ]; then
+        SLURM_CONF=$dir/slurm.conf scancel --user=root --full 2>/dev/null || true
+        sleep 1
+    fi
+    stop_pid "$dir/slurmd.pid"
+    stop_pid "$dir/slurmctld.pid"
+    stop_pid "$dir/munged.pid"
+    echo "[slurm] stopped ($dir)"
+    ;;
+*)
+    echo "usage: slurm.sh start|stop DIR" >&2; exit 2 ;;
+esac

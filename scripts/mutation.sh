@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# Mutation testing (cosmic-ray) of the modules whose tests are fast and deterministic.
+# Not part of CI: run it when one of these modules changes, and update docs/testing.md.
+#
+#   bash scripts/mutation.sh                 # every target below (about an hour on 2 cores)
+#   bash scripts/mutation.sh kernels-mixing algorithms-base   # some targets
+#   bash scripts/mutation.sh --list          # the targets and their test commands
+#
+# Needs the "mutation" extra (pip install -e .[mutation]).  The work happens in a copy of the
+# tree ($MUTATION_DIR, default /tmp/mpidl-mutation/src): cosmic-ray rewrites the module on disk
+# for every mutant, so the working tree is never touched.  Per target it writes
+# $MUTATION_DIR/<target>.sqlite (the session; rerunning resumes it) and
+# $MUTATION_DIR/<target>.txt (the report with the diff of every surviving mutant).
+# On a shared machine run it under `flock -s /work/bench.lock bash scripts/mutation.sh ...`.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+if [ "${MPIDL_NO_VENV:-0}" != 1 ] && [ -f "$ROOT/.venv/bin/activate" ]; then . "$ROOT/.venv/bin/activate"; fi
+export OMP_NUM_THREADS=1
+OUT="${MUTATION_DIR:-/tmp/mpidl-mutation}"
+SRC="$OUT/src"
+NP="${MUTATION_NP:-3}"      # world size of the MPI tests that kill the algorithms' mutants
+MPI_RUN="mpiexec -n $NP python tests/mpi/run.py"
+
+# target | module | test command (run in $SRC; must exit 0 on the unmutated code)
+# Kernels run with NUMBA_DISABLE_JIT=1: the same code as plain Python, no recompile per mutant.
+TARGETS="
+kernels-mixing|kernels/mixing.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
+kernels-prox|kernels/prox.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
+kernels-losses|kernels/losses.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
+kernels-surrogate|kernels/surrogate.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
+algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py tests/test_checkpoint.py
+algorithms-cdsgd|mpidl/algorithms/cdsgd.py|$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
+algorithms-next|mpidl/algorithms/next.py|$MPI_RUN tests/mpi/mpitest_next.py -x
+topology|mpidl/topology.py|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
+config|mpidl/config.py|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+checkpoint|mpidl/checkpoint.py|python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
+"
+
+# Operators: arithmetic and comparison swaps that change a value (not bit operators, `is`, or
+# all 11 x 11 operator pairs), constants, booleans, negations, loops, break/continue.
+# Removing a decorator only drops @njit (the same function in Python): excluded.
+EXCLUDE='"core/ReplaceBinaryOperator_(?!(Add_Sub|Add_Mul|Sub_Add|Mul_Div|Mul_Add|Div_Mul|Pow_Mul|FloorDiv_Div|Mod_FloorDiv)$)",
+ "core/ReplaceComparisonOperator_(?!(Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Eq_NotEq|NotEq_Eq|Lt_Gt|Gt_Lt)$)",
+ "core/ReplaceUnaryOperator_.*(Invert|Delete)", "core/RemoveDecorator", "core/ExceptionReplacer"'
+
+if [ "${1:-}" = "--list" ]; then echo "$TARGETS" | sed '/^$/d' | column -t -s'|'; exit 0; fi
+want=("$@")
+
+mkdir -p "$OUT"
+rm -rf "$SRC"
+mkdir -p "$SRC"
+# a copy of the tree: the files git tracks plus untracked ones it does not ignore
+[ -f "$ROOT/setup.py" ] && [ -d "$ROOT/mpidl" ] || { echo "not an mpidl tree: $ROOT"; exit 1; }
+(cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | (cd "$SRC" && tar -xf -)
+# the editable install maps mpidl.kernels to <root>/kernels; in the copy a link does it, and
+# PYTHONPATH puts the copy first
+ln -s ../kernels "$SRC/mpidl/kernels"
+export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
+(cd "$SRC" && python -c "import mpidl, mpidl.kernels, sys; assert mpidl.__file__.startswith('$SRC') and \
+mpidl.kernels.__file__.startswith('$SRC'), (mpidl.__file__, mpidl.kernels.__file__)")
+
+echo "$TARGETS" | sed '/^$/d' | while IFS='|' read -r name module cmd; do
+    if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
+    cfg="$OUT/$name.toml"
+    cat > "$cfg" <<EOF
+[cosmic-ray]
+module-path = "$module"
+timeout = ${MUTATION_TIMEOUT:-300.0}
+excluded-modules = []
+test-command = "$cmd"
+
+[cosmic-ray.distributor]
+name = "local"
+
+[cosmic-ray.filters.operators-filter]
+exclude-operators = [$EXCLUDE]
+EOF
+    echo "== $name: $module"
+    echo "   tests: $cmd"
+    (cd "$SRC" && bash -c "$cmd" > "$OUT/$name.baseline.log" 2>&1) || {
+        echo "   the tests fail on the unmutated code: see $OUT/$name.baseline.log"; exit 1; }
+    session="$OUT/$name.sqlite"
+    if [ ! -f "$session" ]; then
+        (cd "$SRC" && cosmic-ray init "$cfg" "$session" && cr-filter-operators "$session" "$cfg")
+    fi
+    t0=$(date +%s)
+    (cd "$SRC" && cosmic-ray exec "$cfg" "$session")
+    echo "   $(( $(date +%s) - t0 )) s"
+    cr-report --show-diff --surviving-only "$session" > "$OUT/$name.txt"
+    tail -n 4 "$OUT/$name.txt" | sed 's/^/   /'
+done

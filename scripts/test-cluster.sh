@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Cluster checks (docs/clusters.md): Open MPI as well as MPICH, srun and sbatch under a real Slurm.
+#   1. installs Debian's Open MPI, Slurm (slurm-wlm) and munge when missing (apt-get);
+#   2. builds mpi4py against Open MPI in its own virtual environment ($MPIDL_OMPI_VENV,
+#      default ~/.cache/mpidl/venv-ompi; kept between runs, and pip caches the built wheel);
+#   3. runs the MPI test suite (and the other mpiexec tests) under Open MPI's mpiexec;
+#   4. starts munged + slurmctld + slurmd (scripts/cluster/slurm.sh, everything under a
+#      temporary folder, MpiDefault=none like Debian's) and runs tests/cluster/slurm_checks.py
+#      with the README's MPICH set-up (.venv);
+#   5. stops what it started (trap), prints the time taken, exits non-zero if any check failed.
+# It needs root and apt-get; elsewhere it says so and exits 0 without checking anything.
+# Extra arguments go to every pytest call (e.g. -x, -k name).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+t0=$(date +%s)
+say() { echo "[test-cluster] $*"; }
+
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    say "SKIPPED: needs root and apt-get (Debian) to install Open MPI, Slurm and munge;" \
+        "no cluster check ran (see docs/clusters.md to run them by hand)"
+    exit 0
+fi
+exec 9>/tmp/mpidl-test-cluster.lock
+if ! flock -n 9; then
+    say "another test-cluster.sh is running on this machine: waiting for it"
+    flock 9
+fi
+
+set -e
+pkgs="openmpi-bin libopenmpi-dev slurm-wlm munge"
+missing=$(for p in $pkgs; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
+if [ -n "$missing" ]; then
+    say "installing $(echo $missing)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+fi
+t_apt=$(date +%s)
+
+bash scripts/setup.sh   # the README's set-up: .venv with the MPICH wheel
+venv=${MPIDL_OMPI_VENV:-$HOME/.cache/mpidl/venv-ompi}
+stamp="$venv/.mpidl-ompi-$(cat setup.py /usr/lib/x86_64-linux-gnu/openmpi/include/mpi.h 2>/dev/null | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    say "building mpi4py against Open MPI in $venv"
+    "${PYTHON:-python3}" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q torch==2.13.0
+    MPICC=mpicc.openmpi "$venv/bin/python" -m pip install -q --no-binary mpi4py "mpi4py>=4"
+    "$venv/bin/python" -m pip install -q -e ".[test,plot,data]"
+    touch "$stamp"
+fi
+"$venv/bin/python" - <<'PY'
+from mpi4py import MPI
+v = MPI.Get_library_version()
+assert "Open MPI" in v, f"{__import__('mpi4py').__file__} is not built against Open MPI: {v[:80]}"
+print("[test-cluster] Open MPI venv:", v.splitlines()[0][:60], "MPI", MPI.Get_version())
+PY
+t_build=$(date +%s)
+set +e
+
+failed=()
+export OMP_NUM_THREADS=1 OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+say "MPI tests under Open MPI (mpiexec.openmpi --oversubscribe)"
+MPIDL_MPIEXEC=mpiexec.openmpi MPIDL_MPIEXEC_ARGS="--oversubscribe" \
+    "$venv/bin/python" -m pytest -q tests/test_mpi_suite.py tests/test_cli.py tests/test_checkpoint.py \
+    tests/test_crash_resume.py "$@" || failed+=("MPI tests under Open MPI")
+t_ompi=$(date +%s)
+
+slurm_dir=$(mktemp -d /tmp/mpidl-slurm.XXXXXX)
+cleanup() {
+    bash scripts/cluster/slurm.sh stop "$slurm_dir" >/dev/null 2>&1 || true
+    rm -rf "$slurm_dir"
+}
+trap cleanup EXIT
+trap 'cleanup; exit 130' INT TERM
+if bash scripts/cluster/slurm.sh start "$slurm_dir"; then
+    export SLURM_CONF=$slurm_dir/slurm.conf
+    say "Slurm checks (tests/cluster/slurm_checks.py)"
+    MPIDL_OMPI_PYTHON="$venv/bin/python" .venv/bin/python -m pytest -v tests/cluster/slurm_checks.py "$@" \
+        || failed+=("Slurm checks")
+else
+    failed+=("starting Slurm")
+fi
+t_end=$(date +%s)
+say "times: packages $((t_apt - t0)) s, venvs $((t_build - t_apt)) s, Open MPI tests $((t_ompi - t_build)) s," \
+    "Slurm $((t_end - t_ompi)) s; total $((t_end - t0)) s"
+if [ ${#failed[@]} -gt 0 ]; then
+    say "FAILED: ${failed[*]}"
+    exit 1
+fi
+say "all cluster checks passed"

@@ -1,0 +1,159 @@
+"""pdADMM under MPI: the layer-parallel run equals the stacked single-process reference
+(tests/reference/pdadmm.py) at every world size, with and without quantisation, and the
+augmented Lagrangian decreases."""
+import numpy as np
+import pytest
+from mpi4py import MPI
+
+from mpiutil import assert_all, assert_raises_all
+from mpidl import topology as T
+from mpidl.algorithms.pdadmm import PdADMM, PdADMMConfig, layer_blocks
+from mpidl.comm import GraphComm
+from reference import pdadmm as ref
+
+MPI_SIZES = (1, 2, 3, 4)
+MPI_TIMEOUT = 400
+WORLD = MPI.COMM_WORLD
+P, R = WORLD.Get_size(), WORLD.Get_rank()
+DIMS = {3: [6, 5, 4, 3], 5: [6, 5, 4, 5, 4, 3]}
+
+
+def _problem(dims, n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, (n, dims[0]))
+    y = rng.integers(0, dims[-1], n)
+    Ws = [rng.normal(0, 0.5, (dims[l + 1], dims[l])) for l in range(len(dims) - 1)]
+    bs = [rng.normal(0, 0.1, dims[l + 1]) for l in range(len(dims) - 1)]
+    return X, y, Ws, bs
+
+
+def _hp(cfg):
+    hp = dict(nu=cfg.nu, rho=cfg.rho, mu=cfg.mu, tau0=cfg.tau0, max_doublings=cfg.max_doublings,
+              fista_step=cfg.fista_step, fista_iters=cfg.fista_iters, fista_tol=cfg.fista_tol,
+              quantize_p=cfg.quantize_p, rho_raise=cfg.rho_raise, rho_factor=cfg.rho_factor,
+              rho_max=cfg.rho_max, rho_tol=cfg.rho_tol)
+    if cfg.quantize:
+        hp["quantize"] = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points)
+    return hp
+
+
+def _run_mpi(cfg, dims, X, y, Ws, bs, iters, each=None):
+    l0, l1 = layer_blocks(len(dims) - 1, P)[R]
+    algo = PdADMM(cfg, dims=dims, n_samples=len(y), rank=R, size=P, dtype=np.float64,
+                  X=X if l0 == 0 else None, y=y if l1 == len(dims) - 1 else None)
+    with GraphComm(WORLD, T.path(P)) as gc:
+        state = algo.init((Ws[l0:l1], bs[l0:l1]), gc)
+        gc.reset_counters()                       # count the iterations' traffic only
+        losses = []
+        for k in range(iters):
+            state, m = algo.step(k, state, None, gc)
+            losses.append(m["loss"])
+            if each is not None:
+                each(k, algo, state)
+        nbytes = gc.bytes_sent
+    return algo, state, losses, nbytes
+
+
+def _gather(algo, state):
+    """Rank-ordered per-layer dict of W, b, z, p, q, u (on every rank)."""
+    algo.weights(state)
+    mine = {lay.l: {"W": lay.W.copy(), "b": lay.b.copy(), "z": lay.z.copy(),
+                    "p": None if lay.l == 0 else lay.p.copy(),
+                    "q": None if lay.q is None else lay.q.copy(),
+                    "u": None if lay.u is None else lay.u.copy()} for lay in algo._layers}
+    if algo.u_in is not None:
+        mine["u_in"] = (algo.l0 - 1, algo.u_in.copy())
+    out = {}
+    for d in WORLD.allgather(mine):
+        out.update(d)
+    return out
+
+
+def _stacked(g, L):
+    S = {"W": [g[l]["W"] for l in range(L)], "b": [g[l]["b"] for l in range(L)],
+         "z": [g[l]["z"] for l in range(L)], "p": [None] + [g[l]["p"] for l in range(1, L)],
+         "q": [g[l]["q"] for l in range(L - 1)], "u": [g[l]["u"] for l in range(L - 1)]}
+    return S
+
+
+CASES = [dict(), dict(quantize=True), dict(quantize=True, quantize_p=True),
+         dict(mu=0.05, rho_raise=True, rho_tol=10.0, rho_max=4.0)]
+
+
+@pytest.mark.parametrize("L", [3, 5])
+@pytest.mark.parametrize("opts", CASES, ids=["plain", "q", "qp", "mu-rho-raise"])
+def test_layer_parallel_equals_stacked_reference(L, opts):
+    dims = DIMS[L]
+    if P > L:
+        pytest.skip("more ranks than layers: see test_too_many_ranks")
+    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12, **opts)
+    X, y, Ws, bs = _problem(dims)
+    algo, state, losses, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 8)
+    S, costs, rhos = ref.run(X, y, Ws, bs, _hp(cfg), 8)
+    g = _gather(algo, state)
+    err = 0.0
+    for key in ("W", "b", "z", "p", "q", "u"):
+        for l, want in enumerate(S[key]):
+            if want is None or (key == "p" and l == 0):
+                continue
+            err = max(err, float(np.abs(g[l][key] - want).max() / max(1.0, np.abs(want).max())))
+    if "u_in" in g:
+        lb, u = g["u_in"]
+        err = max(err, float(np.abs(u - S["u"][lb]).max()))
+    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+    if algo.l1 == L:
+        assert_all(np.allclose(losses, costs, rtol=1e-10, atol=0), f"{losses} vs {costs}")
+    else:
+        assert_all(all(v is None for v in losses))
+    assert_all(state.rho == pytest.approx(rhos[-1] if not cfg.rho_raise else
+                                          ref.raise_rho(costs, rhos[-1], cfg.rho_factor, cfg.rho_max,
+                                                        cfg.rho_tol)))
+    if cfg.rho_raise:
+        assert_all(rhos[-1] > cfg.rho, "rho_raise never raised rho in this test")
+    if cfg.quantize:
+        grid = np.linspace(cfg.grid_lo, cfg.grid_hi, cfg.grid_points)
+        q = np.concatenate([S["q"][l].ravel() for l in range(L - 1)])
+        assert_all(np.abs(q[:, None] - grid[None, :]).min(axis=1).max() < 1e-12, "q off the grid")
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_bytes_per_iteration(quantize):
+    dims = DIMS[3]
+    if P > 3:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(quantize=quantize, quantize_p=quantize)
+    X, y, Ws, bs = _problem(dims)
+    algo, _, _, nbytes = _run_mpi(cfg, dims, X, y, Ws, bs, 3)
+    n = len(y)
+    width = dims
+    want = 0
+    if algo.l0 > 0:
+        want += n * width[algo.l0] * (2 if quantize else 8)          # p to the previous rank
+    if algo.l1 < 3:
+        want += n * width[algo.l1] * (2 if quantize else 8)          # q to the next rank
+    assert_all(nbytes == 3 * want, f"{nbytes} bytes, expected {3 * want}")
+
+
+@pytest.mark.parametrize("L", [3, 5])
+def test_augmented_lagrangian_decreases(L):
+    dims = DIMS[L]
+    if P > L:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(rho=2.0, nu=1.0, tau0=1.0, fista_iters=100, fista_tol=0.0)
+    X, y, Ws, bs = _problem(dims, seed=3)
+    vals = []
+
+    def record(k, algo, state):
+        S = _stacked(_gather(algo, state), L)
+        S["p"][0] = X
+        vals.append(ref.augmented_lagrangian(S, y, cfg.nu, state.rho))
+    _run_mpi(cfg, dims, X, y, Ws, bs, 20, each=record)
+    d = np.diff(vals)
+    assert_all(np.all(d <= 1e-9 * np.abs(vals[:-1])), f"AL increased: {vals}")
+    assert_all(vals[-1] < vals[0])
+
+
+def test_too_many_ranks():
+    if P < 3:
+        pytest.skip("needs more ranks than layers (2 layers at 3+ ranks)")
+    assert_raises_all(ValueError, layer_blocks, 2, P, match="at most one rank per layer")

@@ -1,0 +1,67 @@
+"""mpidl.kernels.quantize against its NumPy twin (argmin of the distance to the grid)."""
+import numpy as np
+import pytest
+
+from mpidl.kernels import quantize as Q
+from reference import quantize_kernels as ref
+
+
+def _check_nearest(idx, want, v, lo, hi, n):
+    """Equal indices, or (on a rounding tie) two points equally near v."""
+    g = ref.grid(lo, hi, n, np.float64)
+    v = np.asarray(v, dtype=np.float64).reshape(-1)
+    i1, i2 = idx.reshape(-1).astype(np.int64), want.reshape(-1).astype(np.int64)
+    diff = i1 != i2
+    if diff.any():
+        d1, d2 = np.abs(v[diff] - g[i1[diff]]), np.abs(v[diff] - g[i2[diff]])
+        np.testing.assert_allclose(d1, d2, rtol=1e-9, atol=1e-12)
+    assert diff.mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n", [2, 7, 256, 257, 1000])
+def test_quantize_matches_twin(dtype, n):
+    rng = np.random.default_rng(n)
+    v = rng.uniform(-1.5, 2.5, (300, 7)).astype(dtype)
+    v[0, :3] = [-1.0, 2.0, np.nan]
+    idx = Q.quantize(v, -1.0, 2.0, n)
+    assert idx.dtype == ref.index_dtype(n) and idx.shape == v.shape
+    _check_nearest(idx, ref.quantize(v, -1.0, 2.0, n), np.nan_to_num(v, nan=-1.0), -1.0, 2.0, n)
+    assert idx[0, 0] == 0 and idx[0, 1] == n - 1 and idx[0, 2] == 0
+    vals = Q.dequantize(idx, -1.0, 2.0, n, dtype)
+    np.testing.assert_array_equal(vals, ref.dequantize(idx, -1.0, 2.0, n, dtype))
+    # the grid values are fixed points of quantize
+    np.testing.assert_array_equal(Q.quantize(vals, -1.0, 2.0, n), idx)
+
+
+def test_index_dtype_sizes():
+    assert Q.index_dtype(256) == np.uint8
+    assert Q.index_dtype(257) == np.uint16
+    assert Q.index_dtype(1000) == np.uint16
+    assert Q.index_dtype(65536) == np.uint16
+    assert Q.index_dtype(65537) == np.uint32
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_q_update_quantized_matches_twin(dtype):
+    rng = np.random.default_rng(4)
+    z, p, u = (rng.standard_normal((120, 13)).astype(dtype) for _ in range(3))
+    u *= 1e-4
+    q, idx = Q.q_update_quantized(z, p, u, 1e-4, 1e-4, -1.0, 2.0, 1000)
+    qr = (1e-4 * np.maximum(z.astype(np.float64), 0) + 1e-4 * p.astype(np.float64) + u) / 2e-4
+    _check_nearest(idx, ref.quantize(qr, -1.0, 2.0, 1000), qr, -1.0, 2.0, 1000)
+    np.testing.assert_array_equal(q, Q.dequantize(idx, -1.0, 2.0, 1000, dtype))
+
+
+def test_grid_errors():
+    v = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ValueError, match="lo < hi"):
+        Q.quantize(v, 2.0, 1.0, 10)
+    with pytest.raises(ValueError, match="integer >= 2"):
+        Q.quantize(v, 0.0, 1.0, 1)
+    with pytest.raises(ValueError, match="resolves"):
+        Q.quantize(v, 1.0, 1.001, 100000)
+    with pytest.raises(ValueError, match="32-bit"):
+        Q.index_dtype(2 ** 33)
+    with pytest.raises(ValueError, match="indices"):
+        Q.dequantize(np.array([5], dtype=np.uint16), 0.0, 1.0, 3)

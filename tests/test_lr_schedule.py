@@ -1,0 +1,55 @@
+"""Learning-rate schedules (mpidl.algorithms.base.lr_at) against hand-worked values and the
+independent NumPy formula in tests/reference/cdsgd.py; schedule validation."""
+import math
+from types import SimpleNamespace
+
+import pytest
+
+from mpidl.algorithms.base import check_lr, lr_at
+from reference.cdsgd import lr_schedule
+
+
+def _cfg(kind, lr=0.2, decay=0.5, power=1.0, step_epochs=2.0):
+    return SimpleNamespace(lr_schedule=kind, lr=lr, decay=decay, power=power, step_epochs=step_epochs)
+
+
+@pytest.mark.parametrize("kind,kw,spe,expect", [
+    ("constant", {}, 3, {0: 0.2, 1: 0.2, 17: 0.2}),
+    # lr / (1 + decay k)^power: k=1 -> 0.2/1.5, k=3 -> 0.2/2.5, power 2 at k=2 -> 0.2/4
+    ("diminishing", {}, 3, {0: 0.2, 1: 0.2 / 1.5, 3: 0.2 / 2.5}),
+    ("diminishing", {"power": 2.0}, 3, {0: 0.2, 2: 0.05}),
+    # step_epochs=2, 3 steps/epoch: steps 0..5 -> 0.2, 6..11 -> 0.1, 12 -> 0.05
+    ("step", {}, 3, {0: 0.2, 5: 0.2, 6: 0.1, 11: 0.1, 12: 0.05}),
+    ("step", {"step_epochs": 0.5, "decay": 0.1}, 4, {0: 0.2, 1: 0.2, 2: 0.02, 4: 0.002}),
+])
+def test_lr_at_hand_worked_values(kind, kw, spe, expect):
+    cfg = _cfg(kind, **kw)
+    for k, v in expect.items():
+        assert math.isclose(lr_at(cfg, k, spe), v, rel_tol=1e-14), (kind, k, lr_at(cfg, k, spe), v)
+
+
+@pytest.mark.parametrize("kind", ["constant", "diminishing", "step"])
+@pytest.mark.parametrize("spe", [1, 7])
+def test_lr_at_matches_reference_formula(kind, spe):
+    cfg = _cfg(kind, lr=0.07, decay=0.3, power=0.6, step_epochs=1.5)
+    ref = lr_schedule(kind, 0.07, 0.3, 0.6, 1.5, spe)
+    for k in range(60):
+        assert math.isclose(lr_at(cfg, k, spe), ref(k), rel_tol=1e-13), (kind, k)
+
+
+@pytest.mark.parametrize("cfg,match", [
+    (_cfg("cosine"), "lr_schedule"),
+    (_cfg("constant", lr=0.0), "lr must be > 0"),
+    (_cfg("step", step_epochs=0.0), "step_epochs"),
+])
+def test_bad_schedules_are_errors(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        check_lr(cfg)
+    if cfg.lr_schedule == "cosine":
+        with pytest.raises(ValueError, match="unknown lr_schedule"):
+            lr_at(cfg, 0, 1)
+
+
+def test_good_schedules_validate():
+    for kind in ("constant", "diminishing", "step"):
+        assert check_lr(_cfg(kind)) is None
