@@ -131,7 +131,8 @@ def _window_lines(doc):
     if doc is None:
         return []
     lines = [f"{doc['n']} ranks; the host sleeps outside MPI in slices of {1e3 * doc['slice_s']:.0f} ms and calls "
-             f"MPI once per slice (a worker in its backward pass); load average {doc['load'][0]:.1f}; "
+             f"MPI once per slice (a worker in its backward pass); run under the {doc.get('lock', 'exclusive')} lock, "
+             f"load average {doc['load'][0]:.1f}; "
              f"MPIR_CVAR_ASYNC_PROGRESS={doc['async_progress'] or 'unset'}.", "",
              "| model (float32) | lock-free publish, median ms | lock-free read, median ms | publishes done | "
              "MPI exclusive lock + put, median ms | publishes done |", "|---|---|---|---|---|---|"]
