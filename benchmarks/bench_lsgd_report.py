@@ -218,8 +218,8 @@ def report():
              "`flock -x /work/bench.lock`.", "", *slines]
     if win:
         body += ["## Leader window: publish and read latency while the host computes", "", *_window_lines(win),
-                 "", "The exclusive-lock variant waits for the host's next MPI call (its latency tracks the "
-                 "slice length); the lock-free window does not (see docs/algorithms/lsgd.md, *MPI progress*).", ""]
+                 "", "The exclusive-lock variant waits for the host's MPI calls (about two slices here, however "
+                 "small the model); the lock-free window does not (see docs/algorithms/lsgd.md, *MPI progress*).", ""]
     body += ["## Commands", "", "```",
              "export OMP_NUM_THREADS=1 MPIR_CVAR_ENABLE_HEAVY_YIELD=1",
              "flock -s /work/bench.lock mpiexec -n 4 python benchmarks/bench_lsgd.py run --epochs 5 --eval-every 29",
