@@ -123,7 +123,10 @@ def _straggler_lines(doc):
               f"Test error of the average model at equal wall time T = {t_eq:.1f} s: sync "
               f"{'' if es is None else f'{100 * es:.2f}%'}, async {'' if ea is None else f'{100 * ea:.2f}%'}. "
               f"Load average before / after: sync {s['load_before'][0]:.1f} / {s['load_after'][0]:.1f}, "
-              f"async {a['load_before'][0]:.1f} / {a['load_after'][0]:.1f}.", ""]
+              f"async {a['load_before'][0]:.1f} / {a['load_after'][0]:.1f}. The slowed worker itself, async / "
+              f"sync: {a['throughput'][0] / s['throughput'][0]:.2f}x (above 1 where the synchronous run's per-step "
+              "collectives, the driver's preemption check and the elections, cost time next to a millisecond-scale "
+              "MLP step).", ""]
     return lines
 
 
