@@ -15,7 +15,10 @@ batch indices as ``TorchOracle.indices``):
   training-accuracy window) -- exactly what ``mpidl.driver`` does per step
   except the preemption check;
 * ``cdsgd+guard``: the same plus the driver's per-step preemption check
-  (``PreemptionGuard.should_stop``: one scalar allreduce);
+  (``PreemptionGuard.should_stop``: a nonblocking scalar reduction started at
+  step k and completed at step k + 1);
+* ``cdsgd+allreduce``: the same plus the check as it was before issue 10, one
+  blocking scalar allreduce per step;
 * ``ddp``: ``DistributedDataParallel(model)`` forward, cross-entropy,
   ``zero_grad``, backward (gradient allreduce in the hooks), ``SGD.step``,
   ``loss.item()``.
@@ -106,7 +109,7 @@ def main(argv=None):
         guard = PreemptionGuard(mc)
         guard.__enter__()
 
-        def run_cdsgd(n, with_guard=False):
+        def run_cdsgd(n, with_guard=False, blocking_check=False):
             state, k = st["state"], st["k"]
             bad, wl, wa, wn = -1, 0.0, 0.0, 0
             for _ in range(n):
@@ -120,6 +123,8 @@ def main(argv=None):
                 k += 1
                 if with_guard:
                     guard.should_stop()
+                if blocking_check:  # the check before issue 10: one blocking scalar allreduce per step
+                    mc.allreduce(0, "max")
             st["state"], st["k"] = state, k
 
         # -- torch DDP, same model / init / data / batches --
@@ -150,7 +155,8 @@ def main(argv=None):
                 k += 1
             dk["k"] = k
 
-        methods = {"cdsgd": run_cdsgd, "cdsgd+guard": lambda n: run_cdsgd(n, True), "ddp": run_ddp}
+        methods = {"cdsgd": run_cdsgd, "cdsgd+guard": lambda n: run_cdsgd(n, True),
+                   "cdsgd+allreduce": lambda n: run_cdsgd(n, blocking_check=True), "ddp": run_ddp}
         for fn in methods.values():
             fn(args.warmup)
         rates = {m: [] for m in methods}
@@ -164,7 +170,9 @@ def main(argv=None):
         res = {"params": fm.dim, "steps_per_window": steps, "windows": args.windows,
                "steps_per_s": rates, "median_steps_per_s": med,
                "ratio_cdsgd_over_ddp": med["cdsgd"] / med["ddp"],
-               "ratio_cdsgd_guard_over_ddp": med["cdsgd+guard"] / med["ddp"]}
+               "ratio_cdsgd_guard_over_ddp": med["cdsgd+guard"] / med["ddp"],
+               "ratio_cdsgd_guard_over_cdsgd": med["cdsgd+guard"] / med["cdsgd"],
+               "ratio_cdsgd_allreduce_over_cdsgd": med["cdsgd+allreduce"] / med["cdsgd"]}
         if args.profile:
             res["profile_ms"] = _profile(algo, st, oracle, gc, ddp, opt, X, Y, ddp_indices, world, torch)
         results[model_name] = res
@@ -172,7 +180,9 @@ def main(argv=None):
             print(f"{model_name} ({fm.dim} params, batch {batch}, {size} ranks, {args.windows} windows x "
                   f"{steps} steps): " + ", ".join(f"{m} {v:.1f} steps/s" for m, v in med.items())
                   + f"; cdsgd/ddp = {res['ratio_cdsgd_over_ddp']:.3f}"
-                  + f", cdsgd+guard/ddp = {res['ratio_cdsgd_guard_over_ddp']:.3f}", flush=True)
+                  + f", cdsgd+guard/ddp = {res['ratio_cdsgd_guard_over_ddp']:.3f}"
+                  + f", cdsgd+guard/cdsgd = {res['ratio_cdsgd_guard_over_cdsgd']:.3f}"
+                  + f", cdsgd+allreduce/cdsgd = {res['ratio_cdsgd_allreduce_over_cdsgd']:.3f}", flush=True)
             if args.profile:
                 print("  profile (median ms per step, rank 0): " +
                       ", ".join(f"{k} {v:.3f}" for k, v in res["profile_ms"].items()), flush=True)

@@ -17,6 +17,10 @@
     first ``--subset`` samples of each replica's shard; writes
     ``benchmarks/results/decoupled/NAME.json``.
 
+``python benchmarks/bench_decoupled.py layouts``
+    Bytes per iteration on each link and the memory of the stashed weights /
+    inputs per stage, computed from the sliced models (float32).
+
 ``python benchmarks/bench_decoupled.py report``
     Plots (docs/img/bench_decoupled_*.png) and markdown tables (stdout) from the
     JSON files.
@@ -171,35 +175,73 @@ def timing(args):
 
 
 # -- report ----------------------------------------------------------------------
+PLOTS = {"cnn": ("CNN, first 10000 samples, batch 64", ["cnn_BP", "cnn_K2"]),
+         "mlp_k": ("MLP 256-256-128, K stages", ["mlp_BP", "mlp_K2", "mlp_K3", "mlp_K4", "mlpdp_M2K2"]),
+         "mlp_beta": ("MLP 256-256-128, gradient shrinking beta",
+                      ["mlp_K2", "mlpbeta_K2-beta0.5", "mlp_K4", "mlpbeta_K4-beta0.5", "mlpbeta_K4-beta0.25"])}
+
+
 def report(args):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     runs = {p.stem: json.loads(p.read_text()) for p in sorted(ACC.glob("*.json"))}
-    groups = {}
-    for name, r in runs.items():
-        groups.setdefault(name.split("_")[0], []).append(r)
     img = ROOT / "docs" / "img"
     img.mkdir(parents=True, exist_ok=True)
-    for grp, rs in groups.items():
+    for key, (title, names) in PLOTS.items():
+        rs = [runs[n] for n in names if n in runs]
+        if not rs:
+            continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for r in rs:
             ax.plot([row["epoch"] for row in r["rows"]], [100 * row["test_acc"] for row in r["rows"]],
-                    marker="o", ms=3, label=r["name"].split("_", 1)[1])
+                    marker="o", ms=3, label=r["name"])
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"fdg on Fashion-MNIST: {grp}")
+        ax.set_title(f"fdg, Fashion-MNIST: {title}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(img / f"bench_decoupled_{grp}.png", dpi=110)
+        fig.savefig(img / f"bench_decoupled_{key}.png", dpi=110)
         plt.close(fig)
-        print(f"\n### {grp}\n\n| run | ranks | cuts | final epoch | test acc % | best % | wall s |\n|---|---|---|---|---|---|---|")
+        print(f"\n### {title}\n\n| run | ranks | cuts | epochs | final test acc % | best % | final train loss | wall s |"
+              "\n|---|---|---|---|---|---|---|---|")
         for r in rs:
             last = r["rows"][-1]
             best = max(row["test_acc"] for row in r["rows"])
-            print(f"| {r['name']} | {r['ranks']} | {r['cuts']} | {last['epoch']:.2f} | {100 * last['test_acc']:.2f} "
-                  f"| {100 * best:.2f} | {last['wall']:.0f} |")
+            print(f"| {r['name']} | {r['ranks']} | {r['cuts']} | {last['epoch']:.0f} | {100 * last['test_acc']:.2f} "
+                  f"| {100 * best:.2f} | {last['train_loss']:.4f} | {last['wall']:.0f} |")
+
+
+# -- bytes per link and stash memory (computed from the sliced models; no timing) -------------------------
+LAYOUTS = [("mlp", (256, 256, 128), 128, {2: [2], 3: [1, 2], 4: [1, 2, 3]}),
+           ("mlp", (1152, 1024, 1024, 1024), 128, {2: [2]}),
+           ("cnn", (), 64, {2: [2], 3: [1, 2], 4: [1, 2, 4]}),
+           ("resnet20", (), 128, {2: [5], 3: [3, 7], 4: [3, 5, 8]})]
+
+
+def layouts(args):
+    import torch
+    from mpidl.models import build_model, slice_model
+    print("| model | K | cuts | stage k | params | d_k | fwd bytes/iter to k+1 | bwd bytes/iter to k-1 "
+          "| w_stash MiB | in_stash MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+    for name, hidden, B, by_k in LAYOUTS:
+        for K, cuts in by_k.items():
+            model = build_model(name, (1, 28, 28), 10, hidden=hidden or (256, 128), seed=0).eval()
+            stages = slice_model(model, K, cuts)
+            h = torch.zeros(2, 1, 28, 28)
+            ins = []
+            with torch.no_grad():
+                for st in stages:
+                    ins.append(h[0].numel())
+                    h = st(h)
+            for k, st in enumerate(stages):
+                P = sum(p.numel() for p in st.parameters())
+                d = 2 * (K - 1 - k)
+                out = ins[k + 1] if k + 1 < K else 0
+                label = f"{name} {list(hidden)}" if hidden else name
+                print(f"| {label} | {K} | {cuts} | {k} | {P:,} | {d} | {4 * B * out:,} | "
+                      f"{4 * B * ins[k] if k else 0:,} | {4 * d * P / 2**20:.2f} | {4 * d * B * ins[k] / 2**20:.2f} |")
 
 
 def main():
@@ -218,8 +260,10 @@ def main():
     a.add_argument("--subset", type=int, default=0)
     a.add_argument("--eval-every", type=float, default=1.0)
     sub.add_parser("report")
+    sub.add_parser("layouts")
     args = p.parse_args()
-    {"timing": timing, "_time": worker_time, "train": worker_train, "report": report}[args.cmd](args)
+    {"timing": timing, "_time": worker_time, "train": worker_train, "report": report,
+     "layouts": layouts}[args.cmd](args)
 
 
 if __name__ == "__main__":

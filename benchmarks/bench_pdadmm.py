@@ -61,11 +61,12 @@ def cmd_iter(args):
         algo.times[k] = 0.0
     algo.layer_times[:] = 0
     b0 = s.comm.bytes_sent
-    walls = []
+    walls, cpus = [], []
     for k in range(1, args.iters + 1):
         world.Barrier()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         state, _ = algo.step(k, state, None, s.comm)
+        cpus.append(time.process_time() - c)
         world.Barrier()
         walls.append(time.perf_counter() - t)
     nbytes = (s.comm.bytes_sent - b0) / args.iters
@@ -73,7 +74,8 @@ def cmd_iter(args):
     ev, _ = s.evaluate(state)
     out = {"rank": rank, "size": size, "layers": algo.L, "dims": algo.dims, "block": [algo.l0, algo.l1],
            "threads": args.threads, "iters": args.iters, "iter_s": walls,
-           "median_iter_s": statistics.median(walls),
+           "median_iter_s": statistics.median(walls), "iter_cpu_s": cpus,
+           "median_iter_cpu_s": statistics.median(cpus),
            "update_s": {k: v / args.iters for k, v in algo.times.items()},
            "layer_s": (algo.layer_times / args.iters).tolist(), "gemm_floor_s": floor,
            "bytes_per_iter": nbytes, "peak_rss_mb": _rss_mb(), "rss_before_setup_mb": rss0,
@@ -90,7 +92,7 @@ def cmd_iter(args):
 
 
 def _gemm_floor(algo, reps):
-    """Median time of the four GEMMs per layer (two for layer 1) of one iteration, standalone."""
+    """Median process CPU time of the four GEMMs per layer (two for layer 1) of one iteration, standalone."""
     tot = 0.0
     for lay in algo._layers:
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
@@ -103,9 +105,9 @@ def _gemm_floor(algo, reps):
         for op in ops:
             ts = []
             for _ in range(max(reps, 3)):
-                t = time.perf_counter()
+                t = time.process_time()
                 op()
-                ts.append(time.perf_counter() - t)
+                ts.append(time.process_time() - t)
             tot += statistics.median(ts)
     return tot
 
@@ -231,6 +233,45 @@ def cmd_plot(args):
     fig.savefig(args.png, dpi=110)
 
 
+def cmd_tables(args):
+    """Markdown tables (stdout) from the JSON results of run_pdadmm.sh."""
+    R = args.dir
+
+    def load(name):
+        path = os.path.join(R, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+    t1, t2, p2, t784 = (load(f"pdadmm_iter_{k}.json") for k in ("t1", "t2", "p2", "784_t1"))
+    print("| run | median s/iter | p | W | b | z | q | u | wait | GEMM floor s | peak RSS MB | load (1 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for label, d in (("196 feat, 1 rank, 1 thread", t1), ("196 feat, 1 rank, 2 threads", t2),
+                     ("196 feat, 2 ranks x 1 thread", p2), ("784 feat, 1 rank, 1 thread", t784)):
+        if d is None:
+            continue
+        r0 = max(d["ranks"], key=lambda o: o["median_iter_s"])
+        u = r0["update_s"]
+        fl = r0["gemm_floor_s"]
+        print(f"| {label} | {d['median_iter_s']:.2f} | " + " | ".join(f"{u[k]:.2f}" for k in
+              ("p", "W", "b", "z", "q", "u", "wait")) + f" | {fl:.2f} | " if fl else
+              f"| {label} | {d['median_iter_s']:.2f} | " + " | ".join(f"{u[k]:.2f}" for k in
+              ("p", "W", "b", "z", "q", "u", "wait")) + " | - | ", end="")
+        print(f"{d['peak_rss_mb_max']:.0f} | {d['load'][0]:.1f} |")
+    for name in ("pdadmm_bytes_p3.json", "pdadmm_bytes_q_p3.json"):
+        d = load(name)
+        if d:
+            print(f"\n{name}: bytes/iteration (all ranks) {d['bytes_per_iter_total']:.0f}")
+    m = load("pdadmm_model.json")
+    if m:
+        print("\n| L | message | serial s/iter | message s | parallel s/iter | speed-up |")
+        print("|---|---|---|---|---|---|")
+        for r in m["rows"]:
+            print(f"| {r['L']} | {r['message']} | {r['serial_s']:.2f} | {r['message_s']:.3f} | "
+                  f"{r['parallel_s']:.2f} | {r['speedup']:.2f} |")
+        print("per-layer s:", [round(v, 3) for v in m["layer_s"]])
+    g = load("pdadmm_msg.json")
+    if g:
+        print("msg:", {k: (g[k]["bytes"], round(g[k]["median_s"], 4)) for k in ("float32", "uint16")})
+
+
 def _write(path, obj):
     text = json.dumps(obj, indent=1)
     if path:
@@ -276,8 +317,10 @@ def main(argv=None):
     q.add_argument("--sgd", default="")
     q.add_argument("--png", default="docs/img/pdadmm_fmnist_acc.png")
     q.add_argument("--iter-s", type=float, required=True, help="measured seconds per iteration (1 rank, 1 thread)")
+    q = sub.add_parser("tables")
+    q.add_argument("--dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    {"iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
+    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

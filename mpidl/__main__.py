@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     mod = modules[args.command]
     comm = None
     rank = 0
+    if getattr(mod, "PREEMPTIBLE", False):  # a SIGTERM/SIGUSR1 during start-up becomes a stop request
+        from mpidl.checkpoint import catch_early_signals
+        catch_early_signals()
     if mod.NEEDS_MPI:
         from mpidl.comm import LaunchError, init_world
         try:
@@ -67,7 +70,12 @@ def main(argv=None) -> int:
     from mpidl import log
     log.setup(rank)
     try:
-        return int(mod.main(comm, args) or 0)
+        status = int(mod.main(comm, args) or 0)
+        if getattr(mod, "PREEMPTIBLE", False):  # done: a late stop request must not kill the teardown
+            import signal
+            for s in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(s, signal.SIG_IGN)
+        return status
     except MpidlError as e:
         if rank == 0:
             print(f"mpidl {args.command}: error: {e}", file=sys.stderr, flush=True)

@@ -57,8 +57,8 @@ from mpidl.h5state import open_read
 from mpidl.h5state import read_tree as _read_tree
 from mpidl.h5state import write_tree as _write_tree
 
-__all__ = ["CheckpointStore", "CheckpointError", "PreemptionGuard", "rng_state", "set_rng_state",
-           "topology_digest", "list_checkpoints", "read_manifest", "verify_checkpoint"]
+__all__ = ["CheckpointStore", "CheckpointError", "PreemptionGuard", "catch_early_signals", "rng_state",
+           "set_rng_state", "topology_digest", "list_checkpoints", "read_manifest", "verify_checkpoint"]
 
 log = logging.getLogger("mpidl.checkpoint")
 
@@ -487,6 +487,22 @@ def set_rng_state(d: dict, generator: np.random.Generator | None = None) -> None
 
 
 # -- preemption --------------------------------------------------------------------
+_EARLY: list = []
+
+
+def catch_early_signals(signals=(signal.SIGTERM, signal.SIGUSR1)) -> None:
+    """Local. Record ``signals`` that arrive before a :class:`PreemptionGuard` is entered.
+
+    Called where a preemptible program starts (``mpidl run``): a signal sent
+    while the job is still starting (imports, MPI_Init, data loading) no
+    longer kills the rank; the first guard takes it over and the run stops at
+    its first step boundary with a checkpoint.  After that guard, such signals
+    are recorded and otherwise ignored, so the run finishes what it is doing.
+    """
+    for s in signals:
+        signal.signal(s, lambda signum, frame: _EARLY.append(signum))
+
+
 class PreemptionGuard:
     """Local to enter; :meth:`should_stop` is Collective.
 
@@ -528,6 +544,9 @@ class PreemptionGuard:
             return self
         for s in self.signals:
             self._old[s] = signal.signal(s, self._handler)
+        if _EARLY:  # a signal that came before this guard (catch_early_signals)
+            self._handler(_EARLY[-1], None)
+            _EARLY.clear()
         return self
 
     def __exit__(self, exc_type, exc, tb):

@@ -58,8 +58,12 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
         session.close()
 
 
-def _resume(cfg, session, store):
-    """Collective. Load the checkpoint asked for by ``run.resume``; return the start step."""
+def _resume(cfg, session, store, counters):
+    """Collective. Load the checkpoint asked for by ``run.resume``; return the start step.
+
+    ``counters`` (the driver's own per-rank state: the byte offset and the
+    open training-metric window) is filled in place from the checkpoint.
+    """
     r = cfg.run
     if r.resume == "no":
         return 0
@@ -67,11 +71,14 @@ def _resume(cfg, session, store):
     if step is None:
         log.info("no checkpoint in %s: starting from step 0", store.root)
         return 0
-    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": rng_state()}
+    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": rng_state(),
+            "driver": counters}
     saved, _ = store.load(step, like=like, expect=session.expect)
     session.state = state_from_dict(session.algo.state_cls, saved["algo"], like=session.state)
     session.load_extra_state(saved.get("buffers", {}))
     set_rng_state(saved["rng"])
+    for key, buf in counters.items():
+        buf[...] = saved["driver"][key]
     log.info("resumed from %s at step %d", store.root, step)
     return int(step)
 
@@ -88,7 +95,15 @@ def _loop(cfg, session, max_steps):
         out.mkdir(parents=True, exist_ok=True)
     mc.barrier()
     store = CheckpointStore(out / "checkpoints", mc, keep=r.keep)
-    start = _resume(cfg, session, store)
+    # the driver's own checkpointed counters: bytes sent before this invocation (the
+    # algorithm's counters start at 0 in every process) and the open training window
+    # (loss sum, #losses, accuracy sum, #accuracies), so a resumed run's rows equal a straight run's
+    counters = {"bytes_before": np.zeros(1), "window": np.zeros(4)}
+    start = _resume(cfg, session, store, counters)
+    win = counters["window"]
+
+    def bytes_sent():
+        return float(counters["bytes_before"][0]) + session.bytes_sent()
     if start >= total:
         log.info("nothing to do: checkpoint step %d >= %d steps", start, total)
 
@@ -99,8 +114,6 @@ def _loop(cfg, session, max_steps):
 
     meta = {"config": cfg_dict, "world_size": mc.size, **session.expect}
     bad_step = -1
-    # training window, summed locally: loss sum, #losses, accuracy sum, #accuracies
-    win = np.zeros(4)
     t0 = time.perf_counter()
     last = {}
     evaluated = False
@@ -119,8 +132,9 @@ def _loop(cfg, session, max_steps):
     def save(step):
         check_finite()
         rec.sync(step)  # results up to this step are durable before the checkpoint exists
+        driver = {"bytes_before": np.array([bytes_sent()]), "window": win.copy()}
         store.save(step, {"algo": state_to_dict(session.state), "buffers": session.extra_state(),
-                          "rng": rng_state()}, dict(meta, step=step))
+                          "rng": rng_state(), "driver": driver}, dict(meta, step=step))
 
     stop_reason = "done"
     k = start
@@ -140,10 +154,12 @@ def _loop(cfg, session, max_steps):
                 win[2] += acc
                 win[3] += 1
             k += 1
-            progress.update(k, loss=loss if loss is not None else float("nan"))
+            # ranks without a loss of their own (rank 0 of pdADMM, a first pipeline stage) show
+            # the last agreed training loss
+            progress.update(k, loss=loss if loss is not None else last.get("train_loss", float("nan")))
             if k % r.log_every == 0 or k == total:
                 check_finite()
-                tot = mc.allreduce(np.append(win, session.bytes_sent()))
+                tot = mc.allreduce(np.append(win, bytes_sent()))
                 row = dict(train_loss=tot[0] / tot[1] if tot[1] else float("nan"),
                            train_acc=tot[2] / tot[3] if tot[3] else float("nan"),
                            bytes_sent=float(tot[4]), wall=rec.elapsed(), epoch=k / spe)
@@ -157,7 +173,7 @@ def _loop(cfg, session, max_steps):
                 last.update(ev)
                 extra = {} if per is None else {f"agent{i:03d}_test_acc": float(v) for i, v in enumerate(per)}
                 rec.log("eval", k, epoch=k / spe, wall=rec.elapsed(),
-                        bytes_sent=float(mc.allreduce(session.bytes_sent())), **ev, **extra)
+                        bytes_sent=float(mc.allreduce(bytes_sent())), **ev, **extra)
                 if rank == 0:
                     more = session.summary(ev)
                     log.info("step %d (epoch %.2f): test acc %.4f, train loss %.4f%s", k, k / spe,

@@ -7,17 +7,18 @@
 #   bash scripts/mutation.sh --list          # the targets and their test commands
 #
 # Needs the "mutation" extra (pip install -e .[mutation]).  The work happens in a copy of the
-# tree ($MUTATION_DIR, default /tmp/mpidl-mutation/src): cosmic-ray rewrites the module on disk
-# for every mutant, so the working tree is never touched.  Per target it writes
+# tree ($MUTATION_DIR/src-<target>, default MUTATION_DIR=/tmp/mpidl-mutation): cosmic-ray rewrites
+# the module on disk for every mutant, so the working tree is never touched.  Per target it writes
 # $MUTATION_DIR/<target>.sqlite (the session; rerunning resumes it) and
 # $MUTATION_DIR/<target>.txt (the report with the diff of every surviving mutant).
+# MUTATION_RECHECK=1 reruns only the survivors of an existing session against the current tests
+# (after adding a test that should kill them).
 # On a shared machine run it under `flock -s /work/bench.lock bash scripts/mutation.sh ...`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 if [ "${MPIDL_NO_VENV:-0}" != 1 ] && [ -f "$ROOT/.venv/bin/activate" ]; then . "$ROOT/.venv/bin/activate"; fi
 export OMP_NUM_THREADS=1
 OUT="${MUTATION_DIR:-/tmp/mpidl-mutation}"
-SRC="$OUT/src"
 NP="${MUTATION_NP:-3}"      # world size of the MPI tests that kill the algorithms' mutants
 MPI_RUN="mpiexec -n $NP python tests/mpi/run.py"
 
@@ -28,7 +29,7 @@ kernels-mixing|kernels/mixing.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q 
 kernels-prox|kernels/prox.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
 kernels-losses|kernels/losses.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
 kernels-surrogate|kernels/surrogate.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
-algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py tests/test_checkpoint.py
+algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py|$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
 algorithms-next|mpidl/algorithms/next.py|$MPI_RUN tests/mpi/mpitest_next.py -x
 topology|mpidl/topology.py|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
@@ -47,17 +48,18 @@ if [ "${1:-}" = "--list" ]; then echo "$TARGETS" | sed '/^$/d' | column -t -s'|'
 want=("$@")
 
 mkdir -p "$OUT"
-rm -rf "$SRC"
-mkdir -p "$SRC"
-# a copy of the tree: the files git tracks plus untracked ones it does not ignore
 [ -f "$ROOT/setup.py" ] && [ -d "$ROOT/mpidl" ] || { echo "not an mpidl tree: $ROOT"; exit 1; }
-(cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | (cd "$SRC" && tar -xf -)
-# the editable install maps mpidl.kernels to <root>/kernels; in the copy a link does it, and
-# PYTHONPATH puts the copy first
-ln -s ../kernels "$SRC/mpidl/kernels"
-export PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}"
-(cd "$SRC" && python -c "import mpidl, mpidl.kernels, sys; assert mpidl.__file__.startswith('$SRC') and \
-mpidl.kernels.__file__.startswith('$SRC'), (mpidl.__file__, mpidl.kernels.__file__)")
+
+fresh_copy() {  # $1: folder; a copy of the files git tracks plus untracked ones it does not ignore
+    rm -rf "$1"
+    mkdir -p "$1"
+    (cd "$ROOT" && git ls-files -co --exclude-standard -z | tar --null -T - -cf -) | (cd "$1" && tar -xf -)
+    # the editable install maps mpidl.kernels to <root>/kernels; in the copy a link does it, and
+    # PYTHONPATH puts the copy first
+    ln -s ../kernels "$1/mpidl/kernels"
+    (cd "$1" && PYTHONPATH="$1" python -c "import mpidl, mpidl.kernels; \
+assert mpidl.__file__.startswith('$1') and mpidl.kernels.__file__.startswith('$1')")
+}
 
 echo "$TARGETS" | sed '/^$/d' | while IFS='|' read -r name module cmd; do
     if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
@@ -75,17 +77,29 @@ name = "local"
 [cosmic-ray.filters.operators-filter]
 exclude-operators = [$EXCLUDE]
 EOF
+    SRC="$OUT/src-$name"
+    fresh_copy "$SRC"
     echo "== $name: $module"
     echo "   tests: $cmd"
-    (cd "$SRC" && bash -c "$cmd" > "$OUT/$name.baseline.log" 2>&1) || {
+    (cd "$SRC" && PYTHONPATH="$SRC" bash -c "$cmd" > "$OUT/$name.baseline.log" 2>&1) || {
         echo "   the tests fail on the unmutated code: see $OUT/$name.baseline.log"; exit 1; }
     session="$OUT/$name.sqlite"
     if [ ! -f "$session" ]; then
         (cd "$SRC" && cosmic-ray init "$cfg" "$session" && cr-filter-operators "$session" "$cfg")
     fi
+    if [ "${MUTATION_RECHECK:-0}" = 1 ]; then
+        python - "$session" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+n = db.execute("DELETE FROM work_results WHERE test_outcome = 'SURVIVED'").rowcount
+db.commit()
+print(f"   rechecking {n} survivors")
+PY
+    fi
     t0=$(date +%s)
-    (cd "$SRC" && cosmic-ray exec "$cfg" "$session")
+    (cd "$SRC" && PYTHONPATH="$SRC${PYTHONPATH:+:$PYTHONPATH}" cosmic-ray exec "$cfg" "$session")
     echo "   $(( $(date +%s) - t0 )) s"
     cr-report --show-diff --surviving-only "$session" > "$OUT/$name.txt"
+    rm -rf "$SRC"
     tail -n 4 "$OUT/$name.txt" | sed 's/^/   /'
 done

@@ -35,6 +35,7 @@ if [ -n "$missing" ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
 fi
 t_apt=$(date +%s)
+say "packages: $((t_apt - t0)) s"
 
 bash scripts/setup.sh   # the README's set-up: .venv with the MPICH wheel
 venv=${MPIDL_OMPI_VENV:-$HOME/.cache/mpidl/venv-ompi}
@@ -54,6 +55,7 @@ assert "Open MPI" in v, f"{__import__('mpi4py').__file__} is not built against O
 print("[test-cluster] Open MPI venv:", v.splitlines()[0][:60], "MPI", MPI.Get_version())
 PY
 t_build=$(date +%s)
+say "virtual environments: $((t_build - t_apt)) s"
 set +e
 
 failed=()
@@ -63,6 +65,7 @@ MPIDL_MPIEXEC=mpiexec.openmpi MPIDL_MPIEXEC_ARGS="--oversubscribe" \
     "$venv/bin/python" -m pytest -q tests/test_mpi_suite.py tests/test_cli.py tests/test_checkpoint.py \
     tests/test_crash_resume.py "$@" || failed+=("MPI tests under Open MPI")
 t_ompi=$(date +%s)
+say "MPI tests under Open MPI: $((t_ompi - t_build)) s"
 
 slurm_dir=$(mktemp -d /tmp/mpidl-slurm.XXXXXX)
 cleanup() {

@@ -1,23 +1,63 @@
-"""mpidl.kernels and mpidl.topology import with mpi4py and torch blocked."""
+"""Import isolation: mpidl.kernels / topology / config never import torch or mpi4py
+(not merely "work without them"), and importing any mpidl module makes no MPI call."""
 import subprocess
 import sys
 
-CODE = r"""
+import pytest
+
+# Every import of torch or mpi4py is recorded (then refused), so a guarded
+# `try: import torch except ImportError: ...` inside these modules is caught too.
+NEVER = r"""
 import sys
-class Block:
+attempts = []
+class Watch:
     def find_spec(self, name, path=None, target=None):
         if name.split('.')[0] in ('mpi4py', 'torch'):
+            attempts.append(name)
             raise ImportError('blocked: ' + name)
-sys.meta_path.insert(0, Block())
-import mpidl, mpidl.kernels, mpidl.topology
+sys.meta_path.insert(0, Watch())
+import mpidl, mpidl.kernels, mpidl.topology, mpidl.config, mpidl.errors
 mpidl.topology.ring(4).spectral_gap()
 import numpy as np
 mpidl.kernels.combine(np.ones(3), np.ones((1, 3)), 0.5, [0.5])
+assert not attempts, f'tried to import {attempts}'
 assert not any(m.split('.')[0] in ('mpi4py', 'torch') for m in sys.modules)
 print('ok')
 """
 
+# mpi4py is installed and its MPI module loaded without initialising MPI; then every mpidl module
+# is imported.  A module-level MPI call would either initialise MPI or fail (MPI not initialised).
+NO_MPI_CALL = r"""
+import importlib, pkgutil, sys
+PRELOAD = %r
+if PRELOAD:
+    import mpi4py
+    mpi4py.rc.initialize = False
+    mpi4py.rc.finalize = False
+    from mpi4py import MPI
+import mpidl
+names = sorted(m.name for m in pkgutil.walk_packages(mpidl.__path__, 'mpidl.') if m.name != 'mpidl.__main__')
+for name in names:
+    importlib.import_module(name)
+assert 'mpidl.comm' in names and 'mpidl.driver' in names and len(names) > 20, names
+if PRELOAD:
+    assert not MPI.Is_initialized(), 'importing mpidl initialised MPI'
+else:
+    assert 'mpi4py.MPI' not in sys.modules, 'importing mpidl loaded mpi4py.MPI'
+print('ok')
+"""
 
-def test_kernels_and_topology_import_without_mpi_and_torch():
-    out = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+def _run(code):
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-3000:]
+
+
+def test_kernels_topology_config_never_import_mpi_or_torch():
+    _run(NEVER)
+
+
+@pytest.mark.parametrize("preload", [False, True])
+def test_importing_mpidl_makes_no_mpi_call(preload):
+    pytest.importorskip("mpi4py")
+    _run(NO_MPI_CALL % preload)

@@ -117,3 +117,19 @@ def test_losses_validate():
         kernels.logistic(w, X, s, out=w)
     with pytest.raises(ValueError, match="n_blocks"):
         kernels.logistic_blocks(w, X, s, 0)
+
+
+def test_losses_error_messages_name_the_argument_and_sizes():
+    w, X, y, s = _data(6, 3, np.float64)
+    with pytest.raises(ValueError, match="X has 2 columns but w has 3 entries"):
+        kernels.least_squares(w, X[:, :2], y)
+    with pytest.raises(ValueError, match=r"least_squares: y must have shape \(6,\)"):
+        kernels.least_squares(w, X, y[:5])
+    with pytest.raises(ValueError, match=r"logistic: s must have shape \(6,\)"):
+        kernels.logistic(w, X, s[:5])
+
+
+def test_block_kernels_check_labels_too():
+    w, X, y, s = _data(6, 3, np.float64)
+    with pytest.raises(ValueError, match="labels"):
+        kernels.logistic_blocks(w, X, (s > 0).astype(np.float64), 2)

@@ -38,3 +38,41 @@ def test_combine_rejects_partial_overlap():
     buf = np.zeros(10)
     with pytest.raises(ValueError, match="overlap"):
         kernels.combine(buf[:8], np.zeros((1, 8)), 1.0, [0.0], out=buf[2:])
+
+
+def test_combine_validates_each_condition_alone():
+    """Each input check fires on its own (a check joined with `and` instead of `or` fails here)."""
+    x = np.zeros(4)
+    with pytest.raises(ValueError, match="shape"):
+        kernels.combine(np.zeros((4, 1)), np.zeros((2, 4)), 1.0, [0, 0])      # only x is not 1-D
+    with pytest.raises(ValueError, match="shape"):
+        kernels.combine(x, np.zeros(4), 1.0, [0])                             # only recv is not 2-D
+    with pytest.raises(ValueError, match="out must match"):
+        kernels.combine(x, np.zeros((1, 4)), 1.0, [0], out=np.zeros(5))      # only the shape differs
+    with pytest.raises(ValueError, match="out must match"):
+        kernels.combine(x, np.zeros((1, 4)), 1.0, [0], out=np.zeros(4, np.float32))  # only the dtype
+
+
+@pytest.mark.parametrize("which", ["x", "out", "both"])
+def test_combine_strided_inputs_and_outputs(which):
+    rng = np.random.default_rng(3)
+    xs, recv, w = rng.standard_normal(14), rng.standard_normal((3, 7)), rng.random(3)
+    x = xs[::2] if which in ("x", "both") else xs[:7].copy()
+    outbuf = np.zeros(14)
+    out = outbuf[1::2] if which in ("out", "both") else np.zeros(7)
+    got = kernels.combine(x, recv, 0.4, w, out=out)
+    assert got is out
+    np.testing.assert_allclose(out, ref.combine(np.ascontiguousarray(x), recv, 0.4, w), rtol=1e-14, atol=1e-14)
+    if which != "x":
+        assert np.all(outbuf[0::2] == 0)                                       # nothing else written
+
+
+def test_combine_error_names_the_row_count():
+    with pytest.raises(ValueError, match=r"3 rows but \(2,\) weights"):
+        kernels.combine(np.zeros(4), np.zeros((3, 4)), 1.0, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("k", [0, 1, 2, 3])
+def test_combine_empty_vectors(k):
+    out = kernels.combine(np.zeros(0), np.zeros((k, 0)), 0.5, np.full(k, 0.5 / max(k, 1)))
+    assert out.shape == (0,)

@@ -141,3 +141,11 @@ def test_set_threads_and_block_bounds():
         assert list(np.diff(b)) == want
     with pytest.raises(ValueError):
         kernels.block_bounds(4, 0)
+
+
+@pytest.mark.parametrize("call", [lambda v: kernels.prox(v, 1.0, "l1", -0.5),
+                                  lambda v: kernels.prox(v, 1.0, "none", -1e-3),
+                                  lambda v: kernels.prox_l2(v, -0.2)])
+def test_negative_lam_is_refused_by_every_entry_point(call):
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        call(np.ones(3))

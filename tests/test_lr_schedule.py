@@ -53,3 +53,39 @@ def test_bad_schedules_are_errors(cfg, match):
 def test_good_schedules_validate():
     for kind in ("constant", "diminishing", "step"):
         assert check_lr(_cfg(kind)) is None
+    assert check_lr(_cfg("step", step_epochs=0.5)) is None          # fractional epochs are fine
+
+
+def test_step_schedule_with_zero_steps_per_epoch_counts_steps_as_epochs():
+    """steps_per_epoch < 1 is treated as 1 (documented max(steps_per_epoch, 1))."""
+    cfg = _cfg("step", lr=1.0, decay=0.5, step_epochs=2.0)
+    assert [lr_at(cfg, k, 0) for k in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+# -- the generic state <-> dict conversion used by checkpoints ---------------------------
+def test_state_dict_round_trip_copies_into_like_buffers():
+    import dataclasses
+    import numpy as np
+    from mpidl.algorithms.base import state_from_dict, state_to_dict
+
+    @dataclasses.dataclass
+    class S:
+        x: np.ndarray
+        alpha: float
+        ready: bool = False
+
+    s = S(x=np.arange(3.0), alpha=0.25, ready=True)
+    d = state_to_dict(s)
+    assert set(d) == {"x", "alpha", "ready"} and d["x"] is s.x and d["alpha"] == 0.25 and d["ready"] is True
+    like = S(x=np.zeros(3), alpha=0.0)
+    buf = like.x
+    back = state_from_dict(S, {"x": [7.0, 8.0, 9.0], "alpha": 0.5, "ready": True}, like=like)
+    assert back.x is buf and list(buf) == [7.0, 8.0, 9.0] and back.alpha == 0.5 and back.ready is True
+    plain = state_from_dict(S, {"x": np.ones(2), "alpha": 1.0, "ready": False})
+    assert list(plain.x) == [1.0, 1.0] and plain.alpha == 1.0
+    with pytest.raises(KeyError, match="alpha"):
+        state_from_dict(S, {"x": np.ones(3), "ready": False})
+    with pytest.raises(ValueError, match="shape"):
+        state_from_dict(S, {"x": np.ones(4), "alpha": 0.0, "ready": False}, like=like)
+    with pytest.raises(TypeError, match="NumPy arrays and Python scalars"):
+        state_to_dict(S(x=[1.0], alpha=0.0))

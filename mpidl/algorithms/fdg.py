@@ -261,8 +261,11 @@ class FDG:
 
     def _update(self, t, state, gw, grid):
         x, v, cfg = state.x, state.v, self.cfg
-        g = gw + cfg.weight_decay * x if cfg.weight_decay else gw.copy()
-        grid.allreduce_stage(g, op="mean", out=g)
+        g = gw  # a fresh array from autograd: updated in place
+        if cfg.weight_decay:
+            g += cfg.weight_decay * x
+        if grid.M > 1:
+            grid.allreduce_stage(g, op="mean", out=g)
         lr, mu = self.lr(t), cfg.momentum
         if mu:
             v *= mu

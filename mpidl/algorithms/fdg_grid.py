@@ -143,6 +143,8 @@ def _cuts(cfg, acfg, model, units, K, sample, mc):
     if acfg.cuts:
         return check_cuts(acfg.cuts, K, len(units), name), None
     check_cuts(tuple(range(1, K)), K, len(units), name)  # K <= number of units
+    if K == 1:
+        return (), None
     resumed = _resumed_cuts(cfg, mc)
     if resumed is not None and len(resumed) == K - 1:  # measured timings vary: keep the checkpoint's cuts
         return check_cuts(resumed, K, len(units), name), None

@@ -1,6 +1,7 @@
 """``mpidl run CONFIG.toml [--set section.key=value ...]``: train under mpiexec/srun."""
 HELP = "train: mpiexec -n N python -m mpidl run CONFIG.toml [--set algorithm.lr=0.05 ...]"
 NEEDS_MPI = True
+PREEMPTIBLE = True  # SIGTERM/SIGUSR1 from start-up on: save at a step boundary and exit 0
 
 
 def add_arguments(p):

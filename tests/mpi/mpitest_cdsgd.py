@@ -16,11 +16,12 @@ N, R = W.Get_size(), W.Get_rank()
 STEPS = 12
 
 
-def _run(algo_name, topo, overrides, sizes=None, steps=STEPS):
+def _run(algo_name, topo, overrides, sizes=None, steps=STEPS, context=True):
     cfg = config.load(None, [f"algorithm.name={algo_name}"] + overrides).algorithm
     factory = config.algorithm_registry()[algo_name][1]
     oracles, x0, spe = make_problem(N, sizes=sizes)
-    algo = factory(cfg, steps_per_epoch=spe, num_samples=oracles[R].A.shape[0])
+    algo = (factory(cfg, steps_per_epoch=spe, num_samples=oracles[R].A.shape[0]) if context
+            else factory(cfg))                          # the documented defaults: 1 and 1
     with GraphComm(W, topo) as gc:
         state = algo.init(x0.copy(), gc)
         for k in range(steps):
@@ -63,7 +64,7 @@ def test_cdmsgd_matches_reference(form, schedule):
 @pytest.mark.parametrize("nesterov", [False, True])
 def test_centralized_matches_reference(nesterov):
     x, oracles, x0, lr, cfg = _run("centralized", T.ring(N), ["algorithm.lr=0.1", "algorithm.momentum=0.5",
-                                                              f"algorithm.nesterov={str(nesterov).lower()}"]
+                                                              *(["algorithm.nesterov=true"] if nesterov else [])]
                                    + SCHEDULES["diminishing" if nesterov else "step"])
     _close(x, ref.centralized(x0, oracles, STEPS, lr, 0.5, nesterov), "centralized")
 
@@ -97,6 +98,56 @@ def test_cdsgd_complete_graph_cta_average_follows_averaged_gradient():
     X1 = np.stack(W.allgather(x1))
     assert_all(np.abs(X1.mean(0) - (X.mean(0) - lr(STEPS) * G.mean(0))).max() < 1e-12, "average dynamics")
     _close(x, ref.cdsgd(T.complete(N).weights, x0, oracles, STEPS, lr), "cdsgd complete")
+
+
+@pytest.mark.parametrize("epochs,E", [(0.4, 2), (0.1, 1), (0.7, 4)])
+def test_fedavg_local_epochs(epochs, E):
+    """local_epochs > 0 overrides local_steps: E = max(1, round(local_epochs * steps_per_epoch)),
+    here with 5 steps per epoch."""
+    sizes = [40 + 8 * i for i in range(N)]
+    x, oracles, x0, lr, cfg = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_steps=7",
+                                                         f"algorithm.local_epochs={epochs}"], sizes)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, E, sizes), f"fedavg local_epochs={epochs} (E={E})")
+
+
+def test_defaults_without_context():
+    """Built without steps_per_epoch / num_samples: one step per epoch, equal FedAvg weights."""
+    x, oracles, x0, _, cfg = _run("cdsgd", T.ring(N), ["algorithm.lr=0.1"] + SCHEDULES["step"], context=False)
+    _close(x, ref.cdsgd(T.ring(N).weights, x0, oracles, STEPS, ref.lr_of(cfg, 1)), "cdsgd, 1 step per epoch")
+    sizes = [40 + 8 * i for i in range(N)]
+    x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_steps=3"], sizes,
+                                 context=False)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, 3, [1] * N), "fedavg, equal weights")
+    x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1", "algorithm.local_epochs=2.0"],
+                                 context=False)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, 2, [1] * N), "fedavg, 2 epochs of 1 step")
+
+
+def test_fedavg_default_local_steps_is_10():
+    sizes = [40 + 8 * i for i in range(N)]
+    x, oracles, x0, lr, _ = _run("fedavg", T.ring(N), ["algorithm.lr=0.1"], sizes)
+    _close(x, ref.fedavg(x0, oracles, STEPS, lr, 10, sizes), "fedavg with the default local_steps")
+
+
+@pytest.mark.parametrize("name,overrides,ok", [
+    ("cdmsgd", ["algorithm.momentum=1.0"], False), ("cdmsgd", ["algorithm.momentum=-0.1"], False),
+    ("cdmsgd", ["algorithm.momentum=0.0"], True),
+    ("cdmsgd", [], True), ("centralized", [], True), ("fedavg", [], True), ("cdsgd", [], True),  # defaults
+    ("centralized", ["algorithm.momentum=1.5"], False), ("centralized", ["algorithm.momentum=1.0"], False),
+    ("centralized", ["algorithm.momentum=-0.1"], False), ("centralized", ["algorithm.momentum=0.0"], True),
+    ("fedavg", ["algorithm.local_steps=0", "algorithm.local_epochs=0.5"], True),
+    ("fedavg", ["algorithm.local_steps=0", "algorithm.local_epochs=0.0"], False),
+    ("cdsgd", ["algorithm.comm_period=0"], False), ("cdsgd", ["algorithm.comm_period=1"], True),
+    ("cdsgd", ["algorithm.form=xyz"], False),
+    ("cdmsgd", ["algorithm.momentum_form=xyz"], False),
+])
+def test_config_validation(name, overrides, ok):
+    try:
+        config.load(None, [f"algorithm.name={name}"] + overrides)
+        got = True
+    except config.ConfigError:
+        got = False
+    assert_all(got == ok, f"{name} {overrides}: accepted={got}, expected {ok}")
 
 
 def test_fedavg_one_local_step_equals_minibatch_sgd():

@@ -7,6 +7,7 @@ from mpi4py import MPI
 from mpiutil import agent_data, assert_all, assert_raises_all
 from mpidl import topology as T
 from mpidl.comm import CollectiveError, GraphComm, ScheduledGraphComm
+from reference.stacked import mix as stacked_mix
 
 MPI_SIZES = (1, 2, 3, 4)
 W = MPI.COMM_WORLD
@@ -37,7 +38,7 @@ def _tol(dtype):
 def test_mix_matches_stacked_reference(dtype, shape):
     for topo in _generators(N):
         X = agent_data(N, shape, dtype, seed=11)
-        expect = (topo.weights @ X.reshape(N, -1).astype(np.float64)).reshape(X.shape)[R]
+        expect = stacked_mix(topo.weights, X.reshape(N, -1).astype(np.float64)).reshape(X.shape)[R]
         with GraphComm(W, topo) as gc:
             got = gc.mix(X[R].copy())
             x = X[R].copy()
@@ -68,13 +69,19 @@ def test_torch_tensor_zero_copy_and_nonblocking(persistent):
     X = agent_data(N, (4, 6), np.float32, seed=5)
     expect = (topo.weights @ X.reshape(N, -1).astype(np.float64)).reshape(X.shape)[R]
     t = torch.from_numpy(X[R].copy())
+    ptr = t.data_ptr()
     with GraphComm(W, topo, persistent=persistent) as gc:
         out = gc.mix(t)
         assert_all(isinstance(out, torch.Tensor) and out.shape == t.shape, "torch in, torch out")
+        # zero copy: MPI sends straight from t's storage (the plan's send buffer IS t's memory)
+        sends = [p.send.__array_interface__["data"][0] for p in gc._plans.values()]
+        assert_all(sends == [ptr], f"send buffer {sends} is not the tensor's storage {ptr}")
+        assert_all(out.data_ptr() != ptr, "out-of-place mix wrote into the input")
         pend = gc.start_mix(t, out=t)
         busy = np.ones(1000).sum()  # overlapping work
         res = pend.wait()
         assert_all(res is t and busy == 1000.0, "start_mix(out=t).wait() returns t")
+        assert_all(t.data_ptr() == ptr and len(gc._plans) == 1, "in-place mix moved or copied the tensor")
     assert_all(np.allclose(out.numpy(), expect, atol=1e-5), "torch mix != W @ X")
     assert_all(np.allclose(t.numpy(), expect, atol=1e-5), "in-place torch mix != W @ X")
 
@@ -172,7 +179,11 @@ def test_time_varying_schedules():
             for k in range(6):
                 sg.mix(x, k, out=x)
                 ref = sched(k).weights @ ref
-            assert_all(sg.bytes_sent >= 0 and len(sg._cache) <= 2, "cache bound")
+            # exact count: 9 float64 to every out-neighbour of this rank in W_k (receivers i != R
+            # with W_k[i, R] != 0), summed over the steps, including evicted communicators
+            expect = sum(72 * int(np.count_nonzero(np.delete(sched(k).weights[:, R], R))) for k in range(6))
+            assert_all(sg.bytes_sent == expect, f"bytes_sent {sg.bytes_sent} != {expect}")
+            assert_all(len(sg._cache) <= 2, "cache bound")
         assert_all(np.allclose(x, ref[R], atol=1e-13), "scheduled mix != product of W_k")
         # the average is preserved (doubly stochastic schedule members)
         assert_all(np.isclose(W.allreduce(x.sum()), X.sum(), atol=1e-9), "average not preserved")

@@ -145,9 +145,9 @@ def _series_differences(out, a, b, skip):
     return bad
 
 
-@pytest.mark.xfail(strict=True, reason="driver: the byte counters restart at 0 on resume (known; the "
-                   "lead's driver.py should carry the offset in the checkpoint)")
 def test_bytes_sent_series_continues_across_resume(out):
+    if N == 1:
+        pytest.skip("one rank sends nothing: the counter is 0 either way")
     extra = ["algorithm.name=cdsgd", "run.steps=20", "run.checkpoint_every=10", "run.log_every=5",
              "run.eval_every=5"]
     train(_cfg(out, *extra, "run.name=straight"), WORLD)

@@ -117,6 +117,15 @@ def test_custom_layout_resumes_exactly(shared_tmp):
     assert_all(second["step"] == 10, str(second))
     expect_x0 = 10 * sum(r + 1.0 for r in range(N))
     assert_all(second["test_acc"] == expect_x0, f"resumed x {second['test_acc']} != {expect_x0}")
+    # the resume at step 5 falls inside the training window of steps 4..6 and after 5 x 8 bytes
+    # per rank: the driver's checkpointed window and byte offset make the rows equal a straight run's
+    rows = None
+    if R == 0:
+        with h5py.File(f"{shared_tmp}/resumed/results.h5") as f:
+            rows = (list(f["train/step"][()]), list(f["train/train_loss"][()]), list(f["train/bytes_sent"][()]))
+    rows = WORLD.bcast(rows)
+    assert_all(rows[0] == [3, 6, 9, 10] and rows[1] == [1.0, 4.0, 7.0, 9.0], str(rows))
+    assert_all(rows[2] == [8.0 * N * s for s in rows[0]], str(rows))
 
 
 def test_summary_of_run_without_evaluation(shared_tmp):

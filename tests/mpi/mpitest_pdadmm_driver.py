@@ -54,7 +54,7 @@ def test_bad_inputs_are_one_error_everywhere(shared_tmp):
                           WORLD, match="at most one rank per layer")
     assert_raises_all(MpidlError, train, _cfg(shared_tmp, "algorithm.name=pdadmm", "model.name=cnn"),
                       WORLD, match="trains an MLP")
-    assert_raises_all(MpidlError, train, _cfg(shared_tmp, "algorithm.name=pdadmm", "model.hidden=[100000000]"),
+    assert_raises_all(MpidlError, train, _cfg(shared_tmp, "algorithm.name=pdadmm", "model.hidden=[100000000, 8]"),
                       WORLD, match="GiB")
     assert_raises_all(MpidlError, train, _cfg(shared_tmp, "algorithm.name=pdadmm", "run.batch_size=32"),
                       WORLD, match="full batch")
