@@ -190,6 +190,7 @@ def cmd_window(args):
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "lsgd_window.json").write_text(json.dumps(
             dict(n=n, slice_s=args.slice, slices=args.slices, env=_env(), load=os.getloadavg(), rows=rows,
+                 lock=args.lock,
                  async_progress=os.environ.get("MPIR_CVAR_ASYNC_PROGRESS", "")), indent=1))
 
 
@@ -224,6 +225,7 @@ def main(argv=None):
     w.add_argument("--sizes", default="1e4,1e5,1e6")
     w.add_argument("--slice", type=float, default=0.05)
     w.add_argument("--slices", type=int, default=20)
+    w.add_argument("--lock", default="exclusive", help="the bench.lock mode it ran under (recorded)")
     sub.add_parser("report")
     args = p.parse_args(argv)
     if args.cmd == "run":

@@ -128,7 +128,7 @@ class TornReadError(MpidlError):
 
 
 class ModelWindow:
-    """One published model in an MPI RMA window, hosted by rank 0 of ``comm``; no target progress needed.
+    """Collective to build and free. One model in an MPI RMA window hosted by rank 0 of ``comm``.
 
     Every rank holds one passive-target epoch (``Lock_all``) on the window for
     its whole life; all synchronisation is built from MPI atomics, which MPI
