@@ -69,7 +69,7 @@ def test_linearized_step_aliasing(reg):
     np.testing.assert_array_equal(w2, wt)
     np.testing.assert_array_equal(g2, z)
     # same array for both outputs: z only (also written over w, and block-parallel)
-    o = np.empty_like(w)
+    o = np.full_like(w, np.nan)       # not empty_like: freed memory may already hold z
     kernels.linearized_step(w, g, pi, 2.0, 0.6, reg, 0.1, out_wt=o, out_z=o)
     np.testing.assert_array_equal(o, z)
     w4 = w.copy()
@@ -345,8 +345,10 @@ def test_gn_validates():
     w, J, r, pi = _gn_problem(6, 4)
     with pytest.raises(ValueError, match="J must have shape"):
         kernels.gn_solve(w, J[:, :3], r, pi, 1.0, "l2", 0.1, 2)
-    with pytest.raises(ValueError, match="r must have shape"):
+    with pytest.raises(ValueError, match=r"r must have shape \(6,\)"):
         kernels.gn_solve(w, J, r[:5], pi, 1.0, "l2", 0.1, 2)
+    with pytest.raises(ValueError, match="tau"):
+        kernels.gn_solve(w, J, r, pi, 0.0, "l2", 0.1, 2)
     with pytest.raises(TypeError, match="dtype"):
         kernels.gn_solve(w, J.astype(np.int32), r, pi, 1.0, "l2", 0.1, 2)
     with pytest.raises(TypeError, match="dtype"):
