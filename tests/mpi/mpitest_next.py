@@ -86,6 +86,26 @@ def test_next_gauss_newton_matches_exact_reference(blocks):
         assert_all(np.abs(Xf - X).max() > 1e-6, "block-Jacobi == full GN: the test cannot tell them apart")
 
 
+@pytest.mark.parametrize("surrogate,blocks", [("linear", 1), ("linear", 3), ("gauss-newton", 1),
+                                               ("gauss-newton", 2)])
+def test_inner_iterations_reported(surrogate, blocks):
+    """The step's "inner_iters": 0 for the closed form; the CG steps taken (here exactly inner_iters
+    = 3, since tol = 0 never stops it early) for Gauss-Newton, the most over the blocks."""
+    oracles, x0, spe = make_problem(N, batch=8, nonlinear=False)
+    for o in oracles:
+        o.residual_jacobian = (lambda o: lambda x, k: _lsq_jac(o, x, k))(o)
+    algo, _ = _algo([f"algorithm.surrogate={surrogate}", f"algorithm.blocks={blocks}", "algorithm.inner_iters=3",
+                     "algorithm.inner_tol=0.0"])
+    seen = []
+    with GraphComm(WORLD, T.ring(N)) as gc:
+        state = algo.init(x0.copy(), gc)
+        for k in range(3):
+            state, m = algo.step(k, state, oracles[R], gc)
+            seen.append(m["inner_iters"])
+    want = 0 if surrogate == "linear" else 3
+    assert_all(seen == [want] * 3, f"{surrogate}: inner_iters {seen}, expected {want} every step")
+
+
 def _lsq_jac(o, x, k):
     from reference.convex import batch_indices
     idx = batch_indices(o.A.shape[0], o.batch, o.spe, o.seed, o.rank, k)
