@@ -123,3 +123,23 @@ def test_degenerate_grids_are_errors():
         Q.quantize(v, 1.0, 1.0, 10)
     with pytest.raises(ValueError, match="integer >= 2"):
         Q.index_dtype(1)
+
+
+def test_q_update_quantized_checks_weights_and_overlap():
+    z = np.linspace(-1, 2, 9)
+    for nu, rho in ((0.0, 1.0), (1.0, 0.0), (-0.5, 1.0)):
+        with pytest.raises(ValueError, match="nu|rho"):
+            Q.q_update_quantized(z, z, z, nu, rho, -1.0, 2.0, 10)
+    buf = np.zeros(10)
+    for name in ("z", "p_next", "u"):
+        args = {"z": z.copy(), "p_next": z.copy(), "u": z.copy()}
+        args[name] = buf[1:]                              # out = buf[:-1] overlaps it shifted by one
+        args[name][:] = z
+        with pytest.raises(ValueError, match="partially overlaps"):
+            Q.q_update_quantized(args["z"], args["p_next"], args["u"], 1.0, 1.0, -1.0, 2.0, 10, out=buf[:-1])
+    # an exact alias is allowed: q written over z
+    zz = z.copy()
+    q, idx = Q.q_update_quantized(zz, z, z, 1.0, 1.0, -1.0, 2.0, 10, out=zz)
+    rq, ridx = ref.q_update_quantized(z, z, z, 1.0, 1.0, -1.0, 2.0, 10)
+    assert q is zz
+    np.testing.assert_array_equal(q, rq)
