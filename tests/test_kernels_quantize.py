@@ -115,6 +115,7 @@ def test_dequantize_rejects_bad_indices():
     with pytest.raises(ValueError, match="indices must lie"):
         Q.dequantize(np.array([-1, 0]), 0.0, 1.0, 3)                          # negative
     np.testing.assert_array_equal(Q.dequantize(np.array([0, 2]), 0.0, 1.0, 3, np.float64), [0.0, 1.0])
+    np.testing.assert_array_equal(Q.dequantize(np.array([1, 2]), 0.0, 1.0, 3, np.float64), [0.5, 1.0])
 
 
 def test_degenerate_grids_are_errors():
@@ -123,6 +124,8 @@ def test_degenerate_grids_are_errors():
         Q.quantize(v, 1.0, 1.0, 10)
     with pytest.raises(ValueError, match="integer >= 2"):
         Q.index_dtype(1)
+    with pytest.raises(ValueError, match="grid: n must be an integer >= 2"):
+        Q.quantize(v, 0.0, 1.0, 1)
 
 
 def test_q_update_quantized_checks_weights_and_overlap():
