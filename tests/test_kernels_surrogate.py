@@ -130,7 +130,7 @@ def test_linearized_validates():
         kernels.linearized_step(w, g.astype(np.float32), pi, 1.0, 0.5, "l1", 0.1)
     with pytest.raises(ValueError, match="out_z"):
         kernels.linearized_step(w, g, pi, 1.0, 0.5, "l1", 0.1, out_z=np.zeros(6))
-    with pytest.raises(ValueError, match="n_blocks"):
+    with pytest.raises(ValueError, match="linearized_step_blocks: n_blocks"):
         kernels.linearized_step_blocks(w, g, pi, 1.0, 0.5, "l1", 0.1, 0)
     with pytest.raises(TypeError, match="dtype"):
         kernels.relax(w, w.astype(np.float32), 0.5)
@@ -361,8 +361,10 @@ def test_gn_validates():
         kernels.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2, tol=-1.0)
     with pytest.raises(ValueError, match="overlap"):
         kernels.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2, out=w)
-    with pytest.raises(ValueError, match="n_blocks"):
+    with pytest.raises(ValueError, match="gn_solve_blocks: n_blocks"):
         kernels.gn_solve_blocks(w, J, r, pi, 1.0, "l2", 0.1, 2, 0)
+    with pytest.raises(ValueError, match="lam"):
+        kernels.gn_solve(w, J, r, pi, 1.0, "l2", -0.1, 2)
 
 
 # ---------------------------------------------------------------- the Python path
