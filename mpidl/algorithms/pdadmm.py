@@ -25,6 +25,13 @@ previous iteration and p_{l+1} of this one):
     q_l (l < L):  (nu relu z_l + rho p_{l+1} + u_l) / (nu + rho)   [pdadmm-q: onto the grid]
     u_l (l < L):  u_l + rho (p_{l+1} - q_l)
 
+Implicit dual (unquantised runs): after every q/u update u_l = nu (q_l - relu z_l)
+holds exactly, so u_l is not stored.  The z kernel leaves u_l = nu (q_l - relu z_l^old)
+in q_l's buffer for the q update (kernels.admm.z_step_dual), the p update of layer
+l + 1 forms u_l from q_l and z_l (kernels.admm.p_grad_dual), and only the rank
+right of a block boundary keeps a stored copy u_in of its neighbour's u (it has
+no z of that layer).  Quantised runs store u (the projection breaks the identity).
+
 Bookkeeping: the residual R_l = z_l - a_l is part of the state and is updated
 with the curvature products of the backtracking (R += (g W^T)/t after the p
 step, R += (p G^T)/t after the W step, R -= mean(R) for b), so one iteration
@@ -125,7 +132,7 @@ class PdADMMState:
     R: np.ndarray           # z_l - p_l W_l^T - b_l
     p: np.ndarray           # p_l of the block's layers l >= 2
     q: np.ndarray           # q_l of the block's layers l < L
-    u: np.ndarray           # u_l of the block's layers l < L
+    u: np.ndarray           # u_l of the block's layers l < L (quantised runs; empty when implicit)
     q_in: np.ndarray        # q_{l0-1} received from the previous rank (empty on rank 0)
     u_in: np.ndarray        # this rank's copy of u_{l0-1}
     tau_p: np.ndarray       # last tried backtracking curvature per layer (p)
@@ -172,6 +179,7 @@ class PdADMM:
         self.l0, self.l1 = layer_blocks(self.L, self.size)[self.rank]
         self.X, self.y = X, y
         self.grid = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points) if cfg.quantize else None
+        self.implicit_u = not cfg.quantize          # u_l = nu (q_l - relu z_l), not stored
         self.times = {k: 0.0 for k in ("p", "W", "b", "z", "q", "u", "wait")}
         self.layer_times = np.zeros(self.l1 - self.l0)   # compute seconds per local layer
 
@@ -182,6 +190,7 @@ class PdADMM:
         return {"W": sum(d[l + 1] * d[l] for l in ls), "b": sum(d[l + 1] for l in ls),
                 "z": sum(N * d[l + 1] for l in ls), "p": sum(N * d[l] for l in ls if l > 0),
                 "q": sum(N * d[l + 1] for l in ls if l < self.L - 1),
+                "u": 0 if self.implicit_u else sum(N * d[l + 1] for l in ls if l < self.L - 1),
                 "in": N * d[self.l0] if self.l0 > 0 else 0}
 
     def _bind(self, st):
@@ -205,7 +214,7 @@ class PdADMM:
             if l < self.L - 1:
                 oq = off["q"]
                 lay.q = take("q", st.q, N * n_out, (N, n_out))
-                lay.u = st.u[oq:oq + N * n_out].reshape(N, n_out)
+                lay.u = None if self.implicit_u else st.u[oq:oq + N * n_out].reshape(N, n_out)
             layers.append(lay)
         self._layers, self._st_id = layers, (id(st.W), id(st.z))
         self.q_in = st.q_in.reshape(N, d[self.l0]) if self.l0 > 0 else None
@@ -236,7 +245,7 @@ class PdADMM:
 
         ``params = (Ws, bs)``: this block's weights (n_l x n_{l-1}) and biases.
         z_l = a_l, q_l = relu(z_l) (projected when quantising), p_{l+1} = q_l,
-        u_l = 0, R_l = 0.
+        u_l = 0 (= nu (q_l - relu z_l) when implicit), R_l = 0.
         """
         c = self.cfg
         set_threads(c.threads_per_rank)
@@ -245,7 +254,7 @@ class PdADMM:
         nl = self.l1 - self.l0
         st = PdADMMState(W=np.empty(s["W"], dt), b=np.empty(s["b"], dt), z=np.empty(s["z"], dt),
                          R=np.zeros(s["z"], dt), p=np.empty(s["p"], dt), q=np.empty(s["q"], dt),
-                         u=np.zeros(s["q"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
+                         u=np.zeros(s["u"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
                          tau_p=np.zeros(nl), tau_W=np.zeros(nl), rejected=np.zeros((nl, 2), np.int64),
                          costs=np.full(3, np.nan), rho=float(c.rho))
         layers = self._bind(st)
@@ -296,7 +305,9 @@ class PdADMM:
             t = _tick(T, "W", t, LT, j)
             KA.center_columns(lay.R, lay.b)
             t = _tick(T, "b", t, LT, j)
-            if lay.q is not None:
+            if lay.q is not None and self.implicit_u:
+                KA.z_step_dual(lay.z, lay.R, lay.q, nu)         # q's buffer now holds u_old
+            elif lay.q is not None:
                 KA.z_step(lay.z, lay.R, lay.q)
             else:
                 a = lay.z - lay.R
@@ -318,10 +329,11 @@ class PdADMM:
                 idx = self._qidx_send if boundary else self._qidx[:lay.q.size].reshape(lay.q.shape)
                 KQ.q_update_quantized(lay.z, p_next, lay.u, nu, rho, *self.grid, out=lay.q, out_idx=idx)
             else:
-                KA.q_update(lay.z, p_next, lay.u, nu, rho, out=lay.q)
+                KA.q_update(lay.z, p_next, lay.q if self.implicit_u else lay.u, nu, rho, out=lay.q)
             t = _tick(T, "q", t, LT, j)
-            KA.u_update(lay.u, p_next, lay.q, rho)
-            t = _tick(T, "u", t, LT, j)
+            if not self.implicit_u:
+                KA.u_update(lay.u, p_next, lay.q, rho)
+                t = _tick(T, "u", t, LT, j)
         # q of the last layer goes to the next rank (for its p update at k + 1)
         send, recv = {}, {}
         if self.l1 < self.L:
@@ -343,12 +355,15 @@ class PdADMM:
     def _p_update(self, j, lay, state, rho):
         c, nu = self.cfg, self.cfg.nu
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
-        q_prev = self._layers[j - 1].q if j > 0 else self.q_in
-        u_prev = self._layers[j - 1].u if j > 0 else self.u_in
+        prev = self._layers[j - 1] if j > 0 else None
+        q_prev = prev.q if j > 0 else self.q_in
         G = self._G[:self.N * n_in].reshape(self.N, n_in)
         S = self._S[:self.N * n_out].reshape(self.N, n_out)
         np.matmul(lay.R, lay.W, out=G)
-        KA.p_grad(G, lay.p, q_prev, u_prev, nu, rho)
+        if prev is not None and self.implicit_u:
+            KA.p_grad_dual(G, lay.p, q_prev, prev.z, nu, rho)
+        else:
+            KA.p_grad(G, lay.p, q_prev, prev.u if prev is not None else self.u_in, nu, rho)
         gg = KA.sumsq(G)
         np.matmul(G, lay.W.T, out=S)
         t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + rho * gg, c.tau0, c.max_doublings)
@@ -397,6 +412,14 @@ class PdADMM:
             state.rho = min(state.rho * c.rho_factor, c.rho_max)
 
     # -- model access ------------------------------------------------------------------
+    def duals(self, state):
+        """Local. {l: u_l} of this rank's layers l < L (the stored u or nu (q_l - relu z_l), a copy)."""
+        if self._st_id != (id(state.W), id(state.z)):
+            self._bind(state)
+        nu = self.cfg.nu
+        return {lay.l: (lay.u.copy() if lay.u is not None else nu * (lay.q - np.maximum(lay.z, 0)))
+                for lay in self._layers if lay.q is not None}
+
     def weights(self, state):
         """Local. [(W_l, b_l)] of this rank's layers (views into the state)."""
         if self._st_id != (id(state.W), id(state.z)):

@@ -57,10 +57,11 @@ def _run_mpi(cfg, dims, X, y, Ws, bs, iters, each=None):
 def _gather(algo, state):
     """Rank-ordered per-layer dict of W, b, z, p, q, u (on every rank)."""
     algo.weights(state)
+    u = algo.duals(state)
     mine = {lay.l: {"W": lay.W.copy(), "b": lay.b.copy(), "z": lay.z.copy(),
                     "p": None if lay.l == 0 else lay.p.copy(),
                     "q": None if lay.q is None else lay.q.copy(),
-                    "u": None if lay.u is None else lay.u.copy()} for lay in algo._layers}
+                    "u": u.get(lay.l)} for lay in algo._layers}
     if algo.u_in is not None:
         mine["u_in"] = (algo.l0 - 1, algo.u_in.copy())
     out = {}
