@@ -224,8 +224,12 @@ class PdADMM:
     def _scratch(self):
         N, d, dt = self.N, self.dims, self.dtype
         ls = range(self.l0, self.l1)
-        self._G = np.empty(N * max(d[l] for l in ls), dt)
-        self._S = np.empty(N * max(d[l + 1] for l in ls), dt)
+        narrow = [d[l + 1] for l in ls if l > 0 and d[l + 1] < d[l]]
+        self._S = np.empty(N * max(narrow, default=0), dt)              # G W^T / p G^T of narrow layers
+        self._B = np.empty(_ROWS * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
+        self._gram0 = None
+        if self.l0 == 0:                                                 # X^T X: X never changes
+            self._gram0 = np.matmul(self.X.T, self.X).astype(np.float64)
         self._ce = np.empty(N)
         last_w = d[self.l1]
         self._p_recv = np.empty((N, last_w), dt) if self.l1 < self.L else None
@@ -353,53 +357,94 @@ class PdADMM:
         return state, {"loss": state.loss if last else None, "rho": rho}
 
     def _p_update(self, j, lay, state, rho):
-        c, nu = self.cfg, self.cfg.nu
+        """Local. One backtracking gradient step on p_l (see the module docstring).
+
+        Wide layers (n_in <= n_out): G = R W is written over R's own storage (R is
+        recomputed afterwards), and g^T H g takes ||G W^T||^2 = <G^T G, W^T W>.
+        Narrow layers: two passes over row blocks (G is recomputed in the second),
+        and S = G W^T (N x n_out, small) updates R.  Neither needs an N x n_in buffer.
+        """
+        c, nu, N = self.cfg, self.cfg.nu, self.N
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
         prev = self._layers[j - 1] if j > 0 else None
-        q_prev = prev.q if j > 0 else self.q_in
-        G = self._G[:self.N * n_in].reshape(self.N, n_in)
-        S = self._S[:self.N * n_out].reshape(self.N, n_out)
-        np.matmul(lay.R, lay.W, out=G)
-        if prev is not None and self.implicit_u:
-            KA.p_grad_dual(G, lay.p, q_prev, prev.z, nu, rho)
+        q_prev = prev.q if prev is not None else self.q_in
+
+        def grad(g, r0, r1):
+            if prev is not None and self.implicit_u:
+                KA.p_grad_dual(g, lay.p[r0:r1], q_prev[r0:r1], prev.z[r0:r1], nu, rho)
+            else:
+                u_prev = prev.u if prev is not None else self.u_in
+                KA.p_grad(g, lay.p[r0:r1], q_prev[r0:r1], u_prev[r0:r1], nu, rho)
+
+        if n_in <= n_out:
+            G = _matmul_over(lay.R, lay.W, self._B)
+            grad(G, 0, N)
+            gg = KA.sumsq(G)
+            ghg = nu * _gram_dot(np.matmul(G.T, G), np.matmul(lay.W.T, lay.W)) + rho * gg
         else:
-            KA.p_grad(G, lay.p, q_prev, prev.u if prev is not None else self.u_in, nu, rho)
-        gg = KA.sumsq(G)
-        np.matmul(G, lay.W.T, out=S)
-        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + rho * gg, c.tau0, c.max_doublings)
+            S = self._S[:N * n_out].reshape(N, n_out)
+            gg = 0.0
+            for r0, r1 in _row_blocks(N):
+                g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+                np.matmul(lay.R[r0:r1], lay.W, out=g)
+                grad(g, r0, r1)
+                gg += KA.sumsq(g)
+                np.matmul(g, lay.W.T, out=S[r0:r1])
+            ghg = nu * KA.sumsq(S) + rho * gg
+        t, _, ok = KA.backtrack(gg, ghg, c.tau0, c.max_doublings)
         state.tau_p[j] = t
         if not ok:
             state.rejected[j, 0] += 1
-            if c.quantize_p and j == 0:
-                KQ.quantize(lay.p, *self.grid, out_idx=self._pidx_send)
-            return
-        KA.axpy(lay.p, G, -1.0 / t)
+        elif n_in <= n_out:
+            KA.axpy(lay.p, G, -1.0 / t)
+        else:
+            for r0, r1 in _row_blocks(N):
+                g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+                np.matmul(lay.R[r0:r1], lay.W, out=g)
+                grad(g, r0, r1)
+                KA.axpy(lay.p[r0:r1], g, -1.0 / t)
         if c.quantize_p:
             idx = self._pidx_send if j == 0 else self._pidx[:lay.p.size].reshape(lay.p.shape)
             KQ.quantize(lay.p, *self.grid, out_idx=idx)
-            KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
-            np.matmul(lay.p, lay.W.T, out=lay.R)           # R = z - b - p W^T (fresh)
-            KA.resid_refresh(lay.R, lay.z, lay.b)
-        else:
+            if ok:
+                KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
+        if n_in <= n_out or (ok and c.quantize_p):
+            _refresh_resid(lay)                             # R = z - p W^T - b (fresh)
+        elif ok:
             KA.axpy(lay.R, S, 1.0 / t)
 
     def _w_update(self, j, lay, state):
-        c, nu = self.cfg, self.cfg.nu
-        n_out = lay.R.shape[1]
+        """Local. One backtracking gradient step on W_l (see the module docstring).
+
+        g^T H g = nu ||p G^T||^2 + mu ||G||^2.  Narrow layers (n_out < n_in, l > 0)
+        form S = p G^T (small) and update R with it; the others take
+        ||p G^T||^2 = <G (p^T p), G> (p^T p of X is computed once) and recompute R.
+        """
+        c, nu, N = self.cfg, self.cfg.nu, self.N
+        n_in, n_out = lay.p.shape[1], lay.R.shape[1]
         G = np.matmul(lay.R.T, lay.p)
         G *= -nu
         if c.mu > 0:
             G += c.mu * lay.W
         gg = KA.sumsq(G)
-        S = self._S[:self.N * n_out].reshape(self.N, n_out)
-        np.matmul(lay.p, G.T, out=S)
-        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + c.mu * gg, c.tau0, c.max_doublings)
+        narrow = lay.l > 0 and n_out < n_in
+        if narrow:
+            S = self._S[:N * n_out].reshape(N, n_out)
+            np.matmul(lay.p, G.T, out=S)
+            pg = KA.sumsq(S)
+        else:
+            gram = self._gram0 if lay.l == 0 else np.matmul(lay.p.T, lay.p)
+            pg = _gram_dot(np.matmul(G, gram), G)
+        t, _, ok = KA.backtrack(gg, nu * pg + c.mu * gg, c.tau0, c.max_doublings)
         state.tau_W[j] = t
         if not ok:
             state.rejected[j, 1] += 1
             return
         KA.axpy(lay.W, G, -1.0 / t)
-        KA.axpy(lay.R, S, 1.0 / t)
+        if narrow:
+            KA.axpy(lay.R, S, 1.0 / t)
+        else:
+            _refresh_resid(lay)
 
     def _raise_rho(self, state, comm):
         cost = np.array([state.loss if self.l1 == self.L else 0.0])
@@ -425,6 +470,40 @@ class PdADMM:
         if self._st_id != (id(state.W), id(state.z)):
             self._bind(state)
         return [(lay.W, lay.b) for lay in self._layers]
+
+
+_ROWS = 4096
+"""Rows per block of the blocked GEMMs (a block of G is _ROWS x n_in)."""
+
+
+def _row_blocks(n):
+    return [(r0, min(n, r0 + _ROWS)) for r0 in range(0, n, _ROWS)]
+
+
+def _matmul_over(R, W, buf):
+    """Local. G = R W (N x n_in, n_in <= n_out) written over R's own storage; returns that view.
+
+    Row block [r0, r1) of G lands on flat elements [r0 n_in, r1 n_in), which lie
+    before row r1 of R, so no row of R is overwritten before it has been read.
+    """
+    n, n_in = R.shape[0], W.shape[1]
+    flat = R.reshape(-1)
+    for r0, r1 in _row_blocks(n):
+        blk = buf[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+        np.matmul(R[r0:r1], W, out=blk)
+        flat[r0 * n_in:r1 * n_in] = blk.reshape(-1)
+    return flat[:n * n_in].reshape(n, n_in)
+
+
+def _refresh_resid(lay):
+    """Local. R_l = z_l - p_l W_l^T - b_l from a fresh GEMM."""
+    np.matmul(lay.p, lay.W.T, out=lay.R)
+    KA.resid_refresh(lay.R, lay.z, lay.b)
+
+
+def _gram_dot(A, B):
+    """Local. <A, B> (sum of the elementwise product) in float64."""
+    return float(np.vdot(np.asarray(A, np.float64), np.asarray(B, np.float64)))
 
 
 def _tick(times, key, t, per_layer=None, j=0):
