@@ -32,10 +32,13 @@ l + 1 forms u_l from q_l and z_l (kernels.admm.p_grad_dual), and only the rank
 right of a block boundary keeps a stored copy u_in of its neighbour's u (it has
 no z of that layer).  Quantised runs store u (the projection breaks the identity).
 
-Bookkeeping: the residual R_l = z_l - a_l is part of the state and is updated
-with the curvature products of the backtracking (R += (g W^T)/t after the p
-step, R += (p G^T)/t after the W step, R -= mean(R) for b), so one iteration
-costs four GEMMs per layer (two for layer 1): R W, g W^T, R^T p, p G^T.
+Bookkeeping: the residual R_l = z_l - a_l is part of the state (a_l is never
+formed).  No N x width scratch: on wide layers (n_in <= n_out) G = R W of the p
+step is written over R's storage in row blocks, the curvatures come from the Gram
+matrices (||G W^T||^2 = <G^T G, W^T W>, ||p G^T||^2 = <G p^T p, G>, X^T X once) and
+R is recomputed by one GEMM after the step; narrow layers keep S = G W^T / p G^T
+(N x n_out, small) and update R += S / t (the p step then takes two passes over
+row blocks).
 
 Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
 iteration a rank sends p of its first layer to the previous rank (started right

@@ -90,8 +90,14 @@ def _memory_check(dims, n, l0, l1, itemsize, quantize):
     for l in range(l0, l1):
         elems += dims[l + 1] * dims[l] + dims[l + 1] + 2 * n * dims[l + 1]       # W, b, z, R
         elems += n * dims[l] if l > 0 else 0                                       # p
-        elems += 2 * n * dims[l + 1] if l < L - 1 else 0                           # q, u
-    elems += n * (max(dims[l] for l in range(l0, l1)) + max(dims[l + 1] for l in range(l0, l1)))
+        if l < L - 1:
+            elems += (2 if quantize else 1) * n * dims[l + 1]                      # q (and u when quantised)
+    if l0 > 0:
+        elems += 2 * n * dims[l0]                                                  # q_in, u_in
+    if l1 < L:
+        elems += n * dims[l1]                                                      # p received
+    narrow = [dims[l + 1] for l in range(max(l0, 1), l1) if dims[l + 1] < dims[l]]
+    elems += n * max(narrow, default=0)                                            # S of narrow layers
     need = elems * itemsize
     # every rank builds the whole seeded model once (float32 torch + a float64 copy)
     need += 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(L))
