@@ -70,6 +70,7 @@ def cmd_iter(args):
         world.Barrier()
         walls.append(time.perf_counter() - t)
     nbytes = (s.comm.bytes_sent - b0) / args.iters
+    rss_steps = _rss_mb()
     floor = _gemm_floor(algo, args.iters) if args.floor else None
     ev, _ = s.evaluate(state)
     out = {"rank": rank, "size": size, "layers": algo.L, "dims": algo.dims, "block": [algo.l0, algo.l1],
@@ -78,7 +79,8 @@ def cmd_iter(args):
            "median_iter_cpu_s": statistics.median(cpus),
            "update_s": {k: v / args.iters for k, v in algo.times.items()},
            "layer_s": (algo.layer_times / args.iters).tolist(), "gemm_floor_s": floor,
-           "bytes_per_iter": nbytes, "peak_rss_mb": _rss_mb(), "rss_before_setup_mb": rss0,
+           "bytes_per_iter": nbytes, "peak_rss_mb": rss_steps, "peak_rss_mb_with_floor": _rss_mb(),
+           "rss_before_setup_mb": rss0,
            "rss_after_setup_mb": rss_setup, "test_acc_after": ev["test_acc"],
            "quantize": bool(args.quantize), "load": os.getloadavg()}
     allout = world.gather(out, root=0)
@@ -92,16 +94,30 @@ def cmd_iter(args):
 
 
 def _gemm_floor(algo, reps):
-    """Median process CPU time of the four GEMMs per layer (two for layer 1) of one iteration, standalone."""
+    """Median process CPU time of the GEMMs of one iteration (as pdadmm.py runs them), standalone.
+
+    Per layer: W step R^T p, then p^T p and p W^T (wide layers; X^T X is cached for layer 1)
+    or p G^T (narrow); p step (l > 1) R W, G^T G and p W^T (wide) or 2 x R W and G W^T (narrow).
+    """
     tot = 0.0
     for lay in algo._layers:
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
-        G = np.empty((algo.N, n_in), algo.dtype)
-        S = np.empty((algo.N, n_out), algo.dtype)
+        G = np.ones((algo.N, n_in), algo.dtype)
         Gw = np.ones((n_out, n_in), algo.dtype)
-        ops = [lambda: np.matmul(lay.R.T, lay.p), lambda: np.matmul(lay.p, Gw.T, out=S)]
+        out = np.empty((algo.N, n_out), algo.dtype)
+        ops = [lambda: np.matmul(lay.R.T, lay.p)]
+        if lay.l > 0 and n_out < n_in:
+            ops += [lambda: np.matmul(lay.p, Gw.T, out=out)]
+        else:
+            ops += [lambda: np.matmul(lay.p, lay.W.T, out=out)]
+            if lay.l > 0:
+                ops += [lambda: np.matmul(lay.p.T, lay.p)]
         if lay.l > 0:
-            ops += [lambda: np.matmul(lay.R, lay.W, out=G), lambda: np.matmul(G, lay.W.T, out=S)]
+            ops += [lambda: np.matmul(lay.R, lay.W, out=G)]
+            if n_in <= n_out:
+                ops += [lambda: np.matmul(G.T, G), lambda: np.matmul(lay.p, lay.W.T, out=out)]
+            else:
+                ops += [lambda: np.matmul(lay.R, lay.W, out=G), lambda: np.matmul(G, lay.W.T, out=out)]
         for op in ops:
             ts = []
             for _ in range(max(reps, 3)):

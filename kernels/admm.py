@@ -383,8 +383,8 @@ def q_update(z, p_next, u, nu, rho, out=None):
 def u_update(u, p_next, q, rho):
     """Local. In place ``u <- u + rho (p_next - q)`` (float64 inside). Returns ``u``.
 
-    Both neighbours of a layer boundary call this with the same operands, so
-    their copies of ``u`` stay bitwise equal.
+    When both neighbours of a layer boundary call this with the same (exchanged)
+    operands, their copies of ``u`` stay bitwise equal.
     """
     fn = "u_update"
     u = _writable(fn, "u", _arr(fn, "u", u))

@@ -43,9 +43,10 @@ row blocks).
 Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
 iteration a rank sends p of its first layer to the previous rank (started right
 after the p update, so it overlaps the W/b/z updates) and q of its last layer
-to the next rank.  u_l is NOT sent: both neighbours of a boundary apply the same
-``u_update`` to the same operands (p_{l+1} and q_l are exchanged bitwise), so
-their copies stay equal.  Quantised runs send grid indices (uint16 for 1000
+to the next rank.  u_l is NOT sent: the right-hand neighbour of a boundary applies
+``u_update`` to p_{l+1} and q_l, which are exchanged bitwise (the left-hand rank
+does the same in quantised runs, so the copies stay bitwise equal; unquantised,
+it uses the implicit u_l, equal up to rounding).  Quantised runs send grid indices (uint16 for 1000
 points), never floats.  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
 the mean CE(z_L) fell by < rho_tol in each of the last two iterations (the
 public code's schedule; the cost is broadcast from the last rank).
@@ -257,7 +258,7 @@ class PdADMM:
         c = self.cfg
         set_threads(c.threads_per_rank)
         _blas_threads(c.threads_per_rank)
-        s, dt, N, d = self._sizes(), self.dtype, self.N, self.dims
+        s, dt = self._sizes(), self.dtype
         nl = self.l1 - self.l0
         st = PdADMMState(W=np.empty(s["W"], dt), b=np.empty(s["b"], dt), z=np.empty(s["z"], dt),
                          R=np.zeros(s["z"], dt), p=np.empty(s["p"], dt), q=np.empty(s["q"], dt),
