@@ -11,10 +11,12 @@ Timing commands (run each under ``flock -x /work/bench.lock``; record ``uptime``
         --msg benchmarks/results/pdadmm_msg.json --out benchmarks/results/pdadmm_model.json
 
 Accuracy (shared lock): the curves come from ``mpidl run jobs/configs/pdadmm_fmnist.toml``
-(results.h5), and ``sgd`` trains the same MLP with minibatch SGD for a wall-time budget::
+(results.h5; ``curves`` collects them into one JSON), and ``sgd`` trains the same MLP with
+minibatch SGD for a wall-time budget (exclusive lock: 50 x the measured s/iteration)::
 
-    python benchmarks/bench_pdadmm.py sgd --seconds 600 --out benchmarks/results/pdadmm_sgd.json
-    python benchmarks/bench_pdadmm.py plot --runs RUN_DIR [RUN_DIR ...] --sgd benchmarks/results/pdadmm_sgd.json
+    python benchmarks/bench_pdadmm.py sgd --seconds 150 --out benchmarks/results/pdadmm_sgd.json
+    python benchmarks/bench_pdadmm.py curves --runs RUN_DIR [RUN_DIR ...] --out benchmarks/results/pdadmm_acc_curves.json
+    python benchmarks/bench_pdadmm.py plot --runs RUN_DIR [...] --iter-s S [...] --sgd SGD_JSON [...]
 """
 from __future__ import annotations
 
@@ -247,8 +249,8 @@ def cmd_plot(args):
         a1.plot(step, acc, marker=".", label=label)
         a2.plot(step * its, acc, marker=".", label=label)
         print(label, "steps", list(step), "acc", [round(float(v), 4) for v in acc])
-    if args.sgd:
-        d = json.load(open(args.sgd))
+    for path in args.sgd:
+        d = json.load(open(path))
         key = "train_wall_s" if d.get("clock") == "wall" else "train_cpu_s"
         a2.plot([c[key] for c in d["curve"]], [c["test_acc"] for c in d["curve"]], marker=".",
                 label=f"SGD (same MLP, {d.get('features', 196)} features)")
@@ -261,6 +263,22 @@ def cmd_plot(args):
         a.legend()
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
+
+
+def cmd_curves(args):
+    """The evaluation rows of finished runs (results.h5) -> one small JSON (the curves of the doc)."""
+    import h5py
+    out = {"note": args.note}
+    for run in args.runs:
+        with h5py.File(os.path.join(run, "results.h5")) as h:
+            ev = h["eval"]
+            d = {k: [round(float(v), 6) for v in ev[k][()]] for k in
+                 ("step", "test_acc", "test_loss", "train_acc_forward", "rho", "wall") if k in ev}
+            d["config"] = h.attrs.get("config", "")
+            if isinstance(d["config"], bytes):
+                d["config"] = d["config"].decode()
+        out[os.path.basename(run.rstrip("/"))] = d
+    _write(args.out, out)
 
 
 def cmd_tables(args):
@@ -346,15 +364,20 @@ def main(argv=None):
     q.add_argument("--out", default="")
     q = sub.add_parser("plot")
     q.add_argument("--runs", nargs="+", required=True)
-    q.add_argument("--sgd", default="")
+    q.add_argument("--sgd", nargs="*", default=[])
     q.add_argument("--png", default="docs/img/pdadmm_fmnist_acc.png")
     q.add_argument("--max-step", type=int, default=0, help="plot iterations up to this one (0: all)")
     q.add_argument("--iter-s", type=float, nargs="+", required=True,
                    help="measured seconds per iteration (1 rank, 1 thread), one value or one per run")
+    q = sub.add_parser("curves")
+    q.add_argument("--runs", nargs="+", required=True)
+    q.add_argument("--note", default="")
+    q.add_argument("--out", required=True)
     q = sub.add_parser("tables")
     q.add_argument("--dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
+    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot,
+     "curves": cmd_curves}[args.cmd](args)
 
 
 if __name__ == "__main__":
