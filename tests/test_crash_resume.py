@@ -51,8 +51,8 @@ def _descendants(pid):
 
 
 def rank_pid(rank, under=None, **env_match):
-    """The pid of the `mpidl` process of MPI rank ``rank`` (PMI_RANK, OMPI_COMM_WORLD_RANK or
-    SLURM_PROCID in its environment), among the descendants of ``under`` or every process,
+    """The pid of the Python `mpidl` process of MPI rank ``rank`` (PMI_RANK, OMPI_COMM_WORLD_RANK
+    or SLURM_PROCID in its environment), among the descendants of ``under`` or every process,
     whose environment also holds ``env_match``; None if there is none."""
     pids = _descendants(under) if under is not None else [int(p.name) for p in Path("/proc").iterdir()
                                                           if p.name.isdigit()]
@@ -63,7 +63,11 @@ def rank_pid(rank, under=None, **env_match):
         except (OSError, UnicodeDecodeError):
             continue
         r = env.get("PMI_RANK", env.get("OMPI_COMM_WORLD_RANK", env.get("SLURM_PROCID")))
-        if r == str(rank) and "mpidl" in cmdline and all(env.get(k) == v for k, v in env_match.items()):
+        # argv[0] must be a Python: srun (and the batch shell) also carry SLURM_PROCID=0 and
+        # "mpidl" in their command line, and killing srun is not the death of a rank
+        argv0 = Path(cmdline.split("\0", 1)[0]).name
+        if (r == str(rank) and argv0.startswith("python") and "mpidl" in cmdline
+                and all(env.get(k) == v for k, v in env_match.items())):
             return pid
     return None
 
