@@ -11,10 +11,12 @@ Timing commands (run each under ``flock -x /work/bench.lock``; record ``uptime``
         --msg benchmarks/results/pdadmm_msg.json --out benchmarks/results/pdadmm_model.json
 
 Accuracy (shared lock): the curves come from ``mpidl run jobs/configs/pdadmm_fmnist.toml``
-(results.h5), and ``sgd`` trains the same MLP with minibatch SGD for a wall-time budget::
+(results.h5; ``curves`` collects them into one JSON), and ``sgd`` trains the same MLP with
+minibatch SGD for a wall-time budget (exclusive lock: 50 x the measured s/iteration)::
 
-    python benchmarks/bench_pdadmm.py sgd --seconds 600 --out benchmarks/results/pdadmm_sgd.json
-    python benchmarks/bench_pdadmm.py plot --runs RUN_DIR [RUN_DIR ...] --sgd benchmarks/results/pdadmm_sgd.json
+    python benchmarks/bench_pdadmm.py sgd --seconds 150 --out benchmarks/results/pdadmm_sgd.json
+    python benchmarks/bench_pdadmm.py curves --runs RUN_DIR [RUN_DIR ...] --out benchmarks/results/pdadmm_acc_curves.json
+    python benchmarks/bench_pdadmm.py plot --runs RUN_DIR [...] --iter-s S [...] --sgd SGD_JSON [...]
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def _cfg(args):
     over = ["algorithm.name=" + ('"pdadmm-q"' if args.quantize else '"pdadmm"'),
             f"model.hidden={[args.width] * (args.layers - 1)}", "run.batch_size=0",
             f"algorithm.downsample={2 if args.features == 196 else 1}",
-            f"algorithm.threads_per_rank={args.threads}", "algorithm.rho=1e-4", "algorithm.nu=1e-4",
+            f"algorithm.threads_per_rank={args.threads}", "algorithm.rho=1e-4", "algorithm.nu=1e-4", "algorithm.tau0=1.0",
             "data.eval_samples=1000", f'data.dataset="{args.dataset}"']
     if args.quantize:
         over.append("algorithm.quantize_p=true")
@@ -70,6 +72,7 @@ def cmd_iter(args):
         world.Barrier()
         walls.append(time.perf_counter() - t)
     nbytes = (s.comm.bytes_sent - b0) / args.iters
+    rss_steps = _rss_mb()
     floor = _gemm_floor(algo, args.iters) if args.floor else None
     ev, _ = s.evaluate(state)
     out = {"rank": rank, "size": size, "layers": algo.L, "dims": algo.dims, "block": [algo.l0, algo.l1],
@@ -78,7 +81,8 @@ def cmd_iter(args):
            "median_iter_cpu_s": statistics.median(cpus),
            "update_s": {k: v / args.iters for k, v in algo.times.items()},
            "layer_s": (algo.layer_times / args.iters).tolist(), "gemm_floor_s": floor,
-           "bytes_per_iter": nbytes, "peak_rss_mb": _rss_mb(), "rss_before_setup_mb": rss0,
+           "bytes_per_iter": nbytes, "peak_rss_mb": rss_steps, "peak_rss_mb_with_floor": _rss_mb(),
+           "rss_before_setup_mb": rss0,
            "rss_after_setup_mb": rss_setup, "test_acc_after": ev["test_acc"],
            "quantize": bool(args.quantize), "load": os.getloadavg()}
     allout = world.gather(out, root=0)
@@ -92,16 +96,30 @@ def cmd_iter(args):
 
 
 def _gemm_floor(algo, reps):
-    """Median process CPU time of the four GEMMs per layer (two for layer 1) of one iteration, standalone."""
+    """Median process CPU time of the GEMMs of one iteration (as pdadmm.py runs them), standalone.
+
+    Per layer: W step R^T p, then p^T p and p W^T (wide layers; X^T X is cached for layer 1)
+    or p G^T (narrow); p step (l > 1) R W, G^T G and p W^T (wide) or 2 x R W and G W^T (narrow).
+    """
     tot = 0.0
     for lay in algo._layers:
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
-        G = np.empty((algo.N, n_in), algo.dtype)
-        S = np.empty((algo.N, n_out), algo.dtype)
+        G = np.ones((algo.N, n_in), algo.dtype)
         Gw = np.ones((n_out, n_in), algo.dtype)
-        ops = [lambda: np.matmul(lay.R.T, lay.p), lambda: np.matmul(lay.p, Gw.T, out=S)]
+        out = np.empty((algo.N, n_out), algo.dtype)
+        ops = [lambda: np.matmul(lay.R.T, lay.p)]
+        if lay.l > 0 and n_out < n_in:
+            ops += [lambda: np.matmul(lay.p, Gw.T, out=out)]
+        else:
+            ops += [lambda: np.matmul(lay.p, lay.W.T, out=out)]
+            if lay.l > 0:
+                ops += [lambda: np.matmul(lay.p.T, lay.p)]
         if lay.l > 0:
-            ops += [lambda: np.matmul(lay.R, lay.W, out=G), lambda: np.matmul(G, lay.W.T, out=S)]
+            ops += [lambda: np.matmul(lay.R, lay.W, out=G)]
+            if n_in <= n_out:
+                ops += [lambda: np.matmul(G.T, G), lambda: np.matmul(lay.p, lay.W.T, out=out)]
+            else:
+                ops += [lambda: np.matmul(lay.R, lay.W, out=G), lambda: np.matmul(G, lay.W.T, out=out)]
         for op in ops:
             ts = []
             for _ in range(max(reps, 3)):
@@ -163,10 +181,11 @@ def cmd_model(args):
 
 
 def cmd_sgd(args):
-    """Minibatch SGD on the same MLP (same torch init) for a compute-time budget; test accuracy curve.
+    """Minibatch SGD on the same MLP (same torch init) for a time budget; test accuracy curve.
 
-    The budget is process CPU seconds of the training steps (one thread), i.e. the wall time
-    on an idle core: on the shared machine CPU time is the fair clock for both methods.
+    ``--clock wall`` (default): the budget is the wall time of the training steps (run it under
+    the exclusive lock, like the pdADMM timing, so both clocks are wall seconds on an idle core);
+    ``--clock cpu``: process CPU seconds.  Evaluation time is not counted; both clocks are logged.
     """
     import torch
 
@@ -183,26 +202,30 @@ def cmd_sgd(args):
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     curve, spent, epoch = [], 0.0, 0
+    wall = cpu = 0.0
     next_eval = 0.0
     while spent < args.seconds:
         perm = torch.randperm(len(y), generator=gen)
         for i in range(0, len(y), args.batch):
-            t = time.process_time()
+            t, c = time.perf_counter(), time.process_time()
             idx = perm[i:i + args.batch]
             opt.zero_grad()
             loss = torch.nn.functional.cross_entropy(model(X[idx]), y[idx])
             loss.backward()
             opt.step()
-            spent += time.process_time() - t
+            wall += time.perf_counter() - t
+            cpu += time.process_time() - c
+            spent = wall if args.clock == "wall" else cpu
             if spent >= next_eval or spent >= args.seconds:
                 with torch.no_grad():
                     acc = float((model(Xt).argmax(1) == yt).float().mean())
-                curve.append({"train_cpu_s": spent, "epoch": epoch + i / len(y), "test_acc": acc})
-                next_eval += args.seconds / 20
+                curve.append({"train_wall_s": wall, "train_cpu_s": cpu, "epoch": epoch + i / len(y),
+                              "test_acc": acc})
+                next_eval += args.seconds / args.evals
             if spent >= args.seconds:
                 break
         epoch += 1
-    _write(args.out, {"seconds": args.seconds, "lr": args.lr, "batch": args.batch, "features": X.shape[1],
+    _write(args.out, {"seconds": args.seconds, "clock": args.clock, "lr": args.lr, "batch": args.batch, "features": X.shape[1],
                       "curve": curve, "final_test_acc": curve[-1]["test_acc"], "load": os.getloadavg()})
 
 
@@ -213,24 +236,50 @@ def cmd_plot(args):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
-    for run in args.runs:
+    iter_s = args.iter_s * len(args.runs) if len(args.iter_s) == 1 else args.iter_s
+    if len(iter_s) != len(args.runs):
+        raise SystemExit("--iter-s needs one value, or one per run")
+    for run, its in zip(args.runs, iter_s):
         with h5py.File(os.path.join(run, "results.h5")) as h:
-            step, acc, wall = h["eval/step"][()], h["eval/test_acc"][()], h["eval/wall"][()]
+            step, acc = h["eval/step"][()], h["eval/test_acc"][()]
         label = os.path.basename(run.rstrip("/"))
+        if args.max_step:
+            keep = step <= args.max_step
+            step, acc = step[keep], acc[keep]
         a1.plot(step, acc, marker=".", label=label)
-        a2.plot(step * args.iter_s, acc, marker=".", label=label)
+        a2.plot(step * its, acc, marker=".", label=label)
         print(label, "steps", list(step), "acc", [round(float(v), 4) for v in acc])
-    if args.sgd:
-        d = json.load(open(args.sgd))
-        a2.plot([c["train_cpu_s"] for c in d["curve"]], [c["test_acc"] for c in d["curve"]], label="SGD (same MLP)")
+    for path in args.sgd:
+        d = json.load(open(path))
+        key = "train_wall_s" if d.get("clock") == "wall" else "train_cpu_s"
+        pts = [c for c in d["curve"] if c[key] >= 1.0]          # the log axis: skip the untrained start
+        a2.plot([c[key] for c in pts], [c["test_acc"] for c in pts], marker=".",
+                label=f"SGD (same MLP, {d.get('features', 196)} features)")
     a1.set_xlabel("pdADMM iteration (full batch)")
-    a2.set_xlabel(f"single-core seconds (iterations x {args.iter_s:.2f} s measured; SGD: CPU time)")
+    a2.set_xlabel(args.xlabel)
+    a2.set_xscale("log")
     for a in (a1, a2):
         a.set_ylabel("test accuracy")
         a.grid(alpha=0.3)
         a.legend()
     fig.tight_layout()
     fig.savefig(args.png, dpi=110)
+
+
+def cmd_curves(args):
+    """The evaluation rows of finished runs (results.h5) -> one small JSON (the curves of the doc)."""
+    import h5py
+    out = {"note": args.note}
+    for run in args.runs:
+        with h5py.File(os.path.join(run, "results.h5")) as h:
+            ev = h["eval"]
+            d = {k: [round(float(v), 6) for v in ev[k][()]] for k in
+                 ("step", "test_acc", "test_loss", "train_acc_forward", "rho", "wall") if k in ev}
+            d["config"] = h.attrs.get("config", "")
+            if isinstance(d["config"], bytes):
+                d["config"] = d["config"].decode()
+        out[os.path.basename(run.rstrip("/"))] = d
+    _write(args.out, out)
 
 
 def cmd_tables(args):
@@ -311,16 +360,26 @@ def main(argv=None):
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--lr", type=float, default=0.05)
     q.add_argument("--batch", type=int, default=128)
+    q.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+    q.add_argument("--evals", type=int, default=20, help="evaluations over the budget")
     q.add_argument("--out", default="")
     q = sub.add_parser("plot")
     q.add_argument("--runs", nargs="+", required=True)
-    q.add_argument("--sgd", default="")
+    q.add_argument("--sgd", nargs="*", default=[])
     q.add_argument("--png", default="docs/img/pdadmm_fmnist_acc.png")
-    q.add_argument("--iter-s", type=float, required=True, help="measured seconds per iteration (1 rank, 1 thread)")
+    q.add_argument("--max-step", type=int, default=0, help="plot iterations up to this one (0: all)")
+    q.add_argument("--xlabel", default="seconds on one core (pdADMM: iterations x measured s/iteration; SGD: measured)")
+    q.add_argument("--iter-s", type=float, nargs="+", required=True,
+                   help="measured seconds per iteration (1 rank, 1 thread), one value or one per run")
+    q = sub.add_parser("curves")
+    q.add_argument("--runs", nargs="+", required=True)
+    q.add_argument("--note", default="")
+    q.add_argument("--out", required=True)
     q = sub.add_parser("tables")
     q.add_argument("--dir", default="benchmarks/results")
     args = p.parse_args(argv)
-    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot}[args.cmd](args)
+    {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot,
+     "curves": cmd_curves}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,10 @@ row per sample, ``a_l = p_l W_l^T + b_l`` (N x n_l).  The elementwise updates
                 keep z- when f(z-) <= f(z+), else z+   (:func:`z_update`)
     q (l < L):  q = (nu relu(z) + rho p_{l+1} + u) / (nu + rho)        (:func:`q_update`)
     u (l < L):  u <- u + rho (p_{l+1} - q)                             (:func:`u_update`)
+                Unquantised, u = nu (q - relu z) holds after every q/u update, so
+                u can stay implicit: :func:`z_step_dual` leaves u_old = nu (q - relu z_old)
+                in q's buffer for the q update, :func:`p_grad_dual` forms u_{l-1}
+                from q_{l-1} and z_{l-1}.
     z_L:        argmin_z CE(z; y) + (nu/2) ||z - a||^2, row by row, by
                 FISTA with step s:  x+ = (y_k - s (softmax(y_k) - e_y) + s nu a) / (1 + s nu),
                 t+ = (1 + sqrt(1 + 4 t^2)) / 2, y_{k+1} = x+ + ((t - 1)/t+)(x+ - x);
@@ -44,8 +48,8 @@ import numpy as np
 from . import _validate as V
 from ._flags import JIT, PJIT
 
-__all__ = ["z_update", "z_step", "q_update", "u_update", "backtrack", "ce_prox", "sumsq",
-           "axpy", "p_grad", "center_columns", "resid_refresh"]
+__all__ = ["z_update", "z_step", "z_step_dual", "q_update", "u_update", "backtrack", "ce_prox", "sumsq",
+           "axpy", "p_grad", "p_grad_dual", "center_columns", "resid_refresh"]
 
 NB = 64
 """Fixed number of blocks of every prange kernel (results do not depend on threads)."""
@@ -98,6 +102,20 @@ def _z_step(z, r, q, bounds):
 
 
 @numba.njit(**PJIT)
+def _z_step_dual(z, r, q, nu, bounds):
+    for c in numba.prange(bounds.shape[0] - 1):
+        for i in range(bounds[c], bounds[c + 1]):
+            z0 = np.float64(z[i])
+            q0 = np.float64(q[i])
+            a = z0 - np.float64(r[i])
+            zn = _zscalar(a, z0, q0)
+            z[i] = zn
+            r[i] = zn - a
+            q[i] = nu * (q0 - max(z0, 0.0))
+    return z
+
+
+@numba.njit(**PJIT)
 def _q_update(z, p, u, nu, rho, out, bounds):
     inv = 1.0 / (nu + rho)
     for c in numba.prange(bounds.shape[0] - 1):
@@ -130,6 +148,16 @@ def _p_grad(g, p, q, u, nu, rho, bounds):
     for c in numba.prange(bounds.shape[0] - 1):
         for i in range(bounds[c], bounds[c + 1]):
             g[i] = -nu * np.float64(g[i]) + np.float64(u[i]) + rho * (np.float64(p[i]) - np.float64(q[i]))
+    return g
+
+
+@numba.njit(**PJIT)
+def _p_grad_dual(g, p, q, zq, nu, rho, bounds):
+    for c in numba.prange(bounds.shape[0] - 1):
+        for i in range(bounds[c], bounds[c + 1]):
+            qi = np.float64(q[i])
+            u = nu * (qi - max(np.float64(zq[i]), 0.0))
+            g[i] = -nu * np.float64(g[i]) + u + rho * (np.float64(p[i]) - qi)
     return g
 
 
@@ -320,6 +348,24 @@ def z_step(z, r, q):
     return z
 
 
+def z_step_dual(z, r, q, nu):
+    """Local. :func:`z_step`, and ``q <- nu (q - relu(z_old))`` in the same pass. Returns z.
+
+    For the unquantised q update the dual is implicit: after every q/u update
+    ``u = nu (q - relu z)`` holds exactly (``u_new = u + rho (p - q_new)`` with
+    ``(nu + rho) q_new = nu relu z + rho p + u``), so u need not be stored.
+    This kernel leaves that u in q's buffer for :func:`q_update` (called with
+    ``u = q`` and ``out = q``), because z_old is gone once z is updated.
+    """
+    fn = "z_step_dual"
+    z = _writable(fn, "z", _arr(fn, "z", z))
+    r = _writable(fn, "r", _like(fn, "r", r, z))
+    q = _writable(fn, "q", _like(fn, "q", q, z))
+    nu = V.scalar(fn, "nu", nu, lo=0.0, lo_open=True)
+    _z_step_dual(_flat(z), _flat(r), _flat(q), nu, _bounds(z.size))
+    return z
+
+
 def q_update(z, p_next, u, nu, rho, out=None):
     """Local. ``q = (nu relu(z) + rho p_next + u) / (nu + rho)`` elementwise (float64 inside)."""
     fn = "q_update"
@@ -337,8 +383,8 @@ def q_update(z, p_next, u, nu, rho, out=None):
 def u_update(u, p_next, q, rho):
     """Local. In place ``u <- u + rho (p_next - q)`` (float64 inside). Returns ``u``.
 
-    Both neighbours of a layer boundary call this with the same operands, so
-    their copies of ``u`` stay bitwise equal.
+    When both neighbours of a layer boundary call this with the same (exchanged)
+    operands, their copies of ``u`` stay bitwise equal.
     """
     fn = "u_update"
     u = _writable(fn, "u", _arr(fn, "u", u))
@@ -369,6 +415,21 @@ def p_grad(g, p, q_prev, u_prev, nu, rho):
     nu = V.scalar(fn, "nu", nu, lo=0.0, lo_open=True)
     rho = V.scalar(fn, "rho", rho, lo=0.0, lo_open=True)
     _p_grad(_flat(g), _flat(p), _flat(q_prev), _flat(u_prev), nu, rho, _bounds(g.size))
+    return g
+
+
+def p_grad_dual(g, p, q_prev, z_prev, nu, rho):
+    """Local. :func:`p_grad` with the implicit dual ``u_prev = nu (q_prev - relu(z_prev))``.
+
+    In place ``g <- -nu g + nu (q_prev - relu z_prev) + rho (p - q_prev)`` (see
+    :func:`z_step_dual` for why u_prev has that value).
+    """
+    fn = "p_grad_dual"
+    g = _writable(fn, "g", _arr(fn, "g", g))
+    p, q_prev, z_prev = (_like(fn, n, x, g) for n, x in (("p", p), ("q_prev", q_prev), ("z_prev", z_prev)))
+    nu = V.scalar(fn, "nu", nu, lo=0.0, lo_open=True)
+    rho = V.scalar(fn, "rho", rho, lo=0.0, lo_open=True)
+    _p_grad_dual(_flat(g), _flat(p), _flat(q_prev), _flat(z_prev), nu, rho, _bounds(g.size))
     return g
 
 

@@ -61,6 +61,42 @@ def test_z_step_matches_twin(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_z_step_dual_and_p_grad_dual_match_twins(dtype):
+    z, r, q, p, g = _arrs(5, (43, 7), dtype, seed=11)
+    z1, r1, q1 = z.copy(), r.copy(), q.copy()
+    z2, r2, q2 = z.copy(), r.copy(), q.copy()
+    K.z_step_dual(z1, r1, q1, 0.3)
+    ref.z_step_dual(z2, r2, q2, 0.3)
+    np.testing.assert_allclose(z1, z2, rtol=RTOL[dtype], atol=1e-30)
+    np.testing.assert_allclose(r1, r2, rtol=10 * RTOL[dtype], atol=10 * RTOL[dtype])
+    np.testing.assert_allclose(q1, q2, rtol=RTOL[dtype], atol=1e-7 if dtype == np.float32 else 1e-16)
+    g1, g2 = g.copy(), g.copy()
+    K.p_grad_dual(g1, p, q, z, 0.3, 0.2)
+    ref.p_grad_dual(g2, p, q, z, 0.3, 0.2)
+    np.testing.assert_allclose(g1, g2, rtol=RTOL[dtype], atol=1e-6 if dtype == np.float32 else 1e-15)
+
+
+def test_implicit_dual_equals_stored_dual():
+    # after q = (nu relu z + rho p + u) / (nu + rho) and u += rho (p - q): u == nu (q - relu z)
+    z, p, u = _arrs(3, (300,), np.float64, seed=4)
+    nu, rho = 0.3, 0.7
+    q = K.q_update(z, p, u, nu, rho)
+    K.u_update(u, p, q, rho)
+    np.testing.assert_allclose(u, nu * (q - np.maximum(z, 0)), rtol=1e-12, atol=1e-14)
+    # the fused path: z_step_dual leaves u_old in q, q_update(u=q, out=q) gives the same q
+    z0, r = _arrs(2, (300,), np.float64, seed=5)
+    qa, qb = q.copy(), q.copy()
+    za, ra, zb, rb = z0.copy(), r.copy(), z0.copy(), r.copy()
+    ub = nu * (qb - np.maximum(zb, 0))
+    K.z_step(zb, rb, qb)
+    K.q_update(zb, p, ub, nu, rho, out=qb)
+    K.z_step_dual(za, ra, qa, nu)
+    K.q_update(za, p, qa, nu, rho, out=qa)
+    np.testing.assert_array_equal(za, zb)
+    np.testing.assert_allclose(qa, qb, rtol=1e-14, atol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_q_u_axpy_pgrad_match_twins(dtype):
     z, p, u, q, g = _arrs(5, (31, 17), dtype, seed=5)
     np.testing.assert_allclose(K.q_update(z, p, u, 1e-4, 3e-4), ref.q_update(z, p, u, 1e-4, 3e-4),

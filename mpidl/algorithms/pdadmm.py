@@ -25,17 +25,28 @@ previous iteration and p_{l+1} of this one):
     q_l (l < L):  (nu relu z_l + rho p_{l+1} + u_l) / (nu + rho)   [pdadmm-q: onto the grid]
     u_l (l < L):  u_l + rho (p_{l+1} - q_l)
 
-Bookkeeping: the residual R_l = z_l - a_l is part of the state and is updated
-with the curvature products of the backtracking (R += (g W^T)/t after the p
-step, R += (p G^T)/t after the W step, R -= mean(R) for b), so one iteration
-costs four GEMMs per layer (two for layer 1): R W, g W^T, R^T p, p G^T.
+Implicit dual (unquantised runs): after every q/u update u_l = nu (q_l - relu z_l)
+holds exactly, so u_l is not stored.  The z kernel leaves u_l = nu (q_l - relu z_l^old)
+in q_l's buffer for the q update (kernels.admm.z_step_dual), the p update of layer
+l + 1 forms u_l from q_l and z_l (kernels.admm.p_grad_dual), and only the rank
+right of a block boundary keeps a stored copy u_in of its neighbour's u (it has
+no z of that layer).  Quantised runs store u (the projection breaks the identity).
+
+Bookkeeping: the residual R_l = z_l - a_l is part of the state (a_l is never
+formed).  No N x width scratch: on wide layers (n_in <= n_out) G = R W of the p
+step is written over R's storage in row blocks, the curvatures come from the Gram
+matrices (||G W^T||^2 = <G^T G, W^T W>, ||p G^T||^2 = <G p^T p, G>, X^T X once) and
+R is recomputed by one GEMM after the step; narrow layers keep S = G W^T / p G^T
+(N x n_out, small) and update R += S / t (the p step then takes two passes over
+row blocks).
 
 Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
 iteration a rank sends p of its first layer to the previous rank (started right
 after the p update, so it overlaps the W/b/z updates) and q of its last layer
-to the next rank.  u_l is NOT sent: both neighbours of a boundary apply the same
-``u_update`` to the same operands (p_{l+1} and q_l are exchanged bitwise), so
-their copies stay equal.  Quantised runs send grid indices (uint16 for 1000
+to the next rank.  u_l is NOT sent: the right-hand neighbour of a boundary applies
+``u_update`` to p_{l+1} and q_l, which are exchanged bitwise (the left-hand rank
+does the same in quantised runs, so the copies stay bitwise equal; unquantised,
+it uses the implicit u_l, equal up to rounding).  Quantised runs send grid indices (uint16 for 1000
 points), never floats.  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
 the mean CE(z_L) fell by < rho_tol in each of the last two iterations (the
 public code's schedule; the cost is broadcast from the last rank).
@@ -125,7 +136,7 @@ class PdADMMState:
     R: np.ndarray           # z_l - p_l W_l^T - b_l
     p: np.ndarray           # p_l of the block's layers l >= 2
     q: np.ndarray           # q_l of the block's layers l < L
-    u: np.ndarray           # u_l of the block's layers l < L
+    u: np.ndarray           # u_l of the block's layers l < L (quantised runs; empty when implicit)
     q_in: np.ndarray        # q_{l0-1} received from the previous rank (empty on rank 0)
     u_in: np.ndarray        # this rank's copy of u_{l0-1}
     tau_p: np.ndarray       # last tried backtracking curvature per layer (p)
@@ -172,6 +183,7 @@ class PdADMM:
         self.l0, self.l1 = layer_blocks(self.L, self.size)[self.rank]
         self.X, self.y = X, y
         self.grid = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points) if cfg.quantize else None
+        self.implicit_u = not cfg.quantize          # u_l = nu (q_l - relu z_l), not stored
         self.times = {k: 0.0 for k in ("p", "W", "b", "z", "q", "u", "wait")}
         self.layer_times = np.zeros(self.l1 - self.l0)   # compute seconds per local layer
 
@@ -182,6 +194,7 @@ class PdADMM:
         return {"W": sum(d[l + 1] * d[l] for l in ls), "b": sum(d[l + 1] for l in ls),
                 "z": sum(N * d[l + 1] for l in ls), "p": sum(N * d[l] for l in ls if l > 0),
                 "q": sum(N * d[l + 1] for l in ls if l < self.L - 1),
+                "u": 0 if self.implicit_u else sum(N * d[l + 1] for l in ls if l < self.L - 1),
                 "in": N * d[self.l0] if self.l0 > 0 else 0}
 
     def _bind(self, st):
@@ -205,7 +218,7 @@ class PdADMM:
             if l < self.L - 1:
                 oq = off["q"]
                 lay.q = take("q", st.q, N * n_out, (N, n_out))
-                lay.u = st.u[oq:oq + N * n_out].reshape(N, n_out)
+                lay.u = None if self.implicit_u else st.u[oq:oq + N * n_out].reshape(N, n_out)
             layers.append(lay)
         self._layers, self._st_id = layers, (id(st.W), id(st.z))
         self.q_in = st.q_in.reshape(N, d[self.l0]) if self.l0 > 0 else None
@@ -215,8 +228,12 @@ class PdADMM:
     def _scratch(self):
         N, d, dt = self.N, self.dims, self.dtype
         ls = range(self.l0, self.l1)
-        self._G = np.empty(N * max(d[l] for l in ls), dt)
-        self._S = np.empty(N * max(d[l + 1] for l in ls), dt)
+        narrow = [d[l + 1] for l in ls if l > 0 and d[l + 1] < d[l]]
+        self._S = np.empty(N * max(narrow, default=0), dt)              # G W^T / p G^T of narrow layers
+        self._B = np.empty(_ROWS * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
+        self._gram0 = None
+        if self.l0 == 0:                                                 # X^T X: X never changes
+            self._gram0 = np.matmul(self.X.T, self.X).astype(np.float64)
         self._ce = np.empty(N)
         last_w = d[self.l1]
         self._p_recv = np.empty((N, last_w), dt) if self.l1 < self.L else None
@@ -236,16 +253,16 @@ class PdADMM:
 
         ``params = (Ws, bs)``: this block's weights (n_l x n_{l-1}) and biases.
         z_l = a_l, q_l = relu(z_l) (projected when quantising), p_{l+1} = q_l,
-        u_l = 0, R_l = 0.
+        u_l = 0 (= nu (q_l - relu z_l) when implicit), R_l = 0.
         """
         c = self.cfg
         set_threads(c.threads_per_rank)
         _blas_threads(c.threads_per_rank)
-        s, dt, N, d = self._sizes(), self.dtype, self.N, self.dims
+        s, dt = self._sizes(), self.dtype
         nl = self.l1 - self.l0
         st = PdADMMState(W=np.empty(s["W"], dt), b=np.empty(s["b"], dt), z=np.empty(s["z"], dt),
                          R=np.zeros(s["z"], dt), p=np.empty(s["p"], dt), q=np.empty(s["q"], dt),
-                         u=np.zeros(s["q"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
+                         u=np.zeros(s["u"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
                          tau_p=np.zeros(nl), tau_W=np.zeros(nl), rejected=np.zeros((nl, 2), np.int64),
                          costs=np.full(3, np.nan), rho=float(c.rho))
         layers = self._bind(st)
@@ -296,7 +313,9 @@ class PdADMM:
             t = _tick(T, "W", t, LT, j)
             KA.center_columns(lay.R, lay.b)
             t = _tick(T, "b", t, LT, j)
-            if lay.q is not None:
+            if lay.q is not None and self.implicit_u:
+                KA.z_step_dual(lay.z, lay.R, lay.q, nu)         # q's buffer now holds u_old
+            elif lay.q is not None:
                 KA.z_step(lay.z, lay.R, lay.q)
             else:
                 a = lay.z - lay.R
@@ -318,10 +337,11 @@ class PdADMM:
                 idx = self._qidx_send if boundary else self._qidx[:lay.q.size].reshape(lay.q.shape)
                 KQ.q_update_quantized(lay.z, p_next, lay.u, nu, rho, *self.grid, out=lay.q, out_idx=idx)
             else:
-                KA.q_update(lay.z, p_next, lay.u, nu, rho, out=lay.q)
+                KA.q_update(lay.z, p_next, lay.q if self.implicit_u else lay.u, nu, rho, out=lay.q)
             t = _tick(T, "q", t, LT, j)
-            KA.u_update(lay.u, p_next, lay.q, rho)
-            t = _tick(T, "u", t, LT, j)
+            if not self.implicit_u:
+                KA.u_update(lay.u, p_next, lay.q, rho)
+                t = _tick(T, "u", t, LT, j)
         # q of the last layer goes to the next rank (for its p update at k + 1)
         send, recv = {}, {}
         if self.l1 < self.L:
@@ -341,50 +361,94 @@ class PdADMM:
         return state, {"loss": state.loss if last else None, "rho": rho}
 
     def _p_update(self, j, lay, state, rho):
-        c, nu = self.cfg, self.cfg.nu
+        """Local. One backtracking gradient step on p_l (see the module docstring).
+
+        Wide layers (n_in <= n_out): G = R W is written over R's own storage (R is
+        recomputed afterwards), and g^T H g takes ||G W^T||^2 = <G^T G, W^T W>.
+        Narrow layers: two passes over row blocks (G is recomputed in the second),
+        and S = G W^T (N x n_out, small) updates R.  Neither needs an N x n_in buffer.
+        """
+        c, nu, N = self.cfg, self.cfg.nu, self.N
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
-        q_prev = self._layers[j - 1].q if j > 0 else self.q_in
-        u_prev = self._layers[j - 1].u if j > 0 else self.u_in
-        G = self._G[:self.N * n_in].reshape(self.N, n_in)
-        S = self._S[:self.N * n_out].reshape(self.N, n_out)
-        np.matmul(lay.R, lay.W, out=G)
-        KA.p_grad(G, lay.p, q_prev, u_prev, nu, rho)
-        gg = KA.sumsq(G)
-        np.matmul(G, lay.W.T, out=S)
-        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + rho * gg, c.tau0, c.max_doublings)
+        prev = self._layers[j - 1] if j > 0 else None
+        q_prev = prev.q if prev is not None else self.q_in
+
+        def grad(g, r0, r1):
+            if prev is not None and self.implicit_u:
+                KA.p_grad_dual(g, lay.p[r0:r1], q_prev[r0:r1], prev.z[r0:r1], nu, rho)
+            else:
+                u_prev = prev.u if prev is not None else self.u_in
+                KA.p_grad(g, lay.p[r0:r1], q_prev[r0:r1], u_prev[r0:r1], nu, rho)
+
+        if n_in <= n_out:
+            G = _matmul_over(lay.R, lay.W, self._B)
+            grad(G, 0, N)
+            gg = KA.sumsq(G)
+            ghg = nu * _gram_dot(np.matmul(G.T, G), np.matmul(lay.W.T, lay.W)) + rho * gg
+        else:
+            S = self._S[:N * n_out].reshape(N, n_out)
+            gg = 0.0
+            for r0, r1 in _row_blocks(N):
+                g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+                np.matmul(lay.R[r0:r1], lay.W, out=g)
+                grad(g, r0, r1)
+                gg += KA.sumsq(g)
+                np.matmul(g, lay.W.T, out=S[r0:r1])
+            ghg = nu * KA.sumsq(S) + rho * gg
+        t, _, ok = KA.backtrack(gg, ghg, c.tau0, c.max_doublings)
         state.tau_p[j] = t
         if not ok:
             state.rejected[j, 0] += 1
-            if c.quantize_p and j == 0:
-                KQ.quantize(lay.p, *self.grid, out_idx=self._pidx_send)
-            return
-        KA.axpy(lay.p, G, -1.0 / t)
+        elif n_in <= n_out:
+            KA.axpy(lay.p, G, -1.0 / t)
+        else:
+            for r0, r1 in _row_blocks(N):
+                g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+                np.matmul(lay.R[r0:r1], lay.W, out=g)
+                grad(g, r0, r1)
+                KA.axpy(lay.p[r0:r1], g, -1.0 / t)
         if c.quantize_p:
             idx = self._pidx_send if j == 0 else self._pidx[:lay.p.size].reshape(lay.p.shape)
             KQ.quantize(lay.p, *self.grid, out_idx=idx)
-            KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
-            np.matmul(lay.p, lay.W.T, out=lay.R)           # R = z - b - p W^T (fresh)
-            KA.resid_refresh(lay.R, lay.z, lay.b)
-        else:
+            if ok:
+                KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
+        if n_in <= n_out or (ok and c.quantize_p):
+            _refresh_resid(lay)                             # R = z - p W^T - b (fresh)
+        elif ok:
             KA.axpy(lay.R, S, 1.0 / t)
 
     def _w_update(self, j, lay, state):
-        c, nu = self.cfg, self.cfg.nu
-        n_out = lay.R.shape[1]
+        """Local. One backtracking gradient step on W_l (see the module docstring).
+
+        g^T H g = nu ||p G^T||^2 + mu ||G||^2.  Narrow layers (n_out < n_in, l > 0)
+        form S = p G^T (small) and update R with it; the others take
+        ||p G^T||^2 = <G (p^T p), G> (p^T p of X is computed once) and recompute R.
+        """
+        c, nu, N = self.cfg, self.cfg.nu, self.N
+        n_in, n_out = lay.p.shape[1], lay.R.shape[1]
         G = np.matmul(lay.R.T, lay.p)
         G *= -nu
         if c.mu > 0:
             G += c.mu * lay.W
         gg = KA.sumsq(G)
-        S = self._S[:self.N * n_out].reshape(self.N, n_out)
-        np.matmul(lay.p, G.T, out=S)
-        t, _, ok = KA.backtrack(gg, nu * KA.sumsq(S) + c.mu * gg, c.tau0, c.max_doublings)
+        narrow = lay.l > 0 and n_out < n_in
+        if narrow:
+            S = self._S[:N * n_out].reshape(N, n_out)
+            np.matmul(lay.p, G.T, out=S)
+            pg = KA.sumsq(S)
+        else:
+            gram = self._gram0 if lay.l == 0 else np.matmul(lay.p.T, lay.p)
+            pg = _gram_dot(np.matmul(G, gram), G)
+        t, _, ok = KA.backtrack(gg, nu * pg + c.mu * gg, c.tau0, c.max_doublings)
         state.tau_W[j] = t
         if not ok:
             state.rejected[j, 1] += 1
             return
         KA.axpy(lay.W, G, -1.0 / t)
-        KA.axpy(lay.R, S, 1.0 / t)
+        if narrow:
+            KA.axpy(lay.R, S, 1.0 / t)
+        else:
+            _refresh_resid(lay)
 
     def _raise_rho(self, state, comm):
         cost = np.array([state.loss if self.l1 == self.L else 0.0])
@@ -397,11 +461,53 @@ class PdADMM:
             state.rho = min(state.rho * c.rho_factor, c.rho_max)
 
     # -- model access ------------------------------------------------------------------
+    def duals(self, state):
+        """Local. {l: u_l} of this rank's layers l < L (the stored u or nu (q_l - relu z_l), a copy)."""
+        if self._st_id != (id(state.W), id(state.z)):
+            self._bind(state)
+        nu = self.cfg.nu
+        return {lay.l: (lay.u.copy() if lay.u is not None else nu * (lay.q - np.maximum(lay.z, 0)))
+                for lay in self._layers if lay.q is not None}
+
     def weights(self, state):
         """Local. [(W_l, b_l)] of this rank's layers (views into the state)."""
         if self._st_id != (id(state.W), id(state.z)):
             self._bind(state)
         return [(lay.W, lay.b) for lay in self._layers]
+
+
+_ROWS = 4096
+"""Rows per block of the blocked GEMMs (a block of G is _ROWS x n_in)."""
+
+
+def _row_blocks(n):
+    return [(r0, min(n, r0 + _ROWS)) for r0 in range(0, n, _ROWS)]
+
+
+def _matmul_over(R, W, buf):
+    """Local. G = R W (N x n_in, n_in <= n_out) written over R's own storage; returns that view.
+
+    Row block [r0, r1) of G lands on flat elements [r0 n_in, r1 n_in), which lie
+    before row r1 of R, so no row of R is overwritten before it has been read.
+    """
+    n, n_in = R.shape[0], W.shape[1]
+    flat = R.reshape(-1)
+    for r0, r1 in _row_blocks(n):
+        blk = buf[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
+        np.matmul(R[r0:r1], W, out=blk)
+        flat[r0 * n_in:r1 * n_in] = blk.reshape(-1)
+    return flat[:n * n_in].reshape(n, n_in)
+
+
+def _refresh_resid(lay):
+    """Local. R_l = z_l - p_l W_l^T - b_l from a fresh GEMM."""
+    np.matmul(lay.p, lay.W.T, out=lay.R)
+    KA.resid_refresh(lay.R, lay.z, lay.b)
+
+
+def _gram_dot(A, B):
+    """Local. <A, B> (sum of the elementwise product) in float64."""
+    return float(np.vdot(np.asarray(A, np.float64), np.asarray(B, np.float64)))
 
 
 def _tick(times, key, t, per_layer=None, j=0):

@@ -90,8 +90,14 @@ def _memory_check(dims, n, l0, l1, itemsize, quantize):
     for l in range(l0, l1):
         elems += dims[l + 1] * dims[l] + dims[l + 1] + 2 * n * dims[l + 1]       # W, b, z, R
         elems += n * dims[l] if l > 0 else 0                                       # p
-        elems += 2 * n * dims[l + 1] if l < L - 1 else 0                           # q, u
-    elems += n * (max(dims[l] for l in range(l0, l1)) + max(dims[l + 1] for l in range(l0, l1)))
+        if l < L - 1:
+            elems += (2 if quantize else 1) * n * dims[l + 1]                      # q (and u when quantised)
+    if l0 > 0:
+        elems += 2 * n * dims[l0]                                                  # q_in, u_in
+    if l1 < L:
+        elems += n * dims[l1]                                                      # p received
+    narrow = [dims[l + 1] for l in range(max(l0, 1), l1) if dims[l + 1] < dims[l]]
+    elems += n * max(narrow, default=0)                                            # S of narrow layers
     need = elems * itemsize
     # every rank builds the whole seeded model once (float32 torch + a float64 copy)
     need += 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(L))
@@ -186,17 +192,15 @@ class PdADMMSession(Session):
         """Collective. Forward pass through the layer ranks on the test set and a training subset."""
         rank, n = self.mc.rank, sum(self.n_eval)
         if self.l0 == 0:
-            h = self.x_eval
+            x = self.x_eval
         else:
-            h = np.empty((n, self.dims[self.l0]), self.dtype)
-            self.ec.start_exchange({}, {rank - 1: h}, tag=_TAG_EVAL).wait()
-        for j, (W, b) in enumerate(self.algo.weights(state)):
-            h = h @ W.T + b
-            if self.l0 + j < self.L - 1:
-                np.maximum(h, 0, out=h)
+            x = np.empty((n, self.dims[self.l0]), self.dtype)
+            self.ec.start_exchange({}, {rank - 1: x}, tag=_TAG_EVAL).wait()
+        h = np.empty((n, self.dims[self.l1]), self.dtype)
+        _forward(x, self.algo.weights(state), self.l1 == self.L, out=h)
+        x = None
         sums = np.zeros(4)
         if self.l1 < self.L:
-            h = np.ascontiguousarray(h)
             self.ec.start_exchange({rank + 1: h}, {}, tag=_TAG_EVAL).wait()
         else:
             z = h.astype(np.float64)
@@ -221,6 +225,20 @@ class PdADMMSession(Session):
             if c is not None:
                 c.close()
         self.ec = self.gc = self.mc = None
+
+
+def _forward(x, weights, last, out, rows=4096):
+    """Local. ``out = layers(x)`` (relu after each layer except the network's last), in row
+    blocks so that the temporaries stay small (a few MB instead of two N x width arrays)."""
+    for r0 in range(0, len(x), rows):
+        h = x[r0:r0 + rows]
+        for j, (W, b) in enumerate(weights):
+            h = np.matmul(h, W.T)
+            h += b
+            if not (last and j == len(weights) - 1):
+                np.maximum(h, 0, out=h)
+        out[r0:r0 + rows] = h
+    return out
 
 
 def setup_layers(cfg: C.Config, world) -> PdADMMSession:

@@ -32,6 +32,14 @@ def z_step(z, r, q):
     return z
 
 
+def z_step_dual(z, r, q, nu):
+    """z_step, and q <- nu (q - relu(z_old)) (the implicit dual) from the values on entry."""
+    u = nu * (q.astype(np.float64) - _relu(z.astype(np.float64)))
+    z_step(z, r, q)
+    q[...] = u.astype(q.dtype)
+    return z
+
+
 def q_update(z, p_next, u, nu, rho, out=None):
     q = (nu * _relu(z.astype(np.float64)) + rho * p_next.astype(np.float64) + u) / (nu + rho)
     return _store(q.astype(z.dtype), out)
@@ -50,6 +58,11 @@ def axpy(y, x, c):
 def p_grad(g, p, q_prev, u_prev, nu, rho):
     g[...] = (-nu * g.astype(np.float64) + u_prev + rho * (p.astype(np.float64) - q_prev)).astype(g.dtype)
     return g
+
+
+def p_grad_dual(g, p, q_prev, z_prev, nu, rho):
+    u_prev = nu * (q_prev.astype(np.float64) - _relu(z_prev.astype(np.float64)))
+    return p_grad(g, p, q_prev, u_prev, nu, rho)
 
 
 def sumsq(x):
