@@ -15,7 +15,7 @@ MPI_SIZES = (1, 2, 3, 4)
 MPI_TIMEOUT = 400
 WORLD = MPI.COMM_WORLD
 P, R = WORLD.Get_size(), WORLD.Get_rank()
-DIMS = {3: [6, 5, 4, 3], 5: [6, 5, 4, 5, 4, 3]}
+DIMS = {3: [6, 5, 4, 3], 4: [6, 4, 6, 5, 3], 5: [6, 5, 4, 5, 4, 3]}     # 4: layer 1 widens (not "narrow")
 
 
 def _problem(dims, n=40, seed=0):
@@ -81,7 +81,7 @@ CASES = [dict(), dict(quantize=True), dict(quantize=True, quantize_p=True),
          dict(mu=0.05, rho_raise=True, rho_tol=10.0, rho_max=4.0)]
 
 
-@pytest.mark.parametrize("L", [3, 5])
+@pytest.mark.parametrize("L", [3, 4, 5])
 @pytest.mark.parametrize("opts", CASES, ids=["plain", "q", "qp", "mu-rho-raise"])
 def test_layer_parallel_equals_stacked_reference(L, opts):
     dims = DIMS[L]
