@@ -154,6 +154,24 @@ def test_bytes_per_iteration(quantize):
     assert_all(nbytes == 3 * want, f"{nbytes} bytes, expected {3 * want}")
 
 
+def test_rejected_w_steps_are_counted():
+    """tau0 far below every W step's curvature and no doubling allowed: each W step fails the
+    sufficient-decrease test (t >= g^T H g / ||g||^2), so W never moves and every layer counts one
+    rejected W step per iteration after the first (the counts behind the reported
+    rejected_W_steps). At k = 0 the W gradient is 0: z starts at p W^T + b, so the residual
+    R = z - p W^T - b is 0 and the zero step is accepted."""
+    dims = DIMS[3]
+    if P > 3:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(tau0=1e-12, max_doublings=0)
+    X, y, Ws, bs = _problem(dims)
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 3)
+    g = _gather(algo, state)
+    assert_all(all(np.array_equal(g[l]["W"], Ws[l]) for l in range(3)), "a rejected W step moved W")
+    assert_all(state.rejected[:, 1].tolist() == [2] * (algo.l1 - algo.l0),
+               f"rejected W steps {state.rejected[:, 1].tolist()}, expected 2 per layer")
+
+
 @pytest.mark.parametrize("L", [3, 5])
 def test_augmented_lagrangian_decreases(L):
     dims = DIMS[L]
