@@ -33,13 +33,13 @@ kernels-prox|kernels/prox.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p 
 kernels-losses|kernels/losses.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
 kernels-surrogate|kernels/surrogate.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
 kernels-quantize|kernels/quantize.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_quantize.py
-kernels-admm|kernels/admm.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
+kernels-admm|kernels/admm.py|64-163|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
 algorithms-base|mpidl/algorithms/base.py||python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
 algorithms-next|mpidl/algorithms/next.py|75-178|$MPI_RUN tests/mpi/mpitest_next.py -x
 algorithms-lsgd|mpidl/algorithms/lsgd.py|160-200,232-259,268-306,341-358,363-374|$MPI_RUN tests/mpi/mpitest_lsgd.py -x
 algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness'
-algorithms-pdadmm|mpidl/algorithms/pdadmm.py|343-388|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
+algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 checkpoint|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
