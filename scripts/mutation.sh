@@ -13,6 +13,7 @@
 # $MUTATION_DIR/<target>.txt (the report with the diff of every surviving mutant).
 # MUTATION_RECHECK=1 reruns only the survivors of an existing session against the current tests
 # (after adding a test that should kill them).
+# MUTATION_LINES="120-260,300-340" (when the session is created) overrides a target's line ranges.
 # On a shared machine run it under `flock -s /work/bench.lock bash scripts/mutation.sh ...`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -22,19 +23,26 @@ OUT="${MUTATION_DIR:-/tmp/mpidl-mutation}"
 NP="${MUTATION_NP:-3}"      # world size of the MPI tests that kill the algorithms' mutants
 MPI_RUN="mpiexec -n $NP python tests/mpi/run.py"
 
-# target | module | test command (run in $SRC; must exit 0 on the unmutated code)
+# target | module | lines | test command (run in $SRC; must exit 0 on the unmutated code)
+# "lines" (empty: the whole module) keeps only the mutants whose first line lies in those ranges:
+# a slow module is split into parts, each with the cheapest tests that check its values.
 # Kernels run with NUMBA_DISABLE_JIT=1: the same code as plain Python, no recompile per mutant.
 TARGETS="
-kernels-mixing|kernels/mixing.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
-kernels-prox|kernels/prox.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
-kernels-losses|kernels/losses.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
-kernels-surrogate|kernels/surrogate.py|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
-algorithms-base|mpidl/algorithms/base.py|python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
-algorithms-cdsgd|mpidl/algorithms/cdsgd.py|$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
-algorithms-next|mpidl/algorithms/next.py|$MPI_RUN tests/mpi/mpitest_next.py -x
-topology|mpidl/topology.py|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
-config|mpidl/config.py|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
-checkpoint|mpidl/checkpoint.py|python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
+kernels-mixing|kernels/mixing.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
+kernels-prox|kernels/prox.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
+kernels-losses|kernels/losses.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
+kernels-surrogate|kernels/surrogate.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
+kernels-quantize|kernels/quantize.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_quantize.py
+kernels-admm|kernels/admm.py|64-163|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
+algorithms-base|mpidl/algorithms/base.py||python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
+algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
+algorithms-next|mpidl/algorithms/next.py|75-178|$MPI_RUN tests/mpi/mpitest_next.py -x
+algorithms-lsgd|mpidl/algorithms/lsgd.py|160-200,232-259,268-306,341-358,363-374|$MPI_RUN tests/mpi/mpitest_lsgd.py -x
+algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness'
+algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
+topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
+config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+checkpoint|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
 "
 
 # Operators: arithmetic and comparison swaps that change a value (not bit operators, `is`, or
@@ -44,7 +52,7 @@ EXCLUDE='"core/ReplaceBinaryOperator_(?!(Add_Sub|Add_Mul|Sub_Add|Mul_Div|Mul_Add
  "core/ReplaceComparisonOperator_(?!(Lt_LtE|LtE_Lt|Gt_GtE|GtE_Gt|Eq_NotEq|NotEq_Eq|Lt_Gt|Gt_Lt)$)",
  "core/ReplaceUnaryOperator_.*(Invert|Delete)", "core/RemoveDecorator", "core/ExceptionReplacer"'
 
-if [ "${1:-}" = "--list" ]; then echo "$TARGETS" | sed '/^$/d' | column -t -s'|'; exit 0; fi
+if [ "${1:-}" = "--list" ]; then echo "$TARGETS" | sed '/^$/d' | awk -F'|' '{printf "%-20s %-34s %-12s %s\n", $1, $2, $3, $4}'; exit 0; fi
 want=("$@")
 
 mkdir -p "$OUT"
@@ -61,7 +69,8 @@ fresh_copy() {  # $1: folder; a copy of the files git tracks plus untracked ones
 assert mpidl.__file__.startswith('$1') and mpidl.kernels.__file__.startswith('$1')")
 }
 
-echo "$TARGETS" | sed '/^$/d' | while IFS='|' read -r name module cmd; do
+echo "$TARGETS" | sed '/^$/d' | while IFS='|' read -r name module lines cmd; do
+    lines="${MUTATION_LINES:-$lines}"
     if [ ${#want[@]} -gt 0 ] && [[ ! " ${want[*]} " == *" $name "* ]]; then continue; fi
     cfg="$OUT/$name.toml"
     cat > "$cfg" <<EOF
@@ -79,13 +88,27 @@ exclude-operators = [$EXCLUDE]
 EOF
     SRC="$OUT/src-$name"
     fresh_copy "$SRC"
-    echo "== $name: $module"
+    echo "== $name: $module${lines:+ (lines $lines)}"
     echo "   tests: $cmd"
     (cd "$SRC" && PYTHONPATH="$SRC" bash -c "$cmd" > "$OUT/$name.baseline.log" 2>&1) || {
         echo "   the tests fail on the unmutated code: see $OUT/$name.baseline.log"; exit 1; }
     session="$OUT/$name.sqlite"
     if [ ! -f "$session" ]; then
         (cd "$SRC" && cosmic-ray init "$cfg" "$session" && cr-filter-operators "$session" "$cfg")
+        if [ -n "$lines" ]; then
+            python - "$session" "$lines" <<'PY'
+import sqlite3, sys
+db = sqlite3.connect(sys.argv[1])
+spans = [tuple(int(v) for v in r.split("-")) for r in sys.argv[2].split(",")]
+out = [j for j, row in db.execute(
+    "SELECT job_id, start_pos_row FROM mutation_specs WHERE job_id NOT IN (SELECT job_id FROM work_results)")
+    if not any(a <= row <= b for a, b in spans)]
+db.executemany("INSERT INTO work_results (worker_outcome, output, test_outcome, diff, job_id) "
+               "VALUES ('SKIPPED', 'outside MUTATION_LINES', NULL, NULL, ?)", [(j,) for j in out])
+db.commit()
+print(f"   lines {sys.argv[2]}: {len(out)} mutants outside them skipped")
+PY
+        fi
     fi
     if [ "${MUTATION_RECHECK:-0}" = 1 ]; then
         python - "$session" <<'PY'

@@ -69,7 +69,7 @@ def test_linearized_step_aliasing(reg):
     np.testing.assert_array_equal(w2, wt)
     np.testing.assert_array_equal(g2, z)
     # same array for both outputs: z only (also written over w, and block-parallel)
-    o = np.empty_like(w)
+    o = np.full_like(w, np.nan)       # not empty_like: freed memory may already hold z
     kernels.linearized_step(w, g, pi, 2.0, 0.6, reg, 0.1, out_wt=o, out_z=o)
     np.testing.assert_array_equal(o, z)
     w4 = w.copy()
@@ -130,7 +130,7 @@ def test_linearized_validates():
         kernels.linearized_step(w, g.astype(np.float32), pi, 1.0, 0.5, "l1", 0.1)
     with pytest.raises(ValueError, match="out_z"):
         kernels.linearized_step(w, g, pi, 1.0, 0.5, "l1", 0.1, out_z=np.zeros(6))
-    with pytest.raises(ValueError, match="n_blocks"):
+    with pytest.raises(ValueError, match="linearized_step_blocks: n_blocks"):
         kernels.linearized_step_blocks(w, g, pi, 1.0, 0.5, "l1", 0.1, 0)
     with pytest.raises(TypeError, match="dtype"):
         kernels.relax(w, w.astype(np.float32), 0.5)
@@ -274,12 +274,81 @@ def test_gn_blocks_exact_for_block_diagonal_jacobian(reg):
     np.testing.assert_allclose(blk, full, atol=1e-10)
 
 
+def _gn_clustered(m=30, d=12, seed=11):
+    """J with its two largest singular values 1.0 and 0.99: 30 power steps leave an estimate
+    that depends on the start vector, so the FISTA step size does too."""
+    rng = np.random.default_rng(seed)
+    U, _ = np.linalg.qr(rng.standard_normal((m, d)))
+    V, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    s = np.concatenate([[1.0, 0.99], np.linspace(0.5, 0.1, d - 2)])
+    J = (U * s) @ V.T
+    return rng.standard_normal(d), J, rng.standard_normal(m), 0.1 * rng.standard_normal(d)
+
+
+@pytest.mark.parametrize("reg", REGS)
+@pytest.mark.parametrize("max_iter,tol", [(1, 0.0), (2, 0.0), (60, 0.5)])
+def test_gn_early_stop_matches_reference(reg, max_iter, tol):
+    """Stopped after 1-2 steps, or at a loose tolerance: every iterate of CG / FISTA (step size from
+    the power bound, the last iterate kept on convergence) equals the twin's to rounding."""
+    w, J, r, pi = _gn_clustered()
+    got, it = kernels.gn_solve(w, J, r, pi, 0.05, reg, 0.02, 3, max_iter=max_iter, tol=tol)
+    want, rit = ref.gn_solve(w, J, r, pi, 0.05, reg, 0.02, 3, max_iter=max_iter, tol=tol)
+    assert it == rit and (tol == 0.0 or it < max_iter)
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("reg", REGS)
+def test_gn_zero_jacobian_is_the_linearized_closed_form(reg):
+    """J = 0, r = 0: the surrogate is pi^T d + tau/2 ||d||^2 + r(w + d), solved in closed form
+    (the power bound is 0: FISTA's step is 1/tau)."""
+    rng = np.random.default_rng(12)
+    w, pi = rng.standard_normal(9), rng.standard_normal(9)
+    tau, lam = 0.7, 0.3
+    v = w - pi / tau
+    want = {"none": v, "l2": (tau * w - pi) / (tau + 2 * lam),
+            "l1": np.sign(v) * np.maximum(np.abs(v) - lam / tau, 0.0)}[reg]
+    for blocks in (0, 3):
+        J, r = np.zeros((5, 9)), np.zeros(5)
+        if blocks:
+            got, _ = kernels.gn_solve_blocks(w, J, r, pi, tau, reg, lam, 2, blocks, max_iter=50, tol=1e-14)
+        else:
+            got, _ = kernels.gn_solve(w, J, r, pi, tau, reg, lam, 2, max_iter=50, tol=1e-14)
+        np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-14)
+        assert reg != "l1" or (got == 0).any()
+
+
+def test_gn_default_max_iter_and_tol():
+    """The documented defaults max_iter=100, tol=1e-10 (twin called with them spelled out)."""
+    w, J, r, pi = _gn_clustered()
+    # ill-conditioned l1 problem (tau / L ~ 1e-4): FISTA runs into the iteration limit
+    got, it = kernels.gn_solve(w, J, r, pi, 1e-4, "l1", 0.02, 1)
+    want, rit = ref.gn_solve(w, J, r, pi, 1e-4, "l1", 0.02, 1, max_iter=100, tol=1e-10)
+    assert it == rit == 100
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+    got_b, it_b = kernels.gn_solve_blocks(w, J, r, pi, 1e-4, "l1", 0.02, 1, 2)
+    want_b, rit_b = ref.gn_solve_blocks(w, J, r, pi, 1e-4, "l1", 0.02, 1, 2, max_iter=100, tol=1e-10)
+    assert list(it_b) == list(rit_b) == [100, 100]
+    np.testing.assert_allclose(got_b, want_b, rtol=1e-12, atol=1e-13)
+    # well-conditioned CG problem: stops on the tolerance, long before the limit
+    for blocks in (0, 2):
+        if blocks:
+            got, its = kernels.gn_solve_blocks(w, J, r, pi, 1.0, "l2", 0.1, 2, blocks)
+            want, rits = ref.gn_solve_blocks(w, J, r, pi, 1.0, "l2", 0.1, 2, blocks, max_iter=100, tol=1e-10)
+        else:
+            got, its = kernels.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2)
+            want, rits = ref.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2, max_iter=100, tol=1e-10)
+        assert np.array_equal(its, rits) and 0 < np.max(its) < 100
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-13)
+
+
 def test_gn_validates():
     w, J, r, pi = _gn_problem(6, 4)
     with pytest.raises(ValueError, match="J must have shape"):
         kernels.gn_solve(w, J[:, :3], r, pi, 1.0, "l2", 0.1, 2)
-    with pytest.raises(ValueError, match="r must have shape"):
+    with pytest.raises(ValueError, match=r"r must have shape \(6,\)"):
         kernels.gn_solve(w, J, r[:5], pi, 1.0, "l2", 0.1, 2)
+    with pytest.raises(ValueError, match="tau"):
+        kernels.gn_solve(w, J, r, pi, 0.0, "l2", 0.1, 2)
     with pytest.raises(TypeError, match="dtype"):
         kernels.gn_solve(w, J.astype(np.int32), r, pi, 1.0, "l2", 0.1, 2)
     with pytest.raises(TypeError, match="dtype"):
@@ -292,8 +361,10 @@ def test_gn_validates():
         kernels.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2, tol=-1.0)
     with pytest.raises(ValueError, match="overlap"):
         kernels.gn_solve(w, J, r, pi, 1.0, "l2", 0.1, 2, out=w)
-    with pytest.raises(ValueError, match="n_blocks"):
+    with pytest.raises(ValueError, match="gn_solve_blocks: n_blocks"):
         kernels.gn_solve_blocks(w, J, r, pi, 1.0, "l2", 0.1, 2, 0)
+    with pytest.raises(ValueError, match="lam"):
+        kernels.gn_solve(w, J, r, pi, 1.0, "l2", -0.1, 2)
 
 
 # ---------------------------------------------------------------- the Python path

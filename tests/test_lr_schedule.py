@@ -62,6 +62,19 @@ def test_step_schedule_with_zero_steps_per_epoch_counts_steps_as_epochs():
     assert [lr_at(cfg, k, 0) for k in range(5)] == [1.0, 1.0, 0.5, 0.5, 0.25]
 
 
+@pytest.mark.parametrize("name", ["lsgd", "easgd"])
+def test_workers_built_without_steps_per_epoch_take_one_step_per_epoch(name):
+    """The documented default steps_per_epoch = 1 of LSGD / EASGD: a step schedule decays every
+    step_epochs steps (the reference formula with one step per epoch)."""
+    from mpidl import config
+    cfg = config.load(None, [f"algorithm.name={name}", "algorithm.lr_schedule=step", "algorithm.lr=0.4",
+                             "algorithm.decay=0.5", "algorithm.step_epochs=2"]).algorithm
+    algo = config.algorithm_registry()[name][1](cfg)
+    ref = lr_schedule("step", 0.4, 0.5, cfg.power, 2.0, 1)
+    assert [algo.lr(k) for k in range(7)] == [ref(k) for k in range(7)]
+    assert ref(2) == 0.2 and ref(6) == 0.05
+
+
 # -- the generic state <-> dict conversion used by checkpoints ---------------------------
 def test_state_dict_round_trip_copies_into_like_buffers():
     import dataclasses

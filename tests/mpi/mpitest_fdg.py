@@ -59,7 +59,8 @@ def _ref_batches(cfg, M, spe):
 @pytest.mark.parametrize("extra", [
     ["algorithm.beta=0.5", "algorithm.momentum=0.9", "algorithm.weight_decay=0.001", "algorithm.lr=0.05",
      "algorithm.lr_schedule=diminishing"],
-    ["algorithm.beta=1.0", "algorithm.momentum=0.5", "algorithm.nesterov=true", "algorithm.lr=0.1"]])
+    ["algorithm.beta=1.0", "algorithm.momentum=0.5", "algorithm.nesterov=true", "algorithm.lr=0.1"],
+    ["algorithm.momentum=0.0", "algorithm.lr=0.2"]])                  # plain SGD (not the default 0.9)
 def test_matches_stacked_reference(M, K, extra):
     steps = 14
     cuts = tuple(range(1, K))

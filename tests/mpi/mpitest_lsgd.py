@@ -6,6 +6,7 @@ from mpi4py import MPI
 from mpiutil import assert_all, assert_raises_all
 from mpidl import config
 from mpidl.algorithms.base import lr_at
+from mpidl.algorithms.lsgd import LSGD
 from mpidl.comm import GraphComm
 from mpidl.errors import MpidlError
 from mpidl import topology as T
@@ -59,7 +60,7 @@ def _groups(size):
     return [list(range(s, s + size)) for s in range(0, N, size)]
 
 
-@pytest.mark.parametrize("how", ["size", "node", "size1", "pulls-only"])
+@pytest.mark.parametrize("how", ["size", "node", "size1", "pulls-only", "tau3"])
 def test_lsgd_multi_leader_matches_reference(how):
     gs = 2 if N % 2 == 0 else N
     extra = ["algorithm.groups=size", f"algorithm.group_size={gs}"]
@@ -70,7 +71,8 @@ def test_lsgd_multi_leader_matches_reference(how):
         extra, groups = ["algorithm.groups=size", "algorithm.group_size=1"], _groups(1)
     elif how == "pulls-only":
         extra += ["algorithm.step_pull=false"]
-    base = ["algorithm.lr=0.1", "algorithm.tau=2", "algorithm.tau_G=5", "algorithm.window=3",
+    tau = 3 if how == "tau3" else 2         # local elections at (t + 1) % tau == 0, not (t - 1)
+    base = ["algorithm.lr=0.1", f"algorithm.tau={tau}", "algorithm.tau_G=5", "algorithm.window=3",
             "algorithm.lam=0.2", "algorithm.lam_G=0.4", "algorithm.momentum=0.5"]
     state, oracles, x0, lr, algo = _run("lsgd", base + extra)
     c = algo.cfg
@@ -131,6 +133,9 @@ def test_elected_leader_is_argmin_of_windowed_losses():
 
     def on_step(k, state, m):
         hist.append(m["loss"])
+        mine = LSGD.windowed_loss(state)        # also before the window has filled
+        assert_all(abs(mine - np.mean(hist[-window:])) < 1e-12, f"step {k}: windowed loss {mine} != "
+                   f"mean of the last {window} step losses {np.mean(hist[-window:])}")
         if (k + 1) % tau_G:
             return
         f = np.array(W.allgather(float(np.mean(hist[-window:]))))

@@ -15,7 +15,7 @@ MPI_SIZES = (1, 2, 3, 4)
 MPI_TIMEOUT = 400
 WORLD = MPI.COMM_WORLD
 P, R = WORLD.Get_size(), WORLD.Get_rank()
-DIMS = {3: [6, 5, 4, 3], 5: [6, 5, 4, 5, 4, 3]}
+DIMS = {3: [6, 5, 4, 3], 4: [6, 4, 6, 5, 3], 5: [6, 5, 4, 5, 4, 3]}     # 4: layer 1 widens (not "narrow")
 
 
 def _problem(dims, n=40, seed=0):
@@ -81,7 +81,7 @@ CASES = [dict(), dict(quantize=True), dict(quantize=True, quantize_p=True),
          dict(mu=0.05, rho_raise=True, rho_tol=10.0, rho_max=4.0)]
 
 
-@pytest.mark.parametrize("L", [3, 5])
+@pytest.mark.parametrize("L", [3, 4, 5])
 @pytest.mark.parametrize("opts", CASES, ids=["plain", "q", "qp", "mu-rho-raise"])
 def test_layer_parallel_equals_stacked_reference(L, opts):
     dims = DIMS[L]
@@ -152,6 +152,24 @@ def test_bytes_per_iteration(quantize):
     if algo.l1 < 3:
         want += n * width[algo.l1] * (2 if quantize else 8)          # q to the next rank
     assert_all(nbytes == 3 * want, f"{nbytes} bytes, expected {3 * want}")
+
+
+def test_rejected_w_steps_are_counted():
+    """tau0 far below every W step's curvature and no doubling allowed: each W step fails the
+    sufficient-decrease test (t >= g^T H g / ||g||^2), so W never moves and every layer counts one
+    rejected W step per iteration after the first (the counts behind the reported
+    rejected_W_steps). At k = 0 the W gradient is 0: z starts at p W^T + b, so the residual
+    R = z - p W^T - b is 0 and the zero step is accepted."""
+    dims = DIMS[3]
+    if P > 3:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(tau0=1e-12, max_doublings=0)
+    X, y, Ws, bs = _problem(dims)
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 3)
+    g = _gather(algo, state)
+    assert_all(all(np.array_equal(g[l]["W"], Ws[l]) for l in range(3)), "a rejected W step moved W")
+    assert_all(state.rejected[:, 1].tolist() == [2] * (algo.l1 - algo.l0),
+               f"rejected W steps {state.rejected[:, 1].tolist()}, expected 2 per layer")
 
 
 @pytest.mark.parametrize("L", [3, 5])
