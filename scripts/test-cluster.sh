@@ -85,8 +85,18 @@ trap 'cleanup; exit 130' INT TERM
 if bash scripts/cluster/slurm.sh start "$slurm_dir"; then
     export SLURM_CONF=$slurm_dir/slurm.conf
     say "Slurm checks (tests/cluster/slurm_checks.py)"
-    MPIDL_OMPI_PYTHON="$venv/bin/python" .venv/bin/python -m pytest -v tests/cluster/slurm_checks.py "$@" \
-        || failed+=("Slurm checks")
+    export MPIDL_OMPI_PYTHON="$venv/bin/python"
+    if ! .venv/bin/python -m pytest -v tests/cluster/slurm_checks.py "$@"; then
+        # Once in about 30 jobs here, MPI_Init of the MPICH wheel failed in UCX's address exchange
+        # ("failed to unpack address, invalid bandwidth 0.00"; also seen in mpi4py's own CI,
+        # pmodels/mpich#7417). Rerun the failed checks once, and say so: a second failure counts.
+        say "Slurm checks failed; rerunning the failed ones once (see the reason in the log above)"
+        if .venv/bin/python -m pytest -v --last-failed tests/cluster/slurm_checks.py "$@"; then
+            say "the failed Slurm checks passed on the rerun"
+        else
+            failed+=("Slurm checks")
+        fi
+    fi
 else
     failed+=("starting Slurm")
 fi
