@@ -87,15 +87,17 @@ if bash scripts/cluster/slurm.sh start "$slurm_dir"; then
     say "Slurm checks (tests/cluster/slurm_checks.py)"
     export MPIDL_OMPI_PYTHON="$venv/bin/python"
     if ! .venv/bin/python -m pytest -v tests/cluster/slurm_checks.py "$@"; then
-        # Once in about 30 jobs here, MPI_Init of the MPICH wheel failed in UCX's address exchange
+        # In up to 1 of 3 jobs here, MPI_Init of the MPICH wheel failed in UCX's address exchange
         # ("failed to unpack address, invalid bandwidth 0.00"; also seen in mpi4py's own CI,
-        # pmodels/mpich#7417). Rerun the failed checks once, and say so: a second failure counts.
-        say "Slurm checks failed; rerunning the failed ones once (see the reason in the log above)"
-        if .venv/bin/python -m pytest -v --last-failed tests/cluster/slurm_checks.py "$@"; then
-            say "the failed Slurm checks passed on the rerun"
-        else
-            failed+=("Slurm checks")
-        fi
+        # pmodels/mpich#7417). Rerun the failed checks up to twice, and say so.
+        ok=0
+        for attempt in 1 2; do
+            say "Slurm checks failed; rerun $attempt of 2 of the failed ones (see the reason in the log above)"
+            if .venv/bin/python -m pytest -v --last-failed tests/cluster/slurm_checks.py "$@"; then
+                ok=1; say "the failed Slurm checks passed on rerun $attempt"; break
+            fi
+        done
+        [ "$ok" = 1 ] || failed+=("Slurm checks")
     fi
 else
     failed+=("starting Slurm")
