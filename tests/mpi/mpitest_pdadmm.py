@@ -212,6 +212,8 @@ def test_rho_raise_follows_the_cost_history():
     algo = PdADMM(cfg, dims=[2, 2], n_samples=1, rank=0, size=1)
     state = algo.state_cls(*(np.zeros(0),) * 9, tau_p=np.zeros(1), tau_W=np.zeros(1),
                            rejected=np.zeros((1, 2), np.int64), costs=np.full(3, np.nan), rho=cfg.rho)
+    # drops 4, 1/8, 7/8, 1/8, 1/8, 1/4, 1/4, 1/4, -1/8, 1/8, 1, 1/8, ... (tol = 1/4, exact in binary):
+    # consecutive pairs (<, <), (<, =), (=, <), (=, =), (<, >), (>, <), a rise, and rho reaches the cap
     series = [8.0, 4.0, 3.875, 3.0, 2.875, 2.75, 2.5, 2.25, 2.0, 2.125, 2.0, 1.0, 0.875, 0.75, 0.625, 0.5]
     costs, rho, got, want = [], cfg.rho, [], []
     for c in series:
