@@ -197,6 +197,31 @@ def test_equal_width_layers_equal_reference(opts):
     assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
 
 
+def test_rho_raise_decisions_use_the_last_layers_cost():
+    """rho_raise with a rho_tol at which the reference raises rho at some iterations and not at others:
+    every rank must take the cost of the last layer's rank (a broadcast) to make the same choices."""
+    dims = DIMS[4]
+    if P > 4:
+        pytest.skip("more ranks than layers")
+    X, y, Ws, bs = _problem(dims, seed=5)
+    for tol in (0.03, 0.1, 0.3):
+        cfg = PdADMMConfig(rho=0.05, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12,
+                           rho_raise=True, rho_factor=2.0, rho_max=10.0, rho_tol=tol)
+        S, costs, rhos = ref.run(X, y, Ws, bs, _hp(cfg), 8)
+        rho = ref.raise_rho(costs, rhos[-1], cfg.rho_factor, cfg.rho_max, cfg.rho_tol)
+        raises = sum(b > a for a, b in zip(rhos + [rho], (rhos + [rho])[1:]))
+        if 0 < raises < 6:
+            break
+    assert_all(0 < raises < 6, f"no rho_tol gives a mixed raise pattern: {rhos}")
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 8)
+    g = _gather(algo, state)
+    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
+              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
+              not (k == "p" and l == 0))
+    assert_all(err < 1e-10 and state.rho == rho, f"rho {state.rho} vs {rho} (tol {tol}, reference {rhos}), "
+                                                 f"max relative deviation {err:.3e}")
+
+
 class _OneRankPath:
     """The path communicator of a one-rank block: the cost broadcast from rank 0 has nothing to do."""
 
