@@ -1,5 +1,7 @@
 """Decoupled pipeline (fdg) on M x K grids: equals the stacked reference, K = 1 equals centralized SGD,
 staleness 2 (K - 1 - k) with gradients exactly at the stashed weights, bitwise resume, error paths."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -112,9 +114,9 @@ def test_staleness_and_gradient_at_stashed_weights(M, K):
     sess = setup_grid(cfg, W)
     algo, state, k = sess.algo, sess.state, sess.comm.k
     algo.trace = []
-    hist = {-1: state.x.copy()}
+    hist, metrics = {-1: state.x.copy()}, {}
     for t in range(steps):
-        state, _ = algo.step(t, state, sess.oracle, sess.comm)
+        state, metrics[t] = algo.step(t, state, sess.oracle, sess.comm)
         hist[t] = state.x.copy()
     fwd = {b: t for kind, t, b, *_ in algo.trace if kind == "fwd"}
     bwd = [(t, b, p) for kind, t, b, *p in algo.trace if kind == "bwd"]
@@ -131,7 +133,24 @@ def test_staleness_and_gradient_at_stashed_weights(M, K):
             live_gap = max(live_gap, float(np.abs(ref.vjp_at(stage, hist[t - 1], h, delta) - gw).max()))
     expected = max(0, steps - 2 * (K - 1) - 0)  # batches fed = backward events per stage
     ok &= len(bwd) == expected and len(set(b for _, b, _ in bwd)) == expected
+    # the step's loss / accuracy: the last stage's minibatch at the weights before its step, recomputed
+    # here from the stage's input; the other stages report none
+    labels = _ref_batches(cfg, M, sess.steps_per_epoch)
+    mgap, reported = 0.0, {t for t, m in metrics.items() if m["loss"] is not None or m["acc"] is not None}
+    if k == K - 1:
+        mod = copy.deepcopy(stage)
+        for t, b, (h, _, _) in bwd:
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(hist[t - 1].copy()), mod.parameters())
+            with torch.no_grad():
+                out = mod(torch.from_numpy(h))
+            yb = labels(sess.comm.m, b)[1]
+            acc = float((out.argmax(1) == yb).double().mean())
+            loss = float(torch.nn.functional.cross_entropy(out, yb))
+            mgap = max(mgap, abs(metrics[t]["loss"] - loss), abs(metrics[t]["acc"] - acc))
+    want = {t for t, _, _ in bwd} if k == K - 1 else set()
     sess.close()
+    assert_all(reported == want and mgap < 1e-12, f"stage {k}: loss/accuracy reported at iterations "
+               f"{sorted(reported)} (expected {sorted(want)}), off the recomputed ones by {mgap:.3e}")
     assert_all(ok, f"stage {k} of {K}: staleness != {d} or wrong batch count ({len(bwd)} vs {expected})")
     assert_all(worst < 1e-12, f"stage {k}: gradient differs from the one at the stashed weights by {worst:.3e}")
     assert_all(k == K - 1 or live_gap > 1e-8, f"stage {k}: the live weights give the same gradient ({live_gap})")
