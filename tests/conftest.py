@@ -25,4 +25,5 @@ def pytest_sessionfinish(session, exitstatus):
         import shm_orphans
         n = shm_orphans.remove_orphans(before)
         if n:
-            print(f"\n[tests] removed {n} orphaned MPICH shared-memory segment(s) (new since the session began, used by no process)")
+            print(f"\n[tests] removed {n} orphaned MPICH shared-memory segment(s) "
+                  "(new since the session began, used by no process)")
