@@ -21,9 +21,10 @@ _TEST_TIMEOUT = float(os.environ.get("MPIDL_TEST_TIMEOUT") or 0)
 @pytest.fixture(autouse=True)
 def _test_watchdog():
     """With ``MPIDL_TEST_TIMEOUT=s`` set (scripts/mutation.sh sets it): a test still running after
-    s seconds ends its rank (faulthandler prints the stacks and exits 1) and mpiexec then ends the
-    others, so a planted bug that hangs a collective fails in s seconds, not at the launcher's
-    timeout.  Off by default (the launcher timeout of tests/test_mpi_suite.py covers normal runs)."""
+    s seconds ends its rank (faulthandler exits 1; its stack dump is visible with ``-s``, pytest
+    captures it otherwise) and mpiexec then ends the others, so a planted bug that hangs a collective
+    fails in s seconds, not at the launcher's timeout.  Off by default (the launcher timeout of
+    tests/test_mpi_suite.py covers normal runs)."""
     if _TEST_TIMEOUT <= 0:
         yield
         return
