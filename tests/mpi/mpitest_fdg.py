@@ -293,8 +293,15 @@ def test_resnet20_with_batchnorm_matches_reference():
     bounds = (0, *cuts, len(units))
     stages = [torch.nn.Sequential(*units[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     a = cfg.algorithm
+    bufs = []
     Wref = ref.fdg(stages, _ref_batches(cfg, 1, sess.steps_per_epoch), 1, steps, lambda t: a.lr,
-                   mu=a.momentum, beta=a.beta)
+                   mu=a.momentum, beta=a.beta, buffers=bufs)
     err = np.abs(state.x - Wref[sess.comm.k]).max()
+    # BatchNorm running statistics (what evaluation uses): moved once per batch, at the forward
+    want = bufs[0][sess.comm.k]
+    mine = dict(sess.algo.fm.model.named_buffers())
+    berr = max(float((mine[n].double() - want[n].double()).abs().max()) for n in want) if want else 0.0
     sess.close()
     assert_all(err < 1e-10, f"resnet20 1x{N}: max |mpi - reference| = {err:.3e}")
+    assert_all(len(want) > 0 and mine.keys() == want.keys() and berr < 1e-10,
+               f"resnet20 1x{N}: BatchNorm buffers off the reference by {berr:.3e}")
