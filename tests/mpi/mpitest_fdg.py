@@ -278,15 +278,28 @@ class _Head(torch.nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
-def test_resnet20_with_batchnorm_matches_reference():
-    """ResNet-20 (BatchNorm in train mode) on a 1 x N pipeline: == the reference, 1e-10."""
+@pytest.mark.parametrize("resume_at", [None, 5])
+def test_resnet20_with_batchnorm_matches_reference(resume_at):
+    """ResNet-20 (BatchNorm in train mode) on a 1 x N pipeline: == the reference, 1e-10; also when the
+    run stops at step 5 and a new session continues from the copied state and buffers (the resumed
+    backward recomputes the in-flight graphs, which must not move the running statistics again)."""
     if N not in (2, 3):
         pytest.skip("1 x 2 and 1 x 3 grids")
     steps, cuts = 8, (4, 8)[:N - 1]
     cfg = config.load(None, BASE + [f"algorithm.stages={N}", f"algorithm.cuts={list(cuts)}", "model.name=resnet20",
                                     f"run.steps={steps}", "algorithm.momentum=0.9", "algorithm.lr=0.05",
                                     "algorithm.beta=0.5"])
-    sess, state = _run(cfg, steps)
+    if resume_at is None:
+        sess, state = _run(cfg, steps)
+    else:
+        sess, part = _run(cfg, resume_at)
+        saved = {key: (v.copy() if isinstance(v, np.ndarray) else v) for key, v in state_to_dict(part).items()}
+        buffers = sess.extra_state()                      # copies (NumPy)
+        sess.close()
+        sess = setup_grid(cfg, W)
+        sess.load_extra_state(buffers)
+        state = state_from_dict(sess.algo.state_cls, saved, like=sess.state)
+        sess, state = _run(cfg, steps, sess, state, start=resume_at)
     shard = load_agent_data("digits")
     model = build_model("resnet20", shard.input_shape, shard.num_classes, seed=0).double()
     units = [model.stem, *model.blocks, _Head(model.head)]
