@@ -31,9 +31,11 @@ TARGETS="
 kernels-mixing|kernels/mixing.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
 kernels-prox|kernels/prox.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
 kernels-losses|kernels/losses.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
+kernels-losses-rest|kernels/losses.py|35-35,42-42,45-45,53-53,57-57,63-63,71-71,73-73,104-106,143-143|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
 kernels-surrogate|kernels/surrogate.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
 kernels-quantize|kernels/quantize.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_quantize.py
 kernels-admm|kernels/admm.py|64-163|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
+kernels-admm-rest|kernels/admm.py|1-63,164-523|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
 algorithms-base|mpidl/algorithms/base.py||python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
 algorithms-next|mpidl/algorithms/next.py|75-178|$MPI_RUN tests/mpi/mpitest_next.py -x
