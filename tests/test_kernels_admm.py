@@ -257,6 +257,12 @@ def test_ce_prox_argument_checks():
     # no rows: nothing to do, zero steps
     out0, ce0, its0 = K.ce_prox(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), np.zeros((0, 3)), 0.5, 1.0, 5, 0.0)
     assert out0.shape == (0, 3) and ce0.shape == (0,) and its0 == 0
+    # one row
+    o1, c1, i1 = K.ce_prox(a[:1], y[:1], a[:1].copy(), 0.5, 1.0, 4, 0.0)
+    w1 = ref.ce_prox(a[:1], y[:1], a[:1], 0.5, 1.0, 4, 0.0)
+    np.testing.assert_allclose(o1, w1[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(c1, w1[1], rtol=1e-12)
+    assert i1 == w1[2] == 4
     # step = 2 (1 / the curvature bound) is allowed
     np.testing.assert_allclose(K.ce_prox(a, y, a, 0.5, 2.0, 4, 0.0)[0], ref.ce_prox(a, y, a, 0.5, 2.0, 4, 0.0)[0],
                                rtol=1e-12, atol=1e-14)
