@@ -230,10 +230,12 @@ def test_ce_prox_large_logits_and_one_class():
     np.testing.assert_allclose(out, w_out, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(ce, w_ce, rtol=1e-12)
     # one class: CE is identically 0, so z = a is the minimiser; the FISTA map sends a to a
-    a1 = np.array([[0.7], [-2.0]])
-    out1, ce1, _ = K.ce_prox(a1, np.array([0, 0]), a1.copy(), 0.5, 1.0, 3, 0.0)
+    a1 = np.array([[0.5], [-2.0]])           # (a + s nu a) / (1 + s nu) == a exactly for these
+    out1, ce1, its1 = K.ce_prox(a1, np.array([0, 0]), a1.copy(), 0.5, 1.0, 3, 0.0)
     np.testing.assert_allclose(out1, a1, rtol=1e-15)
     np.testing.assert_array_equal(ce1, 0.0)
+    # started at the minimiser, the objective does not change: a change <= tol = 0 stops after 1 step
+    assert its1 == ref.ce_prox(a1, np.array([0, 0]), a1, 0.5, 1.0, 3, 0.0)[2] == 1
 
 
 def test_ce_prox_argument_checks():
@@ -302,3 +304,13 @@ def test_scalar_and_row_checks():
         K.center_columns(np.zeros((4, 3)), np.zeros(2))
     with pytest.raises(ValueError, match="b has 2 entries, r has 3 columns"):
         K.resid_refresh(np.zeros((4, 3)), np.zeros((4, 3)), np.zeros(2))
+
+
+def test_list_input_and_partial_overlap():
+    assert K.sumsq([3.0, 4.0]) == 25.0              # array-likes are accepted
+    buf = np.arange(12, dtype=np.float64)
+    a, z0, q = buf[:10], np.zeros(10), np.ones(10)
+    with pytest.raises(ValueError, match="out partially overlaps a"):
+        K.z_update(a, z0, q, out=buf[2:12])
+    with pytest.raises(ValueError, match="out partially overlaps z"):
+        K.q_update(a, z0, q, 1.0, 1.0, out=buf[1:11])
