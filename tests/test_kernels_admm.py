@@ -314,3 +314,13 @@ def test_list_input_and_partial_overlap():
         K.z_update(a, z0, q, out=buf[2:12])
     with pytest.raises(ValueError, match="out partially overlaps z"):
         K.q_update(a, z0, q, 1.0, 1.0, out=buf[1:11])
+
+
+def test_backtrack_argument_bounds():
+    with pytest.raises(ValueError, match="gg"):
+        K.backtrack(-0.5, 1.0, 1.0, 3)
+    for eta in (1.0, 0.5):                          # eta > 1: the trial t must grow
+        with pytest.raises(ValueError, match="eta"):
+            K.backtrack(1.0, 1.0, 1.0, 3, eta=eta)
+    # eta = 3: t = 1, 3, 9; ghg = 9 gg is accepted at t = 9 (decrease = gg/t - ghg/(2t^2) = gg/(2t))
+    assert K.backtrack(1.0, 9.0, 1.0, 5, eta=3.0) == (9.0, 2, True)
