@@ -324,3 +324,18 @@ def test_backtrack_argument_bounds():
             K.backtrack(1.0, 1.0, 1.0, 3, eta=eta)
     # eta = 3: t = 1, 3, 9; ghg = 9 gg is accepted at t = 9 (decrease = gg/t - ghg/(2t^2) = gg/(2t))
     assert K.backtrack(1.0, 9.0, 1.0, 5, eta=3.0) == (9.0, 2, True)
+
+
+def test_ce_prox_label_checks():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 3))
+    y = np.array([2, 1, 1, 2, 1, 2])                # valid labels that never use class 0
+    np.testing.assert_allclose(K.ce_prox(a, y, a.copy(), 0.5, 1.0, 4, 0.0)[1],
+                               ref.ce_prox(a, y, a, 0.5, 1.0, 4, 0.0)[1], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        K.ce_prox(a, y + 1, a, 0.5, 1.0, 4, 0.0)
+    for bad in (y.reshape(6, 1), y.astype(np.float64)):   # 2-D or non-integer labels
+        with pytest.raises(ValueError, match="1-D integer labels of length 6"):
+            K.ce_prox(a, bad, a, 0.5, 1.0, 4, 0.0)
+    with pytest.raises(ValueError, match="at least one column"):
+        K.ce_prox(np.zeros((2, 0)), np.array([0, 0]), np.zeros((2, 0)), 0.5, 1.0, 4, 0.0)
