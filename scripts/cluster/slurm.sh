@@ -8,6 +8,10 @@
 # touches processes outside the jobs.  The node claims ${MPIDL_SLURM_CPUS:-8} CPUs whatever the
 # machine has (SlurmdParameters=config_overrides), so 8-rank jobs run on 2 cores.
 # MpiDefault=none, as Debian's slurm-wlm ships: srun needs --mpi=pmi2 for MPICH.
+# Job ids start at ${MPIDL_SLURM_FIRST_JOB_ID}, default from the clock, not at 1: under
+# srun --mpi=pmi2 MPICH names its shared-memory segment after the job id, and a fresh Slurm that
+# reuses ids 1, 2, ... attaches the segments that killed jobs of an earlier instance leaked, so its
+# MPI_Init fails or hangs (docs/clusters.md, "Stale MPICH segments").
 set -euo pipefail
 cmd=${1:?usage: slurm.sh start|stop DIR}
 dir=$(realpath -m "${2:?usage: slurm.sh start|stop DIR}")
@@ -31,8 +35,13 @@ start)
     host=$(hostname -s)
     cpus=${MPIDL_SLURM_CPUS:-8}
     port=${MPIDL_SLURM_PORT:-6917}
+    # seconds since 2026 x 8: a later start begins above every id an earlier one used, unless
+    # that one submitted more than 8 jobs per second it ran (below Slurm's MaxJobId 67043328
+    # until 2028)
+    first_job=${MPIDL_SLURM_FIRST_JOB_ID:-$(( ($(date +%s) - 1767225600) * 8 % 67000000 + 1 ))}
     cat > "$dir/slurm.conf" <<CONF
 ClusterName=mpidl-ci
+FirstJobId=$first_job
 SlurmctldHost=$host(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
