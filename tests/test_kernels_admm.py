@@ -283,6 +283,8 @@ def test_scalar_and_row_checks():
             K.p_grad_dual(a.copy(), a, a, a, 1.0, bad)
         with pytest.raises(ValueError, match="rho"):
             K.p_grad(a.copy(), a, a, a, 1.0, bad)
+        with pytest.raises(ValueError, match="rho"):
+            K.u_update(a.copy(), a, a, bad)
         with pytest.raises(ValueError, match="nu"):
             K.p_grad(a.copy(), a, a, a, bad, 1.0)
         with pytest.raises(ValueError, match="nu"):
@@ -339,3 +341,10 @@ def test_ce_prox_label_checks():
             K.ce_prox(a, bad, a, 0.5, 1.0, 4, 0.0)
     with pytest.raises(ValueError, match="at least one column"):
         K.ce_prox(np.zeros((2, 0)), np.array([0, 0]), np.zeros((2, 0)), 0.5, 1.0, 4, 0.0)
+
+
+def test_empty_arrays():
+    e = np.zeros(0)
+    assert K.sumsq(e) == 0.0
+    assert K.z_update(e, e, e).shape == (0,) and K.q_update(e, e, e, 1.0, 1.0).shape == (0,)
+    assert K.axpy(e.copy(), e, 2.0).shape == (0,)
