@@ -43,7 +43,10 @@ algorithms-lsgd|mpidl/algorithms/lsgd.py|160-200,232-259,268-306,341-358,363-374
 algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness'
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
+topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+config-logic|mpidl/config.py|94-285|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+config-defaults|mpidl/config.py|1-93|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 checkpoint|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
 "
 
