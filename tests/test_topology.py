@@ -309,6 +309,8 @@ def test_schedules_match_their_definitions(n):
             i, j = perm[t], perm[t + 1]
             want[i, i] = want[j, j] = want[i, j] = want[j, i] = 0.5
         np.testing.assert_array_equal(rm(k).weights, want)
+        assert ope(k).name == f"one_peer_exponential({n}, shift={0 if n == 1 else m})"
+        assert rm(k).name == f"random_matching({n}, seed=4, step={k})"
 
 
 def test_checks_and_messages():
@@ -354,3 +356,22 @@ def test_summary_reports_the_graph():
     p = T.path(4, weights="uniform").summary()
     assert "symmetric" not in p and "row stochastic" in p
     assert repr(T.ring(3)) == "Topology(name='ring(3)', size=3, edges=6)"
+
+
+def test_directed_irregular_and_small_inputs():
+    # in-degrees (row sums) 1, 1, 2 differ from out-degrees 2, 1, 1: uniform and lazy use in-degrees
+    edges = [(0, 1), (0, 2), (1, 2), (2, 0)]
+    a = np.zeros((3, 3), dtype=bool)
+    for s, d in edges:
+        a[d, s] = True
+    for rule in ("uniform", "lazy"):
+        got = T.from_edges(3, edges, directed=True, weights=rule).weights
+        np.testing.assert_allclose(got, _ref_weights(a, rule), atol=1e-15)
+    np.testing.assert_allclose(T.from_edges(3, edges, directed=True, weights="uniform").weights[2],
+                               [1 / 3, 1 / 3, 1 / 3])
+    # from_matrix checks connectivity by default
+    with pytest.raises(T.TopologyError, match="not connected"):
+        T.from_matrix(np.eye(2))
+    for make in (T.ring, T.one_peer_exponential, T.random_matching):
+        with pytest.raises(T.TopologyError, match="number of agents must be >= 1, got 0"):
+            make(0)
