@@ -311,6 +311,8 @@ def test_schedules_match_their_definitions(n):
         np.testing.assert_array_equal(rm(k).weights, want)
         assert ope(k).name == f"one_peer_exponential({n}, shift={0 if n == 1 else m})"
         assert rm(k).name == f"random_matching({n}, seed=4, step={k})"
+        perm = np.random.default_rng([0, k]).permutation(n)   # the default seed is 0
+        assert all(T.random_matching(n)(k).weights[perm[t], perm[t + 1]] == 0.5 for t in range(0, n - 1, 2))
 
 
 def test_checks_and_messages():
