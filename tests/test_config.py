@@ -160,6 +160,7 @@ def test_load_collective_same_config_or_same_error():
         sent = []
 
         def bcast(self, obj, root=0):
+            assert root == 0                 # rank 0 reads the file and sends the result
             self.sent.append(obj)
             return obj
     comm = Comm()
