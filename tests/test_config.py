@@ -124,6 +124,10 @@ def test_boundary_values_are_accepted_and_coerced():
     assert cfg.run.name == "a=b" and cfg.topology.shape == (2, 3) and cfg.run.resume == "7"
     assert C.load(None, ["model.dropout=0.5"]).model.dropout == 0.5
     assert C.load(None, ["run.epochs=0.5", "run.steps=0"]).run.epochs == 0.5
+    assert C.load(None, ["run.epochs=0", "run.steps=1"]).run.steps == 1     # steps alone suffice
+    cfg = C.load(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.run = C.RunConfig()                                        # the Config itself is frozen
     assert C.load(None, ["algorithm.name=centralized", "algorithm.nesterov=true"]).algorithm.nesterov is True
     with pytest.raises(C.ConfigError, match="nesterov must be true or false, got 1"):
         C.load(None, ["algorithm.name=centralized", "algorithm.nesterov=1"])
