@@ -400,12 +400,15 @@ class CheckpointStore:
             return self.comm.bcast(man, 0)
 
     def load(self, step: int | None = None, like: dict | None = None,
-             expect: dict | None = None) -> tuple:
+             expect: dict | None = None, in_place: bool = False) -> tuple:
         """Collective. Return ``(state, meta)`` of checkpoint ``step`` (None: the newest).
 
         Checks, on every rank together: the world size, each ``expect`` item
         against the manifest (top level first, then ``meta``), this rank's file
         checksum and, with ``like``, the names, shapes and dtypes of the state.
+        ``in_place``: arrays are read into ``like``'s arrays where name, shape
+        and dtype match (no second copy of the state; ``like`` is overwritten,
+        also when a later check fails).
         """
         comm = self.comm
         if step is None:
@@ -434,7 +437,7 @@ class CheckpointStore:
                                       f"({n} bytes, crc32 {crc:08x}; the manifest says {fe['bytes']} bytes, "
                                       f"crc32 {fe['crc32']:08x})")
             with open_read(fpath) as f:
-                state = _read_tree(f["state"])
+                state = _read_tree(f["state"], like if in_place else None)
             if like is not None:
                 msg = _compare_like(state, like)
                 if msg:

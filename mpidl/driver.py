@@ -73,7 +73,7 @@ def _resume(cfg, session, store, counters):
         return 0
     like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": rng_state(),
             "driver": counters}
-    saved, _ = store.load(step, like=like, expect=session.expect)
+    saved, _ = store.load(step, like=like, expect=session.expect, in_place=True)   # no second state copy
     session.state = state_from_dict(session.algo.state_cls, saved["algo"], like=session.state)
     session.load_extra_state(saved.get("buffers", {}))
     set_rng_state(saved["rng"])

@@ -82,13 +82,19 @@ def _tuplify(v):
     return tuple(_tuplify(x) for x in v) if isinstance(v, list) else v
 
 
-def read_tree(group):
-    """Local. The dict :func:`write_tree` wrote, with the original Python and NumPy types."""
+def read_tree(group, into=None):
+    """Local. The dict :func:`write_tree` wrote, with the original Python and NumPy types.
+
+    ``into`` (a dict shaped like the result): an array dataset whose name, shape and dtype match a
+    writeable C-contiguous NumPy array of ``into`` is read straight into that array, which the
+    result then holds, so a resume does not hold a second copy of a large state.
+    """
     import h5py
     out = {}
     for k, obj in group.items():
+        dest = into.get(k) if isinstance(into, dict) else None
         if isinstance(obj, h5py.Group):
-            out[k] = read_tree(obj)
+            out[k] = read_tree(obj, dest)
             continue
         t = obj.attrs.get("pytype", "ndarray")
         if isinstance(t, bytes):
@@ -116,6 +122,11 @@ def read_tree(group):
         elif t == "torch":
             import torch
             out[k] = torch.from_numpy(np.asarray(obj[()]))
+        elif (isinstance(dest, np.ndarray) and dest.shape == obj.shape and dest.dtype == obj.dtype
+              and dest.flags.c_contiguous and dest.flags.writeable):
+            if dest.size:
+                obj.read_direct(dest)
+            out[k] = dest
         else:
             out[k] = np.asarray(obj[()])
     return out

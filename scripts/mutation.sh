@@ -22,6 +22,10 @@ export OMP_NUM_THREADS=1
 OUT="${MUTATION_DIR:-/tmp/mpidl-mutation}"
 NP="${MUTATION_NP:-3}"      # world size of the MPI tests that kill the algorithms' mutants
 MPI_RUN="mpiexec -n $NP python tests/mpi/run.py"
+# A mutant that hangs a collective (a message never sent) fails after this many seconds per MPI
+# test (tests/mpi/conftest.py ends the rank, mpiexec the job), well before cosmic-ray's per-mutant
+# timeout (MUTATION_TIMEOUT, default 300 s), which kills only the launcher.
+export MPIDL_TEST_TIMEOUT="${MPIDL_TEST_TIMEOUT:-90}"
 
 # target | module | lines | test command (run in $SRC; must exit 0 on the unmutated code)
 # "lines" (empty: the whole module) keeps only the mutants whose first line lies in those ranges:
@@ -41,7 +45,9 @@ algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py 
 algorithms-next|mpidl/algorithms/next.py|75-178|$MPI_RUN tests/mpi/mpitest_next.py -x
 algorithms-lsgd|mpidl/algorithms/lsgd.py|160-200,232-259,268-306,341-358,363-374|$MPI_RUN tests/mpi/mpitest_lsgd.py -x
 algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness'
+algorithms-fdg-step|mpidl/algorithms/fdg.py|175-179,210-260|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness or driver_resume_is_bitwise'
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
+algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py

@@ -55,6 +55,28 @@ def test_round_trip_bit_exact_with_types(tmp_path):
     assert man["files"][0]["name"] == "rank_00000.h5"
 
 
+def test_load_in_place_reads_into_like_arrays(tmp_path):
+    """``in_place``: matching arrays are filled, not copied; the rest are read as usual."""
+    st = _state()
+    store = CheckpointStore(tmp_path, keep=None)
+    store.save(12, st, {"algorithm": "cdsgd"})
+    like = _state(seed=1)                              # same names, shapes, dtypes; other values
+    like["algo"]["v"] = np.zeros((4, 3)).T             # F-ordered: not read in place
+    x, v, nan = like["algo"]["x"], like["algo"]["v"], like["algo"]["nan"]
+    got, _ = store.load(12, like=like, in_place=True)
+    assert _equal(st, got)
+    assert got["algo"]["x"] is x and got["algo"]["nan"] is nan
+    assert got["algo"]["v"] is not v and not v.any()
+    assert x.tobytes() == st["algo"]["x"].tobytes()
+    fresh = _state(seed=1)
+    got, _ = store.load(12, like=fresh)                # default: like is left alone
+    assert got["algo"]["x"] is not fresh["algo"]["x"] and _equal(fresh, _state(seed=1))
+    bad = _state(seed=1)
+    bad["algo"]["x"] = np.zeros(18, np.float32)
+    with pytest.raises(CheckpointError, match=r"algo/x has shape \(17,\) float32, this run has \(18,\)"):
+        store.load(12, like=bad, in_place=True)
+
+
 def test_torch_tensors_and_rng_state(tmp_path):
     torch = pytest.importorskip("torch")
     gen = np.random.default_rng(3)

@@ -78,7 +78,8 @@ def state_from_dict(cls, d: dict, like=None):
             arr = np.asarray(v)
             if arr.shape != buf.shape:
                 raise ValueError(f"state field {f.name!r}: shape {arr.shape} != {buf.shape}")
-            buf[...] = arr
+            if arr is not buf:      # a checkpoint read in place already filled buf
+                buf[...] = arr
             v = buf
         kwargs[f.name] = v
     return cls(**kwargs)

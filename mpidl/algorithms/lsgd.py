@@ -189,7 +189,6 @@ class _Worker:
         self.lc = LeaderComm(comm, groups, group_size)
         self._slow = self.cfg.slow_factor > 1.0 and self.lc.rank == self.cfg.slow_rank
         self._tmp = np.empty_like(x0)
-        self.local_steps = 0            # local steps made by this process (for benchmarks)
         self._first = True
 
     def step(self, k, state, oracle, comm):
@@ -301,7 +300,6 @@ class LSGD(_Worker):
                 d += aL * (state.x - state.cl)
             state.x -= d
         state.t = t + 1
-        self.local_steps += 1
         return loss
 
     def leader_model(self, state, mc, out):
@@ -369,7 +367,6 @@ class EASGD(_Worker):
             if not cfg.asynchronous:
                 state.c += a * self._sum
         state.t = t + 1
-        self.local_steps += 1
         return loss
 
     def _start_async(self, state):

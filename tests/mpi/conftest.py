@@ -5,6 +5,7 @@ together; if a rank fails alone anyway, its report is printed with a rank
 prefix and ``MPI_Abort`` ends the job at once instead of letting the other
 ranks wait in a collective until the launcher's timeout.
 """
+import faulthandler
 import os
 import shutil
 import sys
@@ -12,6 +13,26 @@ import tempfile
 
 import pytest
 from mpi4py import MPI
+
+
+_TEST_TIMEOUT = float(os.environ.get("MPIDL_TEST_TIMEOUT") or 0)
+
+
+@pytest.fixture(autouse=True)
+def _test_watchdog():
+    """With ``MPIDL_TEST_TIMEOUT=s`` set (scripts/mutation.sh sets it): a test still running after
+    s seconds ends its rank (faulthandler exits 1; its stack dump is visible with ``-s``, pytest
+    captures it otherwise) and mpiexec then ends the others, so a planted bug that hangs a collective
+    fails in s seconds, not at the launcher's timeout.  Off by default (the launcher timeout of
+    tests/test_mpi_suite.py covers normal runs)."""
+    if _TEST_TIMEOUT <= 0:
+        yield
+        return
+    faulthandler.dump_traceback_later(_TEST_TIMEOUT, exit=True)
+    try:
+        yield
+    finally:
+        faulthandler.cancel_dump_traceback_later()
 
 
 @pytest.fixture

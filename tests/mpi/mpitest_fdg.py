@@ -1,5 +1,7 @@
 """Decoupled pipeline (fdg) on M x K grids: equals the stacked reference, K = 1 equals centralized SGD,
 staleness 2 (K - 1 - k) with gradients exactly at the stashed weights, bitwise resume, error paths."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -112,9 +114,9 @@ def test_staleness_and_gradient_at_stashed_weights(M, K):
     sess = setup_grid(cfg, W)
     algo, state, k = sess.algo, sess.state, sess.comm.k
     algo.trace = []
-    hist = {-1: state.x.copy()}
+    hist, metrics = {-1: state.x.copy()}, {}
     for t in range(steps):
-        state, _ = algo.step(t, state, sess.oracle, sess.comm)
+        state, metrics[t] = algo.step(t, state, sess.oracle, sess.comm)
         hist[t] = state.x.copy()
     fwd = {b: t for kind, t, b, *_ in algo.trace if kind == "fwd"}
     bwd = [(t, b, p) for kind, t, b, *p in algo.trace if kind == "bwd"]
@@ -131,7 +133,24 @@ def test_staleness_and_gradient_at_stashed_weights(M, K):
             live_gap = max(live_gap, float(np.abs(ref.vjp_at(stage, hist[t - 1], h, delta) - gw).max()))
     expected = max(0, steps - 2 * (K - 1) - 0)  # batches fed = backward events per stage
     ok &= len(bwd) == expected and len(set(b for _, b, _ in bwd)) == expected
+    # the step's loss / accuracy: the last stage's minibatch at the weights before its step, recomputed
+    # here from the stage's input; the other stages report none
+    labels = _ref_batches(cfg, M, sess.steps_per_epoch)
+    mgap, reported = 0.0, {t for t, m in metrics.items() if m["loss"] is not None or m["acc"] is not None}
+    if k == K - 1:
+        mod = copy.deepcopy(stage)
+        for t, b, (h, _, _) in bwd:
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(hist[t - 1].copy()), mod.parameters())
+            with torch.no_grad():
+                out = mod(torch.from_numpy(h))
+            yb = labels(sess.comm.m, b)[1]
+            acc = float((out.argmax(1) == yb).double().mean())
+            loss = float(torch.nn.functional.cross_entropy(out, yb))
+            mgap = max(mgap, abs(metrics[t]["loss"] - loss), abs(metrics[t]["acc"] - acc))
+    want = {t for t, _, _ in bwd} if k == K - 1 else set()
     sess.close()
+    assert_all(reported == want and mgap < 1e-12, f"stage {k}: loss/accuracy reported at iterations "
+               f"{sorted(reported)} (expected {sorted(want)}), off the recomputed ones by {mgap:.3e}")
     assert_all(ok, f"stage {k} of {K}: staleness != {d} or wrong batch count ({len(bwd)} vs {expected})")
     assert_all(worst < 1e-12, f"stage {k}: gradient differs from the one at the stashed weights by {worst:.3e}")
     assert_all(k == K - 1 or live_gap > 1e-8, f"stage {k}: the live weights give the same gradient ({live_gap})")
@@ -259,23 +278,43 @@ class _Head(torch.nn.Module):
         return self.linear(x.mean(dim=(2, 3)))
 
 
-def test_resnet20_with_batchnorm_matches_reference():
-    """ResNet-20 (BatchNorm in train mode) on a 1 x N pipeline: == the reference, 1e-10."""
+@pytest.mark.parametrize("resume_at", [None, 5])
+def test_resnet20_with_batchnorm_matches_reference(resume_at):
+    """ResNet-20 (BatchNorm in train mode) on a 1 x N pipeline: == the reference, 1e-10; also when the
+    run stops at step 5 and a new session continues from the copied state and buffers (the resumed
+    backward recomputes the in-flight graphs, which must not move the running statistics again)."""
     if N not in (2, 3):
         pytest.skip("1 x 2 and 1 x 3 grids")
     steps, cuts = 8, (4, 8)[:N - 1]
     cfg = config.load(None, BASE + [f"algorithm.stages={N}", f"algorithm.cuts={list(cuts)}", "model.name=resnet20",
                                     f"run.steps={steps}", "algorithm.momentum=0.9", "algorithm.lr=0.05",
                                     "algorithm.beta=0.5"])
-    sess, state = _run(cfg, steps)
+    if resume_at is None:
+        sess, state = _run(cfg, steps)
+    else:
+        sess, part = _run(cfg, resume_at)
+        saved = {key: (v.copy() if isinstance(v, np.ndarray) else v) for key, v in state_to_dict(part).items()}
+        buffers = sess.extra_state()                      # copies (NumPy)
+        sess.close()
+        sess = setup_grid(cfg, W)
+        sess.load_extra_state(buffers)
+        state = state_from_dict(sess.algo.state_cls, saved, like=sess.state)
+        sess, state = _run(cfg, steps, sess, state, start=resume_at)
     shard = load_agent_data("digits")
     model = build_model("resnet20", shard.input_shape, shard.num_classes, seed=0).double()
     units = [model.stem, *model.blocks, _Head(model.head)]
     bounds = (0, *cuts, len(units))
     stages = [torch.nn.Sequential(*units[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
     a = cfg.algorithm
+    bufs = []
     Wref = ref.fdg(stages, _ref_batches(cfg, 1, sess.steps_per_epoch), 1, steps, lambda t: a.lr,
-                   mu=a.momentum, beta=a.beta)
+                   mu=a.momentum, beta=a.beta, buffers=bufs)
     err = np.abs(state.x - Wref[sess.comm.k]).max()
+    # BatchNorm running statistics (what evaluation uses): moved once per batch, at the forward
+    want = bufs[0][sess.comm.k]
+    mine = dict(sess.algo.fm.model.named_buffers())
+    berr = max(float((mine[n].double() - want[n].double()).abs().max()) for n in want) if want else 0.0
     sess.close()
     assert_all(err < 1e-10, f"resnet20 1x{N}: max |mpi - reference| = {err:.3e}")
+    assert_all(len(want) > 0 and mine.keys() == want.keys() and berr < 1e-10,
+               f"resnet20 1x{N}: BatchNorm buffers off the reference by {berr:.3e}")

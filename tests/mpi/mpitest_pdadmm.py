@@ -170,6 +170,115 @@ def test_rejected_w_steps_are_counted():
     assert_all(all(np.array_equal(g[l]["W"], Ws[l]) for l in range(3)), "a rejected W step moved W")
     assert_all(state.rejected[:, 1].tolist() == [2] * (algo.l1 - algo.l0),
                f"rejected W steps {state.rejected[:, 1].tolist()}, expected 2 per layer")
+    # the p steps likewise: at k = 0 the p gradient is 0 (R = 0, p = q, u = 0), after that every
+    # p step is rejected, so p keeps its forward-pass value and layers l >= 1 count 2 rejections
+    S0 = ref.init(X, Ws, bs)
+    assert_all(all(np.array_equal(g[l]["p"], S0["p"][l]) for l in range(1, 3)), "a rejected p step moved p")
+    want = [0 if l == 0 else 2 for l in range(algo.l0, algo.l1)]
+    assert_all(state.rejected[:, 0].tolist() == want, f"rejected p steps {state.rejected[:, 0].tolist()}, "
+                                                      f"expected {want}")
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(quantize=True, quantize_p=True)], ids=["plain", "qp"])
+def test_equal_width_layers_equal_reference(opts):
+    """Layers with n_in == n_out (5 -> 5 at l = 1, 2): the wide-layer p step (G over R), which the
+    DIMS cases reach only with n_in < n_out."""
+    dims = [6, 5, 5, 5, 3]
+    if P > 4:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12, **opts)
+    X, y, Ws, bs = _problem(dims, seed=4)
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
+    S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
+    g = _gather(algo, state)
+    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
+              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
+              not (k == "p" and l == 0))
+    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+
+
+def test_rho_raise_decisions_use_the_last_layers_cost():
+    """rho_raise with a rho_tol at which the reference raises rho at some iterations and not at others:
+    every rank must take the cost of the last layer's rank (a broadcast) to make the same choices."""
+    dims = DIMS[4]
+    if P > 4:
+        pytest.skip("more ranks than layers")
+    X, y, Ws, bs = _problem(dims, seed=5)
+    for tol in (0.03, 0.1, 0.3):
+        cfg = PdADMMConfig(rho=0.05, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12,
+                           rho_raise=True, rho_factor=2.0, rho_max=10.0, rho_tol=tol)
+        S, costs, rhos = ref.run(X, y, Ws, bs, _hp(cfg), 8)
+        rho = ref.raise_rho(costs, rhos[-1], cfg.rho_factor, cfg.rho_max, cfg.rho_tol)
+        raises = sum(b > a for a, b in zip(rhos + [rho], (rhos + [rho])[1:]))
+        if 0 < raises < 6:
+            break
+    assert_all(0 < raises < 6, f"no rho_tol gives a mixed raise pattern: {rhos}")
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 8)
+    g = _gather(algo, state)
+    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
+              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
+              not (k == "p" and l == 0))
+    assert_all(err < 1e-10 and state.rho == rho, f"rho {state.rho} vs {rho} (tol {tol}, reference {rhos}), "
+                                                 f"max relative deviation {err:.3e}")
+
+
+def test_step_on_a_restored_state_equals_reference():
+    """A state with new arrays (as a resume restores it) after 3 iterations: the next 3 iterations must
+    update that state, not the arrays the layer views were bound to before."""
+    import dataclasses
+    dims = DIMS[3]
+    if P > 3:
+        pytest.skip("more ranks than layers")
+    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12)
+    X, y, Ws, bs = _problem(dims, seed=6)
+    l0, l1 = layer_blocks(3, P)[R]
+    algo = PdADMM(cfg, dims=dims, n_samples=len(y), rank=R, size=P, dtype=np.float64,
+                  X=X if l0 == 0 else None, y=y if l1 == 3 else None)
+    with GraphComm(WORLD, T.path(P)) as gc:
+        state = algo.init((Ws[l0:l1], bs[l0:l1]), gc)
+        for k in range(3):
+            state, _ = algo.step(k, state, None, gc)
+        state = dataclasses.replace(state, **{f.name: getattr(state, f.name).copy()
+                                              for f in dataclasses.fields(state)
+                                              if isinstance(getattr(state, f.name), np.ndarray)})
+        for k in range(3, 6):
+            state, _ = algo.step(k, state, None, gc)
+    S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
+    g = _gather(algo, state)
+    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
+              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
+              not (k == "p" and l == 0))
+    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+
+
+class _OneRankPath:
+    """The path communicator of a one-rank block: the cost broadcast from rank 0 has nothing to do."""
+
+    def bcast(self, buf, root):
+        assert root == 0
+
+
+def test_rho_raise_follows_the_cost_history():
+    """rho <- min(factor rho, rho_max) exactly when the cost fell by < rho_tol in each of the last two
+    iterations, against reference.pdadmm.raise_rho on a scripted cost series: big then small drops,
+    a drop of exactly rho_tol (not < tol), a rise (counts as stalled), and the cap."""
+    cfg = PdADMMConfig(rho=0.01, rho_raise=True, rho_factor=4.0, rho_max=0.5, rho_tol=0.25)
+    algo = PdADMM(cfg, dims=[2, 2], n_samples=1, rank=0, size=1)
+    state = algo.state_cls(*(np.zeros(0),) * 9, tau_p=np.zeros(1), tau_W=np.zeros(1),
+                           rejected=np.zeros((1, 2), np.int64), costs=np.full(3, np.nan), rho=cfg.rho)
+    # drops 4, 1/8, 7/8, 1/8, 1/8, 1/4, 1/4, 1/4, -1/8, 1/8, 1, 1/8, ... (tol = 1/4, exact in binary):
+    # consecutive pairs (<, <), (<, =), (=, <), (=, =), (<, >), (>, <), a rise, and rho reaches the cap
+    series = [8.0, 4.0, 3.875, 3.0, 2.875, 2.75, 2.5, 2.25, 2.0, 2.125, 2.0, 1.0, 0.875, 0.75, 0.625, 0.5]
+    costs, rho, got, want = [], cfg.rho, [], []
+    for c in series:
+        state.loss = c
+        algo._raise_rho(state, _OneRankPath())
+        costs.append(c)
+        rho = ref.raise_rho(costs, rho, cfg.rho_factor, cfg.rho_max, cfg.rho_tol)
+        got.append(state.rho)
+        want.append(rho)
+    assert_all(got == want, f"rho {got}, expected {want}")
+    assert_all(len(set(want)) >= 4 and want[-1] == cfg.rho_max, f"the series does not exercise the rule: {want}")
 
 
 @pytest.mark.parametrize("L", [3, 5])

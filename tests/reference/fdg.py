@@ -38,12 +38,15 @@ def _vjp(module, w, h, delta):
     return gw.detach().clone(), h.grad.detach().clone()
 
 
-def fdg(stages, batch, M, T, lr, *, mu=0.0, nesterov=False, wd=0.0, beta=1.0, trace=None):
+def fdg(stages, batch, M, T, lr, *, mu=0.0, nesterov=False, wd=0.0, beta=1.0, trace=None, buffers=None):
     """Final per-stage weight vectors after T iterations (every replica holds the same ones).
 
     ``stages``: the K stage modules (initial weights); ``batch(m, b) -> (x, y)``
     replica m's batch b; ``lr(t)``; ``trace`` (a dict) receives the weights
-    after every iteration, ``trace[t][k]``.
+    after every iteration, ``trace[t][k]``.  Buffers (BatchNorm running
+    statistics) move once per batch and stage, at its forward: the backward's
+    recomputation leaves them alone.  ``buffers`` (a list) receives replica
+    m's final buffers of every stage, ``buffers[m][k]`` = {name: tensor}.
     """
     K = len(stages)
     mods = [[copy.deepcopy(s) for s in stages] for _ in range(M)]
@@ -82,7 +85,10 @@ def fdg(stages, batch, M, T, lr, *, mu=0.0, nesterov=False, wd=0.0, beta=1.0, tr
                     if not 0 <= b < nb:
                         continue
                     w_old, h = stash[m][k].pop(b)
+                    keep = [x.clone() for x in mods[m][k].buffers()]
                     gw, gh = _vjp(mods[m][k], w_old, h, beta * deltas[m][k].pop(b))
+                    for x, x0 in zip(mods[m][k].buffers(), keep):
+                        x.copy_(x0)
                     grads[m][k] = gw
                     if k > 0:
                         new_deltas[m][k - 1][b] = gh
@@ -109,6 +115,8 @@ def fdg(stages, batch, M, T, lr, *, mu=0.0, nesterov=False, wd=0.0, beta=1.0, tr
                 deltas[m][k].update(new_deltas[m][k])
         if trace is not None:
             trace[t] = [w.clone() for w in W]
+    if buffers is not None:
+        buffers.extend([{n: x.clone() for n, x in s.named_buffers()} for s in row] for row in mods)
     return [w.numpy() for w in W]
 
 
