@@ -74,7 +74,7 @@ class Topology:
         if bad.size:
             i = int(bad[0])
             raise TopologyError(
-                f"row {i} of the mixing matrix sums to {rows[i]!r}, not 1 "
+                f"row {i} of the mixing matrix sums to {float(rows[i])!r}, not 1 "
                 f"({bad.size} bad row(s)); row i holds the weights agent i applies")
         w.setflags(write=False)
         object.__setattr__(self, "weights", w)
@@ -160,7 +160,7 @@ class Topology:
             j = int(np.argmax(np.abs(cols - 1.0)))
             raise TopologyError(
                 f"topology {self.name!r} is not doubly stochastic: column {j} sums "
-                f"to {cols[j]!r}; use weights='metropolis' or 'max-degree'")
+                f"to {float(cols[j])!r}; use weights='metropolis' or 'max-degree'")
         return self
 
     def summary(self) -> str:
@@ -257,7 +257,7 @@ def from_matrix(weights, *, edges=None, directed=False, doubly_stochastic=False,
         if off.any():
             i, j = (int(v) for v in np.argwhere(off)[0])
             raise TopologyError(
-                f"weight W[{i}, {j}] = {topo.weights[i, j]!r} is on a non-edge "
+                f"weight W[{i}, {j}] = {float(topo.weights[i, j])!r} is on a non-edge "
                 f"(agent {i} does not receive from agent {j})")
     return topo.check(connected=connected, doubly_stochastic=doubly_stochastic)
 

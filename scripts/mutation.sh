@@ -35,9 +35,11 @@ TARGETS="
 kernels-mixing|kernels/mixing.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
 kernels-prox|kernels/prox.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_prox.py
 kernels-losses|kernels/losses.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
+kernels-losses-rest|kernels/losses.py|35-35,42-42,45-45,53-53,57-57,63-63,71-71,73-73,104-106,143-143|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_losses.py tests/test_oracles.py
 kernels-surrogate|kernels/surrogate.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_surrogate.py
 kernels-quantize|kernels/quantize.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_quantize.py
 kernels-admm|kernels/admm.py|64-163|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
+kernels-admm-rest|kernels/admm.py|1-63,164-523|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
 algorithms-base|mpidl/algorithms/base.py||python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
 algorithms-next|mpidl/algorithms/next.py|75-178|$MPI_RUN tests/mpi/mpitest_next.py -x
@@ -48,8 +50,12 @@ algorithms-fdg-step|mpidl/algorithms/fdg.py|175-179,210-260|$MPI_RUN tests/mpi/m
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
+topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+config-logic|mpidl/config.py|94-285|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
+config-defaults|mpidl/config.py|1-93|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 checkpoint|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
+checkpoint-serial|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py -k 'round_trip or keep_newest or mismatch or corruption or bad_state or crash_mid_save or ckpt_command or preemption_guard_local'
 "
 
 # Operators: arithmetic and comparison swaps that change a value (not bit operators, `is`, or

@@ -216,3 +216,135 @@ def test_input_checks():
         K.u_update(a.copy(), a, a, -1.0)
     with pytest.raises(ValueError, match="C-contiguous"):
         K.sumsq(np.zeros((4, 4))[:, ::2])
+
+
+# -- tests added by the third mutation run (docs/testing.md) -------------------------
+def test_ce_prox_large_logits_and_one_class():
+    # logits far apart: the max shift must use the whole row (v[0] included), else exp overflows
+    a = np.array([[800.0, 0.0, -5.0], [0.0, 900.0, 1.0], [-700.0, 3.0, 750.0]])
+    z0 = a.copy()
+    y = np.array([1, 0, 2])
+    out, ce, its = K.ce_prox(a, y, z0, 0.5, 1.0, 5, 0.0)
+    w_out, w_ce, w_its = ref.ce_prox(a, y, z0, 0.5, 1.0, 5, 0.0)
+    assert np.all(np.isfinite(out)) and np.all(np.isfinite(ce)) and its == w_its == 5
+    np.testing.assert_allclose(out, w_out, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(ce, w_ce, rtol=1e-12)
+    # one class: CE is identically 0, so z = a is the minimiser; the FISTA map sends a to a
+    a1 = np.array([[0.5], [-2.0]])           # (a + s nu a) / (1 + s nu) == a exactly for these
+    out1, ce1, its1 = K.ce_prox(a1, np.array([0, 0]), a1.copy(), 0.5, 1.0, 3, 0.0)
+    np.testing.assert_allclose(out1, a1, rtol=1e-15)
+    np.testing.assert_array_equal(ce1, 0.0)
+    # started at the minimiser, the objective does not change: a change <= tol = 0 stops after 1 step
+    assert its1 == ref.ce_prox(a1, np.array([0, 0]), a1, 0.5, 1.0, 3, 0.0)[2] == 1
+
+
+def test_ce_prox_argument_checks():
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((6, 3))          # 6 rows, 3 classes: rows != columns
+    y = np.array([0, 1, 2, 0, 1, 2])
+    with pytest.raises(ValueError, match="labels"):
+        K.ce_prox(a, np.array([0, 1, 3, 0, 1, 2]), a, 0.5, 1.0, 5, 0.0)  # label == C is out of range
+    with pytest.raises(ValueError, match="length 6"):
+        K.ce_prox(a, y[:5], a, 0.5, 1.0, 5, 0.0)
+    with pytest.raises(ValueError, match="labels"):
+        K.ce_prox(a, np.array([0, 1, -1, 0, 1, 2]), a, 0.5, 1.0, 5, 0.0)  # label -1 too
+    with pytest.raises(ValueError, match="max_iter"):
+        K.ce_prox(a, y, a, 0.5, 1.0, -1, 0.0)
+    with pytest.raises(ValueError, match="tol"):
+        K.ce_prox(a, y, a, 0.5, 1.0, 5, -0.5)
+    with pytest.raises(ValueError, match=r"ce must be float64 of shape \(6,\)"):
+        K.ce_prox(a, y, a, 0.5, 1.0, 5, 0.0, ce=np.empty(3))
+    with pytest.raises(ValueError, match=r"ce must be float64"):
+        K.ce_prox(a, y, a, 0.5, 1.0, 5, 0.0, ce=np.empty(6, dtype=np.float32))
+    # no rows: nothing to do, zero steps
+    out0, ce0, its0 = K.ce_prox(np.zeros((0, 3)), np.zeros(0, dtype=np.int64), np.zeros((0, 3)), 0.5, 1.0, 5, 0.0)
+    assert out0.shape == (0, 3) and ce0.shape == (0,) and its0 == 0
+    # one row
+    o1, c1, i1 = K.ce_prox(a[:1], y[:1], a[:1].copy(), 0.5, 1.0, 4, 0.0)
+    w1 = ref.ce_prox(a[:1], y[:1], a[:1], 0.5, 1.0, 4, 0.0)
+    np.testing.assert_allclose(o1, w1[0], rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(c1, w1[1], rtol=1e-12)
+    assert i1 == w1[2] == 4
+    # step = 2 (1 / the curvature bound) is allowed
+    np.testing.assert_allclose(K.ce_prox(a, y, a, 0.5, 2.0, 4, 0.0)[0], ref.ce_prox(a, y, a, 0.5, 2.0, 4, 0.0)[0],
+                               rtol=1e-12, atol=1e-14)
+    ce = np.full(6, np.nan)                    # a caller's ce buffer of the right shape is filled
+    out, got, its = K.ce_prox(a, y, a.copy(), 0.5, 1.0, 5, 0.0, ce=ce)
+    assert got is ce
+    np.testing.assert_allclose(ce, ref.ce_prox(a, y, a, 0.5, 1.0, 5, 0.0)[1], rtol=1e-12)
+
+
+def test_scalar_and_row_checks():
+    a = np.zeros(5)
+    for bad in (0.0, -0.5):                     # nu, rho > 0 (open bound) in every kernel
+        with pytest.raises(ValueError, match="rho"):
+            K.q_update(a, a, a, 1.0, bad)
+        with pytest.raises(ValueError, match="rho"):
+            K.p_grad_dual(a.copy(), a, a, a, 1.0, bad)
+        with pytest.raises(ValueError, match="rho"):
+            K.p_grad(a.copy(), a, a, a, 1.0, bad)
+        with pytest.raises(ValueError, match="rho"):
+            K.u_update(a.copy(), a, a, bad)
+        with pytest.raises(ValueError, match="nu"):
+            K.p_grad(a.copy(), a, a, a, bad, 1.0)
+        with pytest.raises(ValueError, match="nu"):
+            K.p_grad_dual(a.copy(), a, a, a, bad, 1.0)
+        with pytest.raises(ValueError, match="nu"):
+            K.z_step_dual(a.copy(), a.copy(), a.copy(), bad)
+        a2 = np.zeros((2, 3))
+        with pytest.raises(ValueError, match="step"):
+            K.ce_prox(a2, np.array([0, 1]), a2, 0.5, bad, 5, 0.0)
+        with pytest.raises(ValueError, match="nu"):
+            K.ce_prox(a2, np.array([0, 1]), a2, bad, 1.0, 5, 0.0)
+    with pytest.raises(ValueError, match="no rows"):
+        K.center_columns(np.zeros((0, 3)), np.zeros(3))
+    r1, b1 = np.array([[1.0, -2.0, 4.0]]), np.array([0.5, 0.0, -1.0])   # one row: its mean is itself
+    np.testing.assert_array_equal(K.center_columns(r1, b1), [1.0, -2.0, 4.0])
+    np.testing.assert_array_equal(b1, [1.5, -2.0, 3.0])
+    np.testing.assert_array_equal(r1, 0.0)
+    with pytest.raises(ValueError, match="b has 2 entries, r has 3 columns"):
+        K.center_columns(np.zeros((4, 3)), np.zeros(2))
+    with pytest.raises(ValueError, match="b has 2 entries, r has 3 columns"):
+        K.resid_refresh(np.zeros((4, 3)), np.zeros((4, 3)), np.zeros(2))
+
+
+def test_list_input_and_partial_overlap():
+    assert K.sumsq([3.0, 4.0]) == 25.0              # array-likes are accepted
+    buf = np.arange(12, dtype=np.float64)
+    a, z0, q = buf[:10], np.zeros(10), np.ones(10)
+    with pytest.raises(ValueError, match="out partially overlaps a"):
+        K.z_update(a, z0, q, out=buf[2:12])
+    with pytest.raises(ValueError, match="out partially overlaps z"):
+        K.q_update(a, z0, q, 1.0, 1.0, out=buf[1:11])
+
+
+def test_backtrack_argument_bounds():
+    with pytest.raises(ValueError, match="gg"):
+        K.backtrack(-0.5, 1.0, 1.0, 3)
+    for eta in (1.0, 0.5):                          # eta > 1: the trial t must grow
+        with pytest.raises(ValueError, match="eta"):
+            K.backtrack(1.0, 1.0, 1.0, 3, eta=eta)
+    # eta = 3: t = 1, 3, 9; ghg = 9 gg is accepted at t = 9 (decrease = gg/t - ghg/(2t^2) = gg/(2t))
+    assert K.backtrack(1.0, 9.0, 1.0, 5, eta=3.0) == (9.0, 2, True)
+
+
+def test_ce_prox_label_checks():
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((6, 3))
+    y = np.array([2, 1, 1, 2, 1, 2])                # valid labels that never use class 0
+    np.testing.assert_allclose(K.ce_prox(a, y, a.copy(), 0.5, 1.0, 4, 0.0)[1],
+                               ref.ce_prox(a, y, a, 0.5, 1.0, 4, 0.0)[1], rtol=1e-12)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\)"):
+        K.ce_prox(a, y + 1, a, 0.5, 1.0, 4, 0.0)
+    for bad in (y.reshape(6, 1), y.astype(np.float64)):   # 2-D or non-integer labels
+        with pytest.raises(ValueError, match="1-D integer labels of length 6"):
+            K.ce_prox(a, bad, a, 0.5, 1.0, 4, 0.0)
+    with pytest.raises(ValueError, match="at least one column"):
+        K.ce_prox(np.zeros((2, 0)), np.array([0, 0]), np.zeros((2, 0)), 0.5, 1.0, 4, 0.0)
+
+
+def test_empty_arrays():
+    e = np.zeros(0)
+    assert K.sumsq(e) == 0.0
+    assert K.z_update(e, e, e).shape == (0,) and K.q_update(e, e, e, 1.0, 1.0).shape == (0,)
+    assert K.axpy(e.copy(), e, 2.0).shape == (0,)
