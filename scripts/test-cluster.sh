@@ -53,11 +53,22 @@ if [ ! -f "$stamp" ]; then
     "$venv/bin/python" -m pip install -q -e ".[test,plot,data]"
     touch "$stamp"
 fi
+# The venv is shared by every clone on this machine: its editable mpidl must be this clone's
+# (checked from outside the tree, as the ranks of tests/mpi/run.py import it).
+where="$(cd / && "$venv/bin/python" -c 'import mpidl, mpidl.kernels; print(mpidl.__file__, mpidl.kernels.__file__)' 2>/dev/null || true)"
+if [ "$where" != "$PWD/mpidl/__init__.py $PWD/kernels/__init__.py" ]; then
+    say "installing this clone's mpidl into $venv (it had: ${where:-none})"
+    "$venv/bin/python" -m pip install -q --no-deps -e .
+fi
 "$venv/bin/python" - <<'PY'
 from mpi4py import MPI
 v = MPI.Get_library_version()
 assert "Open MPI" in v, f"{__import__('mpi4py').__file__} is not built against Open MPI: {v[:80]}"
 print("[test-cluster] Open MPI venv:", v.splitlines()[0][:60], "MPI", MPI.Get_version())
+import os, mpidl, mpidl.kernels
+here = os.getcwd()
+assert mpidl.__file__ == f"{here}/mpidl/__init__.py" and mpidl.kernels.__file__ == f"{here}/kernels/__init__.py", \
+    f"the Open MPI venv imports mpidl from {mpidl.__file__} and {mpidl.kernels.__file__}, not from {here}"
 PY
 t_build=$(date +%s)
 say "virtual environments: $((t_build - t_apt)) s"

@@ -1,4 +1,5 @@
 """NEXT's configuration: the defaults are the documented ones, and every check holds at its boundary."""
+import dataclasses
 import re
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def test_defaults_are_the_documented_ones():
         got = getattr(cfg, key)
         assert type(got) is type(want) and got == want, (key, got, want)
     assert cfg.name == "next" and C.load(None, ["algorithm.name=next"]).algorithm == cfg
+    with pytest.raises(dataclasses.FrozenInstanceError):      # a run's settings cannot drift
+        cfg.tau = 2.0
 
 
 @pytest.mark.parametrize("key,ok,bad", [
