@@ -190,3 +190,13 @@ def test_register_algorithm_and_layout():
     assert C.algorithm_layout("pdadmm") is not None and C.algorithm_layout("fdg") is not None
     reg = C.algorithm_registry()
     assert {"cdsgd", "cdmsgd", "centralized", "fedavg", "next", "lsgd", "easgd", "fdg", "pdadmm"} <= set(reg)
+
+
+def test_every_section_is_frozen():
+    """A run's settings cannot drift after loading: every section rejects assignment."""
+    cfg = C.load(None, ["algorithm.name=cdsgd"])
+    for section in ("data", "model", "topology", "run", "algorithm"):
+        obj = getattr(cfg, section)
+        name = dataclasses.fields(obj)[0].name
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(obj, name, getattr(obj, name))
