@@ -117,6 +117,10 @@ def test_losses_validate():
         kernels.logistic(w, X, s, out=w)
     with pytest.raises(ValueError, match="n_blocks"):
         kernels.logistic_blocks(w, X, s, 0)
+    for bad in (True, np.bool_(True), 2.0, "2"):          # a count is an integer, not a bool or float
+        with pytest.raises(ValueError, match=r"n_blocks must be an integer >= 1, got"):
+            kernels.least_squares_blocks(w, X, y, bad)
+    assert kernels.least_squares_blocks(w, X, y, np.int32(2))[0] == pytest.approx(ref.least_squares(w, X, y)[0])
 
 
 def test_losses_error_messages_name_the_argument_and_sizes():
