@@ -41,6 +41,7 @@ kernels-quantize|kernels/quantize.py||env NUMBA_DISABLE_JIT=1 python -m pytest -
 kernels-admm|kernels/admm.py|64-163|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
 kernels-admm-rest|kernels/admm.py|1-63,164-523|env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_admm.py
 kernels-validate|kernels/_validate.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py tests/test_kernels_prox.py tests/test_kernels_losses.py tests/test_kernels_surrogate.py tests/test_kernels_quantize.py tests/test_kernels_admm.py
+kernels-blas|kernels/_blas.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py tests/test_kernels_prox.py tests/test_kernels_losses.py tests/test_kernels_surrogate.py tests/test_kernels_quantize.py tests/test_kernels_admm.py
 kernels-threads|kernels/threads.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py tests/test_kernels_prox.py tests/test_kernels_losses.py tests/test_kernels_surrogate.py tests/test_kernels_quantize.py tests/test_kernels_admm.py
 algorithms-base|mpidl/algorithms/base.py||python -m pytest -x -q -p no:cacheprovider tests/test_lr_schedule.py
 algorithms-cdsgd|mpidl/algorithms/cdsgd.py||$MPI_RUN tests/mpi/mpitest_cdsgd.py -x
