@@ -1,4 +1,6 @@
 """Topology: generators, weight rules, checks, spectral gap (pure NumPy)."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -377,3 +379,22 @@ def test_directed_irregular_and_small_inputs():
     for make in (T.ring, T.one_peer_exponential, T.random_matching):
         with pytest.raises(T.TopologyError, match="number of agents must be >= 1, got 0"):
             make(0)
+
+
+def test_errors_name_the_first_bad_row_and_the_worst_column():
+    """The messages point at the right agent: the first row off 1, the column furthest from 1."""
+    w = np.eye(4)
+    w[1, 1], w[3, 3] = 0.5, 0.25                      # rows 1 and 3 sum to 0.5 and 0.25
+    with pytest.raises(T.TopologyError, match=r"row 1 of the mixing matrix sums to 0\.5, not 1 \(2 bad row"):
+        T.Topology(w)
+    w = np.array([[0.1, 0.5, 0.4], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]])   # columns 0.1, 1.5, 1.4
+    with pytest.raises(T.TopologyError, match=r"column 0 sums to 0\.1"):
+        T.Topology(w, "t").check(connected=False, doubly_stochastic=True)
+
+
+def test_topology_is_immutable():
+    t = T.Topology(np.full((2, 2), 0.5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        t.name = "other"
+    with pytest.raises(ValueError):
+        t.weights[0, 0] = 1.0
