@@ -54,6 +54,7 @@ algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_
 algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
+topology-generators|mpidl/topology.py|265-351,388-402|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 config-logic|mpidl/config.py|94-285|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 config-defaults|mpidl/config.py|1-93|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py

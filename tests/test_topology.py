@@ -398,3 +398,12 @@ def test_topology_is_immutable():
         t.name = "other"
     with pytest.raises(ValueError):
         t.weights[0, 0] = 1.0
+
+
+def test_erdos_renyi_defaults_and_its_error():
+    """The default seed is 0; with p = 0 it gives up after max_tries = 1000 draws, and the hint
+    is ln(max(n, 2)) / n (ln 2 / 2 = 0.347 for two agents)."""
+    assert np.array_equal(T.erdos_renyi(8, 0.5).weights, T.erdos_renyi(8, 0.5, seed=0).weights)
+    assert not np.array_equal(T.erdos_renyi(8, 0.5).weights, T.erdos_renyi(8, 0.5, seed=1).weights)
+    with pytest.raises(T.TopologyError, match=r"no connected G\(2, 0\.0\) in 1000 samples; .* = 0\.347\)"):
+        T.erdos_renyi(2, 0.0)
