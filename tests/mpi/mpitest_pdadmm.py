@@ -70,6 +70,14 @@ def _gather(algo, state):
     return out
 
 
+def _max_rel_dev(g, S):
+    """Largest deviation of the gathered per-layer states ``g`` from the reference ``S``, relative
+    to max(1, |reference|), over W, b, z, p (layers >= 1), q and u."""
+    return max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
+               for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k]))
+               if S[k][l] is not None and not (k == "p" and l == 0))
+
+
 def _stacked(g, L):
     S = {"W": [g[l]["W"] for l in range(L)], "b": [g[l]["b"] for l in range(L)],
          "z": [g[l]["z"] for l in range(L)], "p": [None] + [g[l]["p"] for l in range(1, L)],
@@ -130,9 +138,7 @@ def test_row_blocked_gemms_equal_reference(monkeypatch, opts):
     algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
     S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
     g = _gather(algo, state)
-    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
-              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
-              not (k == "p" and l == 0))
+    err = _max_rel_dev(g, S)
     assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
 
 
@@ -191,9 +197,7 @@ def test_equal_width_layers_equal_reference(opts):
     algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
     S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
     g = _gather(algo, state)
-    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
-              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
-              not (k == "p" and l == 0))
+    err = _max_rel_dev(g, S)
     assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
 
 
@@ -215,9 +219,7 @@ def test_rho_raise_decisions_use_the_last_layers_cost():
     assert_all(0 < raises < 6, f"no rho_tol gives a mixed raise pattern: {rhos}")
     algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 8)
     g = _gather(algo, state)
-    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
-              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
-              not (k == "p" and l == 0))
+    err = _max_rel_dev(g, S)
     assert_all(err < 1e-10 and state.rho == rho, f"rho {state.rho} vs {rho} (tol {tol}, reference {rhos}), "
                                                  f"max relative deviation {err:.3e}")
 
@@ -245,9 +247,7 @@ def test_step_on_a_restored_state_equals_reference():
             state, _ = algo.step(k, state, None, gc)
     S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
     g = _gather(algo, state)
-    err = max(float(np.abs(g[l][k] - S[k][l]).max() / max(1.0, np.abs(S[k][l]).max()))
-              for k in ("W", "b", "z", "p", "q", "u") for l in range(len(S[k])) if S[k][l] is not None and
-              not (k == "p" and l == 0))
+    err = _max_rel_dev(g, S)
     assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
 
 
