@@ -18,23 +18,7 @@ P, R = WORLD.Get_size(), WORLD.Get_rank()
 DIMS = {3: [6, 5, 4, 3], 4: [6, 4, 6, 5, 3], 5: [6, 5, 4, 5, 4, 3]}     # 4: layer 1 widens (not "narrow")
 
 
-def _problem(dims, n=40, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.uniform(0, 1, (n, dims[0]))
-    y = rng.integers(0, dims[-1], n)
-    Ws = [rng.normal(0, 0.5, (dims[l + 1], dims[l])) for l in range(len(dims) - 1)]
-    bs = [rng.normal(0, 0.1, dims[l + 1]) for l in range(len(dims) - 1)]
-    return X, y, Ws, bs
-
-
-def _hp(cfg):
-    hp = dict(nu=cfg.nu, rho=cfg.rho, mu=cfg.mu, tau0=cfg.tau0, max_doublings=cfg.max_doublings,
-              fista_step=cfg.fista_step, fista_iters=cfg.fista_iters, fista_tol=cfg.fista_tol,
-              quantize_p=cfg.quantize_p, rho_raise=cfg.rho_raise, rho_factor=cfg.rho_factor,
-              rho_max=cfg.rho_max, rho_tol=cfg.rho_tol)
-    if cfg.quantize:
-        hp["quantize"] = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points)
-    return hp
+_problem, _hp = ref.problem, ref.hyper
 
 
 def _run_mpi(cfg, dims, X, y, Ws, bs, iters, each=None):

@@ -21,6 +21,27 @@ def relu(x):
     return np.maximum(x, 0)
 
 
+def problem(dims, n=40, seed=0):
+    """A small random problem (X, y, Ws, bs) with layer widths ``dims`` (float64)."""
+    rng = np.random.default_rng(seed)
+    X = rng.uniform(0, 1, (n, dims[0]))
+    y = rng.integers(0, dims[-1], n)
+    Ws = [rng.normal(0, 0.5, (dims[l + 1], dims[l])) for l in range(len(dims) - 1)]
+    bs = [rng.normal(0, 0.1, dims[l + 1]) for l in range(len(dims) - 1)]
+    return X, y, Ws, bs
+
+
+def hyper(cfg):
+    """The hyperparameters of :func:`run` from a PdADMMConfig (reads its fields only)."""
+    hp = dict(nu=cfg.nu, rho=cfg.rho, mu=cfg.mu, tau0=cfg.tau0, max_doublings=cfg.max_doublings,
+              fista_step=cfg.fista_step, fista_iters=cfg.fista_iters, fista_tol=cfg.fista_tol,
+              quantize_p=cfg.quantize_p, rho_raise=cfg.rho_raise, rho_factor=cfg.rho_factor,
+              rho_max=cfg.rho_max, rho_tol=cfg.rho_tol)
+    if cfg.quantize:
+        hp["quantize"] = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points)
+    return hp
+
+
 def init(X, Ws, bs, quantize=None):
     """Forward-pass initialisation: z_l = a_l, q_l = relu(z_l) (projected when quantising),
     p_{l+1} = q_l, u_l = 0."""
