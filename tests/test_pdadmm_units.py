@@ -2,8 +2,8 @@
 iterations of every layer block (the ranks of a path run as threads of this process, passing
 their messages through queues).
 
-Fast (a few seconds) so that mutation testing (scripts/mutation.sh, targets algorithms-pdadmm-init
-and pdadmm-layout-units) can run it per mutant. Every expected value comes from plain NumPy here
+Fast (a few seconds) so that mutation testing (scripts/mutation.sh, target algorithms-pdadmm-init) can
+run it per mutant. Every expected value comes from plain NumPy here
 or from tests/reference/pdadmm.py, never from the production function under test; the MPI tests
 (tests/mpi/mpitest_pdadmm.py) check the same iterations across real ranks.
 """
