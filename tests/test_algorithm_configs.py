@@ -130,3 +130,10 @@ def test_a_bad_value_is_a_config_error_through_load():
                                   ("fdg", "stages", 0, "stages must be >= 1")]:
         with pytest.raises(C.ConfigError, match=match):
             C.load(None, [f"algorithm.name={name}", f"algorithm.{key}={val}"])
+
+
+@pytest.mark.parametrize("cls", [LSGDConfig, EASGDConfig, PdADMMConfig, PdADMMQConfig, FDGConfig])
+def test_sections_are_frozen(cls):
+    cfg = cls()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.name = "x"
