@@ -57,7 +57,7 @@ algorithms-fdg-config|mpidl/algorithms/fdg.py|70-93|python -m pytest -x -q -p no
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 algorithms-pdadmm-init|mpidl/algorithms/pdadmm.py|128-290,462-527|python scripts/pytest_one_family.py -x -q -p no:cacheprovider tests/test_pdadmm_units.py
 pdadmm-layout-units|mpidl/algorithms/pdadmm_layout.py|36-112,229-241|python scripts/pytest_one_family.py -x -q -p no:cacheprovider tests/test_pdadmm_layout_units.py
-pdadmm-layout-session|mpidl/algorithms/pdadmm_layout.py|1-35,113-228,242-254|$MPI_RUN tests/mpi/mpitest_pdadmm_driver.py -x -k 'session or bad_inputs'
+pdadmm-layout-session|mpidl/algorithms/pdadmm_layout.py|1-35,113-228,242-254|$MPI_RUN tests/mpi/mpitest_pdadmm_driver.py -x -k session
 algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
