@@ -45,7 +45,7 @@ class _Comm:
     def _get(self, src, tag):
         self.path.turn.release()
         try:
-            return self.path.boxes[(src, self.rank, tag)].get(timeout=20)
+            return self.path.boxes[(src, self.rank, tag)].get(timeout=240)   # first calls compile kernels
         finally:
             self.path.turn.acquire()
 
@@ -91,7 +91,7 @@ def _on_ranks(size, fn):
     for t in threads:
         t.start()
     for t in threads:
-        t.join(60)
+        t.join(300)
     assert not any(t.is_alive() for t in threads), "a rank is still waiting for a message"
     if errors:
         raise errors[0]
