@@ -130,16 +130,17 @@ def test_memory_estimate_is_the_allocated_state_plus_the_model(monkeypatch, dims
 def test_memory_error_names_the_block_and_the_sizes(monkeypatch):
     dims = [6, 5, 4, 7, 3]
     alloc, n = _allocated(dims, 2, False, np.float64)
-    l0, l1 = _blocks(4, 2)[1]
     itemsize = 2 ** 27                          # elements of 128 MiB: GiB-sized needs from a small problem
-    need = alloc[1] // 8 * itemsize + 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(4))
     monkeypatch.setattr(M.os, "sysconf", _sysconf(2 ** 18, 2 ** 12))          # 1 GiB available
-    with pytest.raises(M.PdADMMError) as e:
-        M._memory_check(dims, n, l0, l1, itemsize, False)
-    assert str(e.value) == (f"layers 3..4 with widths [4, 7, 3] and {n} samples need {need / 2**30:.2f} GiB "
-                            "on this rank but 1.00 GiB are available: use more ranks, narrower layers or "
-                            "fewer samples")
-    assert 1.5 < need / 2 ** 30 < 100
+    for r, (first, widths) in enumerate(((1, [6, 5, 4]), (3, [4, 7, 3]))):
+        l0, l1 = _blocks(4, 2)[r]
+        need = alloc[r] // 8 * itemsize + 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(4))
+        with pytest.raises(M.PdADMMError) as e:
+            M._memory_check(dims, n, l0, l1, itemsize, False)
+        assert str(e.value) == (f"layers {first}..{first + 1} with widths {widths} and {n} samples need "
+                                f"{need / 2**30:.2f} GiB on this rank but 1.00 GiB are available: use more "
+                                "ranks, narrower layers or fewer samples")
+        assert 1.5 < need / 2 ** 30 < 100
 
 
 def test_memory_check_without_sysconf_returns_the_estimate(monkeypatch):
