@@ -75,20 +75,6 @@ def test_mlp_params_normal_draws_weights_then_biases():
         assert got.shape == want.shape and np.array_equal(got, want)
 
 
-def test_mlp_params_torch_is_the_seeded_mlp_in_float64():
-    import torch
-
-    from mpidl.models import build_model
-    dims = [4, 3, 5, 2]
-    Ws, bs = M._mlp_params(_cfg(init="torch", seed=5), dims)
-    lins = [m for m in build_model("mlp", (4,), 2, (3, 5), seed=5).modules() if isinstance(m, torch.nn.Linear)]
-    assert len(Ws) == len(bs) == len(lins) == 3
-    for W, b, lin in zip(Ws, bs, lins):
-        assert W.dtype == b.dtype == np.float64
-        assert np.array_equal(W, lin.weight.detach().numpy().astype(np.float64))
-        assert np.array_equal(b, lin.bias.detach().numpy().astype(np.float64))
-
-
 # ---- _memory_check -------------------------------------------------------------------------------
 def _allocated(dims, P, quantize, dtype):
     """Per rank: the bytes of the state arrays and the N x width scratch that PdADMM allocates
@@ -172,3 +158,18 @@ def test_forward_in_row_blocks(rows, last):
     want = X[:, :5] @ Ws[1].T + bs[1]
     np.testing.assert_allclose(got, want if last else np.maximum(want, 0), rtol=1e-13, atol=1e-13)
     assert M._forward(X[:0], list(zip(Ws, bs)), last, out=np.empty((0, 3))).shape == (0, 3)
+
+
+# last: the only test that imports torch (a mutant killed by the tests above never loads it)
+def test_mlp_params_torch_is_the_seeded_mlp_in_float64():
+    import torch
+
+    from mpidl.models import build_model
+    dims = [4, 3, 5, 2]
+    Ws, bs = M._mlp_params(_cfg(init="torch", seed=5), dims)
+    lins = [m for m in build_model("mlp", (4,), 2, (3, 5), seed=5).modules() if isinstance(m, torch.nn.Linear)]
+    assert len(Ws) == len(bs) == len(lins) == 3
+    for W, b, lin in zip(Ws, bs, lins):
+        assert W.dtype == b.dtype == np.float64
+        assert np.array_equal(W, lin.weight.detach().numpy().astype(np.float64))
+        assert np.array_equal(b, lin.bias.detach().numpy().astype(np.float64))
