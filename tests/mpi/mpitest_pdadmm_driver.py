@@ -141,5 +141,24 @@ def test_session_steps_and_evaluation_match_numpy(hidden):
         ev, _ = s.evaluate(s.state)
         p_want = sum((r + 1) * sizes[r] for r in range(N))
         assert_all(ev["rejected_p_steps"] == p_want and ev["rejected_W_steps"] == 10 * p_want, f"{ev}")
+        comms = (s.mc, s.gc, s.ec)
+        s.close()
+        assert_all(all(c._closed for c in comms) and s.mc is s.gc is s.ec is None, "close() left a communicator")
     finally:
         s.close()
+
+
+def test_session_on_binary_and_regression_data():
+    """Two classes are a classification problem (synthetic-logistic: an MLP 20-4-2); regression targets
+    (synthetic-lsq, no classes) are one clear error on every rank."""
+    from mpidl.algorithms.pdadmm_layout import PdADMMError, setup_layers
+    if N > 2:
+        pytest.skip("two layers")
+    base = ["model.hidden=[4]", "run.batch_size=0", "algorithm.name=pdadmm"]
+    s = setup_layers(config.load(None, base + ["data.dataset=synthetic-logistic"]), WORLD)
+    try:
+        assert_all(s.dims == [20, 4, 2], f"{s.dims}")
+    finally:
+        s.close()
+    assert_raises_all(PdADMMError, setup_layers, config.load(None, base + ["data.dataset=synthetic-lsq"]), WORLD,
+                      match="needs a classification dataset, 'synthetic-lsq' has none")
