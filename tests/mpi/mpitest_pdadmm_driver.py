@@ -81,11 +81,12 @@ def _ce_acc(logits, y):
     return ce.mean(), (logits.argmax(axis=1) == y).mean()
 
 
-@pytest.mark.parametrize("hidden", [[16, 12], [12]])
-def test_session_steps_and_evaluation_match_numpy(hidden):
+@pytest.mark.parametrize("hidden,n_ev", [([16, 12], 200), ([12], 1)], ids=["hidden0", "hidden1"])
+def test_session_steps_and_evaluation_match_numpy(hidden, n_ev):
     """The layer layout through its session: the widths, the blocks, the data each rank gets and the
     start weights give the stacked reference's iterates, and evaluate() reports the CE and accuracy of a
-    plain NumPy forward pass of the gathered weights (test set, first eval_samples training samples)."""
+    plain NumPy forward pass of the gathered weights (test set, first eval_samples training samples:
+    200, and 1, where a mean over max(n, 2) would halve the training figures)."""
     import torch
 
     from mpidl.algorithms.pdadmm_layout import setup_layers
@@ -96,7 +97,7 @@ def test_session_steps_and_evaluation_match_numpy(hidden):
     if N > L:
         pytest.skip("more ranks than layers")
     cfg = config.load(None, ["data.dataset=digits", f"model.hidden={hidden}", "model.dtype=float64",
-                             "run.batch_size=0", "run.seed=2", "data.eval_samples=200", "algorithm.name=pdadmm",
+                             "run.batch_size=0", "run.seed=2", f"data.eval_samples={n_ev}", "algorithm.name=pdadmm",
                              "algorithm.downsample=2", "algorithm.rho=0.5", "algorithm.nu=0.8", "algorithm.tau0=0.5",
                              "algorithm.max_doublings=6", "algorithm.fista_iters=20", "algorithm.fista_tol=1e-12"])
     ds = load_dataset("digits", None, seed=0)
@@ -128,10 +129,10 @@ def test_session_steps_and_evaluation_match_numpy(hidden):
         assert_all(np.allclose(losses, costs, rtol=1e-10, atol=0) if s.l1 == L else losses == [None] * 3,
                    f"{losses} vs {costs}")
         ev, _ = s.evaluate(s.state)
-        logits = ref.forward(np.concatenate([Xt, X[:200]]), S["W"], S["b"])
+        logits = ref.forward(np.concatenate([Xt, X[:n_ev]]), S["W"], S["b"])
         nt = len(Xt)
         want = dict(zip(("test_loss", "test_acc"), _ce_acc(logits[:nt], ds.y_test)))
-        want.update(zip(("train_loss_forward", "train_acc_forward"), _ce_acc(logits[nt:], ds.y_train[:200])))
+        want.update(zip(("train_loss_forward", "train_acc_forward"), _ce_acc(logits[nt:], ds.y_train[:n_ev])))
         bad = {k: (ev[k], v) for k, v in want.items() if not abs(ev[k] - v) <= 1e-10 * max(1.0, abs(v))}
         assert_all(not bad and 0.0 < want["test_acc"] < 1.0, f"evaluate vs NumPy: {bad}")
         assert_all(ev["rho"] == 0.5, f"{ev}")
