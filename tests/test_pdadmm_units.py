@@ -29,7 +29,7 @@ class _Path:
     kernels are never entered from two threads at once."""
 
     def __init__(self, size):
-        self.size, self.turn = size, threading.Lock()
+        self.size, self.turn, self.failed = size, threading.Lock(), False
         self.boxes = {(i, j, t): queue.Queue() for i in range(size) for j in range(size)
                       for t in (mod._TAG_P, mod._TAG_Q, mod._TAG_INIT, "bcast")}
 
@@ -45,7 +45,14 @@ class _Comm:
     def _get(self, src, tag):
         self.path.turn.release()
         try:
-            return self.path.boxes[(src, self.rank, tag)].get(timeout=240)   # first calls compile kernels
+            for _ in range(2400):               # 240 s: the first calls compile kernels
+                if self.path.failed:
+                    raise RuntimeError(f"rank {self.rank}: another rank failed")
+                try:
+                    return self.path.boxes[(src, self.rank, tag)].get(timeout=0.1)
+                except queue.Empty:
+                    pass
+            raise TimeoutError(f"rank {self.rank}: no message from rank {src} (tag {tag})")
         finally:
             self.path.turn.acquire()
 
@@ -86,6 +93,7 @@ def _on_ranks(size, fn):
             try:
                 out[r] = fn(r, _Comm(path, r))
             except BaseException as e:          # noqa: BLE001 (re-raised in the main thread)
+                path.failed = True              # the ranks waiting for this one's messages stop
                 errors.append(e)
     threads = [threading.Thread(target=body, args=(r,), daemon=True) for r in range(size)]
     for t in threads:
