@@ -116,7 +116,8 @@ def test_session_steps_and_evaluation_match_numpy(hidden, n_ev):
         assert_all(s.expect == {"algorithm": "pdadmm", "rank_layout": f"layers:{N}", "dims": ",".join(map(str, dims))})
         assert_all(s.comm is s.gc and s.oracle is None and s.steps_per_epoch == 1 and s.dtype == np.float64)
         assert_all(s.algo.N == len(X) and s.algo.cfg is cfg.algorithm and s.state.W.dtype == np.float64)
-        assert_all(f"MLP {dims} (L={L}), {len(X)} samples full batch" in s.describe(), s.describe())
+        assert_all(s.describe().endswith(f"MLP {dims} (L={L}), {len(X)} samples full batch, rho=0.5, nu=0.8"),
+                   s.describe())
         losses = []
         for k in range(3):
             s.state, m = s.algo.step(k, s.state, s.oracle, s.comm)
