@@ -288,16 +288,18 @@ def test_duals_and_weights_read_the_state_they_are_given():
     X, y, Ws, bs = ref.problem(dims, n=N)
     (algo, st), = _on_ranks(1, lambda r, comm: (lambda a: (a, a.init((Ws, bs), comm)))(_make(cfg, dims, X, y, 0, 1)))
     new = dataclasses.replace(st, **{k: getattr(st, k) + 0.25 for k in ("W", "b", "z", "q")})
-    u = algo.duals(new)
     w = algo.weights(new)
+    algo._bind(st)                              # each accessor meets a state it is not bound to
+    u = algo.duals(new)
     zq = [(new.z[:N * 5].reshape(N, 5), new.q[:N * 5].reshape(N, 5)),
           (new.z[N * 5:N * 9].reshape(N, 4), new.q[N * 5:N * 9].reshape(N, 4))]
     for l, (z, q) in enumerate(zq):
         np.testing.assert_allclose(u[l], cfg.nu * (q - np.maximum(z, 0)), rtol=1e-14)
     assert all(np.shares_memory(W, new.W) and np.shares_memory(b, new.b) for W, b in w)
     np.testing.assert_array_equal(w[2][0], Ws[2] + 0.25)
-    assert all(not v.any() for v in algo.duals(st).values())         # and back to the first state
-    assert all(np.shares_memory(W, st.W) for W, _ in algo.weights(st))
+    assert all(np.shares_memory(W, st.W) for W, _ in algo.weights(st))     # and back to the first state
+    algo._bind(new)
+    assert all(not v.any() for v in algo.duals(st).values())
 
 
 def test_init_in_float32():
