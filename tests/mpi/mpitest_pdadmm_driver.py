@@ -140,9 +140,12 @@ def test_session_steps_and_evaluation_match_numpy(hidden, n_ev):
         assert_all(s.summary(ev) == f"forward pass through {N} layer rank(s); train acc {want['train_acc_forward']:.4f}")
         s.state.rejected[:, 0] = R + 1               # distinct counts per rank and kind: the sums over ranks
         s.state.rejected[:, 1] = 10 * (R + 1)
+        if s.l1 == L:                                # training labels = the predictions: accuracy exactly 1
+            s.y_eval[nt:] = logits[nt:].argmax(axis=1)
         ev, _ = s.evaluate(s.state)
         p_want = sum((r + 1) * sizes[r] for r in range(N))
         assert_all(ev["rejected_p_steps"] == p_want and ev["rejected_W_steps"] == 10 * p_want, f"{ev}")
+        assert_all(ev["train_acc_forward"] == 1.0 and ev["test_acc"] == want["test_acc"], f"{ev}")
         comms = (s.mc, s.gc, s.ec)
         s.close()
         assert_all(all(c._closed for c in comms) and s.mc is s.gc is s.ec is None, "close() left a communicator")
