@@ -155,7 +155,7 @@ def test_session_steps_and_evaluation_match_numpy(hidden, n_ev):
 
 def test_session_on_binary_and_regression_data():
     """Two classes are a classification problem (synthetic-logistic: an MLP 20-4-2); regression targets
-    (synthetic-lsq, no classes) are one clear error on every rank."""
+    (synthetic-lsq, no classes) and a data folder without the files are one clear error on every rank."""
     from mpidl.algorithms.pdadmm_layout import PdADMMError, setup_layers
     if N > 2:
         pytest.skip("two layers")
@@ -167,3 +167,8 @@ def test_session_on_binary_and_regression_data():
         s.close()
     assert_raises_all(PdADMMError, setup_layers, config.load(None, base + ["data.dataset=synthetic-lsq"]), WORLD,
                       match="needs a classification dataset, 'synthetic-lsq' has none")
+    # the configured data folder is the one searched (the error names it)
+    missing = "/nonexistent/mpidl-pdadmm-data"
+    assert_raises_all(MpidlError, setup_layers, config.load(None, base + ["data.dataset=fashion-mnist",
+                                                                           f'data.data_dir="{missing}"']),
+                      WORLD, match=f"file {missing}/")
