@@ -209,9 +209,13 @@ def test_serialised_async_lsgd_matches_reference(how):
         assert_all(state.lead_l == lead_l[R] and lerr < 1e-10,
                    f"local leader {state.lead_l} (reference {lead_l[R]}), copy {lerr:.3e}")
     buf = np.empty_like(state.x)
-    owner = algo.leader_model(state, gc, buf)
+    traffic = (gc.bytes_sent, gc.messages_sent)
+    with GraphComm(W, T.ring(N)) as mc:                # the driver's control communicator
+        owner = algo.leader_model(state, mc, buf)
     err = np.abs(buf - slot_g[2]).max()
     assert_all(owner == slot_g[1] and err < 1e-10, f"published leader {owner} (reference {slot_g[1]}), {err:.3e}")
+    assert_all((gc.bytes_sent, gc.messages_sent) == traffic,
+               f"evaluating the leader counted as training traffic: {traffic} -> {gc.bytes_sent, gc.messages_sent}")
     assert_all(N == 1 or len(set(owners)) > 1, f"the leader never changed hands ({owners}): a weak check")
     algo.close()
     gc.close()
@@ -243,9 +247,14 @@ def test_serialised_async_easgd_matches_reference(extra):
                                     wd=c.weight_decay, c0=x0 + shift)
     err = np.abs(state.x - X[R]).max()
     assert_all(err < 1e-10, f"serialised async easgd {extra}: max |mpi - reference| = {err:.3e}")
-    out = algo.center_model(state, gc, np.empty_like(state.x))
+    traffic = (gc.bytes_sent, gc.messages_sent)
+    algo._end_round(state)                              # again: snapshots are not training traffic
+    with GraphComm(W, T.ring(N)) as mc:
+        out = algo.center_model(state, mc, np.empty_like(state.x))
     cerr = np.abs(out - cen).max()
     snap = np.abs(state.c - cen).max() if R == 0 else 0.0      # the host's snapshot for checkpoints
     assert_all(cerr < 1e-10 and snap < 1e-10, f"center: {cerr:.3e}, host snapshot {snap:.3e}")
+    assert_all((gc.bytes_sent, gc.messages_sent) == traffic,
+               f"snapshot and evaluation counted as traffic: {traffic} -> {gc.bytes_sent, gc.messages_sent}")
     algo.close()
     gc.close()
