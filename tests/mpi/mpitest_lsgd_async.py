@@ -84,11 +84,15 @@ def _loop(name, overrides, rounds, oracle_wrap=None):
         state, m = algo.step(k, state, oracle, gc)
         losses.append(m["loss"])
         local_steps += m["local_steps"]         # this round's local steps, as reported
+        # a worker enters the round's nonblocking barrier after round_steps local steps
+        assert_all(m["local_steps"] >= cfg.round_steps, f"round {k}: {m['local_steps']} local steps "
+                   f"< round_steps {cfg.round_steps}")
     return algo, state, gc, oracle, x0, losses, local_steps
 
 
 @pytest.mark.parametrize("extra", [[], ["algorithm.groups=size", "algorithm.group_size=1", "algorithm.tau=2"],
-                                   ["algorithm.groups=node", "algorithm.tau=1", "algorithm.momentum=0.5"]])
+                                   ["algorithm.groups=node", "algorithm.tau=1", "algorithm.momentum=0.5"],
+                                   ["algorithm.round_steps=3"]])
 def test_async_lsgd_with_a_slow_worker_runs_to_completion(extra):
     rounds = 12
     algo, state, gc, _, _, losses, local_steps = _loop("lsgd", ["algorithm.lr=0.05", "algorithm.tau_G=2"] + extra,
