@@ -150,22 +150,22 @@ class _ShuffledLoss:
     """A least-squares oracle whose reported loss is drawn per (worker, step), so the windowed
     losses cross and the published leader changes hands."""
 
-    def __init__(self, oracle, i):
-        self.o, self.i, self.dim = oracle, i, oracle.dim
+    def __init__(self, oracle, i, ties=False):
+        self.o, self.i, self.dim, self.ties = oracle, i, oracle.dim, ties
 
     def loss_grad(self, x, k):
         _, g = self.o.loss_grad(x, k)
-        return float(np.random.default_rng((7, self.i, k)).uniform()), g
+        return 0.5 if self.ties else float(np.random.default_rng((7, self.i, k)).uniform()), g
 
 
-def _serialised(name, overrides, steps, before=None):
+def _serialised(name, overrides, steps, before=None, ties=False):
     """Run the asynchronous algorithm's local steps one worker at a time (worker 0's step t,
     then worker 1's, ...; barriers between turns), which makes the interleaving, and so the
     result, deterministic.  Drives the step that ``step()`` repeats inside a round."""
     cfg = config.load(None, [f"algorithm.name={name}", "algorithm.asynchronous=true"] + overrides).algorithm
     factory = config.algorithm_registry()[name][1]
     oracles, x0, spe = make_problem(N)
-    oracles = [_ShuffledLoss(o, i) for i, o in enumerate(oracles)]
+    oracles = [_ShuffledLoss(o, i, ties) for i, o in enumerate(oracles)]
     algo = factory(cfg, steps_per_epoch=spe)
     gc = GraphComm(W, T.ring(N))
     state = algo.init(x0.copy(), gc)
@@ -186,8 +186,10 @@ def _groups(size):
     return [list(range(s, min(s + size, N))) for s in range(0, N, size)]
 
 
-@pytest.mark.parametrize("how", ["single", "multi", "no-step-pull"])
+@pytest.mark.parametrize("how", ["single", "multi", "no-step-pull", "ties"])
 def test_serialised_async_lsgd_matches_reference(how):
+    """"ties": every loss is equal, so the first publisher (worker 0) keeps the global slot: a
+    worker publishes only on a strictly lower windowed loss (or when it owns the slot)."""
     steps = 13
     gs = 2 if N % 2 == 0 else N
     over = ["algorithm.lr=0.1", "algorithm.tau_G=2", "algorithm.window=3", "algorithm.lam_G=0.3",
@@ -198,7 +200,7 @@ def test_serialised_async_lsgd_matches_reference(how):
         groups = _groups(gs)
     if how == "no-step-pull":
         over += ["algorithm.step_pull=false", "algorithm.lr_schedule=diminishing"]
-    algo, state, gc, oracles, x0, lr = _serialised("lsgd", over, steps)
+    algo, state, gc, oracles, x0, lr = _serialised("lsgd", over, steps, ties=how == "ties")
     c = algo.cfg
     owners = []
     X, CG, CL, slot_g, lead_g, lead_l = ref.lsgd_async_serial(
@@ -220,7 +222,10 @@ def test_serialised_async_lsgd_matches_reference(how):
     assert_all(owner == slot_g[1] and err < 1e-10, f"published leader {owner} (reference {slot_g[1]}), {err:.3e}")
     assert_all((gc.bytes_sent, gc.messages_sent) == traffic,
                f"evaluating the leader counted as training traffic: {traffic} -> {gc.bytes_sent, gc.messages_sent}")
-    assert_all(N == 1 or len(set(owners)) > 1, f"the leader never changed hands ({owners}): a weak check")
+    if how == "ties":
+        assert_all(set(owners) == {0}, f"a tie took the slot: owners {owners}")
+    else:
+        assert_all(N == 1 or len(set(owners)) > 1, f"the leader never changed hands ({owners}): a weak check")
     algo.close()
     gc.close()
 
