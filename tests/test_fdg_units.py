@@ -60,10 +60,12 @@ def _grid(cfg, M, K, work=lambda sess: sess):
 
 def _steps(T):
     def work(sess):
-        sess.algo.trace = []
+        sess.algo.trace, sess.before, sess.metrics = [], [], []  # weights before / metrics of each step
         state = sess.state
         for t in range(T):
-            state, _ = sess.algo.step(t, state, sess.oracle, sess.comm)
+            sess.before.append(state.x.copy())
+            state, metrics = sess.algo.step(t, state, sess.oracle, sess.comm)
+            sess.metrics.append(metrics)
         return sess, state
     return work
 
@@ -200,40 +202,6 @@ def _stage_sizes(K, cuts):
         h = s(h)
         shapes.append(tuple(h.shape[1:]))
     return stages, shapes
-
-
-@pytest.mark.parametrize("M,K", [(1, 3), (2, 2), (1, 1)])
-def test_grid_pipeline_matches_stacked_reference(M, K):
-    """Every rank's weights after 14 iterations == the stacked reference (1e-10); stage k backpropagates
-    each batch exactly 2 (K - 1 - k) iterations after its forward; the state's shapes and stash_bytes."""
-    T, cuts = 14, tuple(range(1, K))
-    cfg = _cfg(M, K, "algorithm.beta=0.5", "algorithm.momentum=0.9", "algorithm.weight_decay=0.001",
-               "algorithm.lr=0.05", "algorithm.lr_schedule=diminishing", f"algorithm.cuts={list(cuts)}",
-               f"run.steps={T}")
-    out = _grid(cfg, M, K, _steps(T))
-    spe = out[(0, 0)][0].steps_per_epoch
-    a = cfg.algorithm
-    stages, shapes = _stage_sizes(K, cuts)
-    shards = [load_agent_data("digits", rank=m, world_size=M) for m in range(M)]
-    Wref = ref.fdg(stages, ref.batches([(s.x, s.y) for s in shards], 16, spe, 0), M, T,
-                   lambda t: a.lr / (1.0 + a.decay * t) ** a.power, mu=a.momentum, wd=a.weight_decay, beta=a.beta)
-    assert spe == min(len(s.y) for s in shards) // 16
-    assert state_fields() == ["x", "v", "w_stash", "in_stash", "act_in", "grad_in"]
-    for (m, k), (sess, state) in out.items():
-        err = np.abs(state.x - Wref[k]).max()
-        assert err < 1e-10, f"rank ({m}, {k}): max |grid - reference| = {err:.3e}"
-        d, P, B = 2 * (K - 1 - k), Wref[k].size, 16
-        fwd = {b: t for kind, t, b, *_ in sess.algo.trace if kind == "fwd"}
-        bwd = [(t, b) for kind, t, b, *_ in sess.algo.trace if kind == "bwd"]
-        assert [b for _, b in bwd] == list(range(T - 2 * (K - 1)))
-        assert all(t - fwd.get(b, t) == d for t, b in bwd) and (k == K - 1) == (not fwd)
-        n_in, n_out = math.prod(shapes[k]), math.prod(shapes[k + 1])
-        want = {"w_stash": 8 * d * P, "in_stash": 8 * d * B * n_in, "act_in": 8 * B * n_in if k else 0,
-                "grad_in": 8 * B * n_out if k < K - 1 else 0}
-        assert sess.algo.stash_bytes(state) == want
-        assert state.in_stash.shape == (d, B) + shapes[k] and state.w_stash.shape == (d, P)
-        assert state.act_in.shape == (((B,) + shapes[k]) if k else (0,))
-        assert state.grad_in.shape == (((B,) + shapes[k + 1]) if k < K - 1 else (0,))
 
 
 @pytest.mark.parametrize("M,K,chunk", [(1, 3, 1000), (2, 2, 100)])
@@ -373,3 +341,50 @@ def test_grid_shape(stages, replicas, size, want):
     else:
         with pytest.raises(MpidlError, match=want):
             grid_shape(acfg, size)
+
+
+@pytest.mark.parametrize("M,K", [(1, 3), (2, 2), (1, 1)])
+def test_grid_pipeline_matches_stacked_reference(M, K):
+    """Every rank's weights after 14 iterations == the stacked reference (1e-10); stage k backpropagates
+    each batch exactly 2 (K - 1 - k) iterations after its forward; the last stage reports the loss and
+    accuracy of its batch at the weights before its step (recomputed), the others none; the state's
+    shapes and stash_bytes."""
+    T, cuts = 14, tuple(range(1, K))
+    cfg = _cfg(M, K, "algorithm.beta=0.5", "algorithm.momentum=0.9", "algorithm.weight_decay=0.001",
+               "algorithm.lr=0.05", "algorithm.lr_schedule=diminishing", f"algorithm.cuts={list(cuts)}",
+               f"run.steps={T}")
+    out = _grid(cfg, M, K, _steps(T))
+    spe = out[(0, 0)][0].steps_per_epoch
+    a = cfg.algorithm
+    stages, shapes = _stage_sizes(K, cuts)
+    shards = [load_agent_data("digits", rank=m, world_size=M) for m in range(M)]
+    batch = ref.batches([(s.x, s.y) for s in shards], 16, spe, 0)
+    Wref = ref.fdg(stages, batch, M, T,
+                   lambda t: a.lr / (1.0 + a.decay * t) ** a.power, mu=a.momentum, wd=a.weight_decay, beta=a.beta)
+    assert spe == min(len(s.y) for s in shards) // 16
+    assert state_fields() == ["x", "v", "w_stash", "in_stash", "act_in", "grad_in"]
+    for (m, k), (sess, state) in out.items():
+        err = np.abs(state.x - Wref[k]).max()
+        assert err < 1e-10, f"rank ({m}, {k}): max |grid - reference| = {err:.3e}"
+        d, P, B = 2 * (K - 1 - k), Wref[k].size, 16
+        fwd = {b: t for kind, t, b, *_ in sess.algo.trace if kind == "fwd"}
+        bwd = [(t, b) for kind, t, b, *_ in sess.algo.trace if kind == "bwd"]
+        assert [b for _, b in bwd] == list(range(T - 2 * (K - 1)))
+        assert all(t - fwd.get(b, t) == d for t, b in bwd) and (k == K - 1) == (not fwd)
+        reported = [t for t, mt in enumerate(sess.metrics) if mt["loss"] is not None or mt["acc"] is not None]
+        assert reported == ([t for t, _ in bwd] if k == K - 1 else [])
+        for t, b in (bwd if k == K - 1 else []):
+            h = next(p[0] for kind, tt, bb, *p in sess.algo.trace if (kind, tt, bb) == ("bwd", t, b))
+            torch.nn.utils.vector_to_parameters(torch.from_numpy(sess.before[t].copy()), stages[k].parameters())
+            with torch.no_grad():
+                logits = stages[k](torch.from_numpy(h))
+            yb = batch(m, b)[1]
+            assert abs(sess.metrics[t]["loss"] - float(torch.nn.functional.cross_entropy(logits, yb))) < 1e-12
+            assert sess.metrics[t]["acc"] == float((logits.argmax(1) == yb).double().mean())
+        n_in, n_out = math.prod(shapes[k]), math.prod(shapes[k + 1])
+        want = {"w_stash": 8 * d * P, "in_stash": 8 * d * B * n_in, "act_in": 8 * B * n_in if k else 0,
+                "grad_in": 8 * B * n_out if k < K - 1 else 0}
+        assert sess.algo.stash_bytes(state) == want
+        assert state.in_stash.shape == (d, B) + shapes[k] and state.w_stash.shape == (d, P)
+        assert state.act_in.shape == (((B,) + shapes[k]) if k else (0,))
+        assert state.grad_in.shape == (((B,) + shapes[k + 1]) if k < K - 1 else (0,))
