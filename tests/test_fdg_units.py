@@ -1,6 +1,6 @@
 """fdg without MPI: its local pieces against plain NumPy / torch, and whole M x K grids as threads.
 
-The grids run ``fdg_grid._setup`` and ``FDG.step`` on every rank of an M x K
+The grids run ``fdg_grid.setup_grid`` and ``FDG.step`` on every rank of an M x K
 grid in one process (tests/fakegrid.py stands in for the communicators), so
 the pipeline with a middle stage (1 x 3), the replicas' allreduce (2 x 2), the
 pipeline evaluation and the setup are checked in seconds against the stacked
@@ -19,7 +19,7 @@ from fakegrid import run_grid
 from mpidl import config
 from mpidl.algorithms import fdg_grid
 from mpidl.algorithms.fdg import FDG, FDGConfig, StageData, state_fields
-from mpidl.algorithms.fdg_grid import _resumed_cuts, _setup, grid_shape
+from mpidl.algorithms.fdg_grid import _resumed_cuts, grid_shape, setup_grid
 from mpidl.checkpoint import CheckpointStore
 from mpidl.data import load_agent_data
 from mpidl.errors import MpidlError
@@ -51,11 +51,29 @@ def _cfg(M, K, *extra):
     return config.load(None, BASE + [f"algorithm.stages={K}", f"algorithm.replicas={M}"] + list(extra))
 
 
+class _World:
+    """One rank's COMM_WORLD for setup_grid: its size; the communicators it builds are the fakes."""
+
+    def __init__(self, mc, grid):
+        self.mc, self.grid = mc, grid
+
+    def Get_size(self):
+        return self.mc.size
+
+
+def _grid_comm(world, M, K):
+    assert (M, K) == (world.grid.M, world.grid.K), f"setup_grid asked for a {M} x {K} grid"
+    return world.grid
+
+
 def _grid(cfg, M, K, work=lambda sess: sess):
-    """{(m, k): work(session)} for every rank of the M x K grid (threads)."""
+    """{(m, k): work(session)} for every rank of the M x K grid (threads), set up by setup_grid."""
     def rank(m, k, mc, grid):
-        return work(_setup(cfg, cfg.algorithm, cfg.data, cfg.run, mc, grid, M, K))
-    return run_grid(M, K, rank)
+        return work(setup_grid(cfg, _World(mc, grid)))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(fdg_grid, "GraphComm", lambda world, topology: world.mc)
+        mp.setattr(fdg_grid, "GridComm", _grid_comm)
+        return run_grid(M, K, rank)
 
 
 def _steps(T):
@@ -249,7 +267,13 @@ def test_grid_setup_sizes_and_description():
     M, K = 2, 2
     cfg = _cfg(M, K, "algorithm.cuts=[3]", "run.steps=0", "run.epochs=1.5", 'model.dtype="float32"',
                "algorithm.beta=0.5")
-    out = _grid(cfg, M, K)
+    def work(sess):
+        sess.threads = torch.get_num_threads()         # run.threads, set by setup_grid in this thread
+        return sess
+    torch.set_num_threads(3)
+    out = _grid(cfg, M, K, work)
+    torch.set_num_threads(1)
+    assert all(sess.threads == 1 for sess in out.values())
     shards = [load_agent_data("digits", rank=m, world_size=M) for m in range(M)]
     spe = min(len(s.y) for s in shards) // 16
     T = math.ceil(1.5 * spe)
@@ -293,6 +317,10 @@ def test_grid_too_many_stages(monkeypatch):
         _grid(_cfg(1, 5, "run.steps=4"), 1, 5)
     with pytest.raises(MpidlError, match="batch_size > 0"):
         _grid(_cfg(1, 2, "run.batch_size=0", "algorithm.cuts=[2]"), 1, 2)
+    with pytest.raises(MpidlError, match="fdg cuts torch models into stages"):
+        _grid(_cfg(1, 2, "model.name=convex-lsq", "algorithm.cuts=[2]"), 1, 2)
+    with pytest.raises(MpidlError, match="does not fit 2 MPI ranks"):
+        _grid(_cfg(2, 2, "algorithm.cuts=[2]"), 1, 2)
 
 
 def _checkpoint(root, steps_cuts):
