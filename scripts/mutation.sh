@@ -52,7 +52,8 @@ algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_
 algorithms-fdg-step|mpidl/algorithms/fdg.py|175-179,210-260|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness or driver_resume_is_bitwise'
 algorithms-fdg-data|mpidl/algorithms/fdg.py|94-174,180-209,277-296|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py
 algorithms-fdg-pipeline|mpidl/algorithms/fdg.py|210-260|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid_evaluation or grid_pipeline'
-algorithms-fdg-grid|mpidl/algorithms/fdg_grid.py||python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid or resumed_cuts'
+algorithms-fdg-grid|mpidl/algorithms/fdg_grid.py|1-124|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid and not grid_pipeline'
+algorithms-fdg-setup|mpidl/algorithms/fdg_grid.py|125-218|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid and not grid_pipeline or resumed_cuts'
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py

@@ -290,6 +290,12 @@ def test_grid_setup_sizes_and_description():
             f"{spe} steps/epoch, {T - 2} batches fed ({T} iterations, pipeline drained at the end)")
 
 
+def test_grid_runs_at_least_one_iteration():
+    """run.steps = 0: ceil(epochs x steps/epoch) iterations, at least 1."""
+    sess = _grid(_cfg(1, 1, "run.steps=0", "run.epochs=0.001"), 1, 1)[(0, 0)]
+    assert sess.total == 1 and sess.algo.n_batches == 1
+
+
 @pytest.mark.parametrize("K,cuts,shares", [(1, (), None), (2, (3,), (6, 4)), (3, (2, 3), (3, 3, 4)),
                                            (4, (1, 2, 3), (1, 2, 3, 4))])
 def test_grid_measured_cuts(monkeypatch, K, cuts, shares):
