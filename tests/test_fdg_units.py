@@ -291,9 +291,29 @@ def test_grid_setup_sizes_and_description():
 
 
 def test_grid_runs_at_least_one_iteration():
-    """run.steps = 0: ceil(epochs x steps/epoch) iterations, at least 1."""
+    """run.steps = 0: ceil(epochs x steps/epoch) iterations, at least 1; run.steps = 1: one."""
     sess = _grid(_cfg(1, 1, "run.steps=0", "run.epochs=0.001"), 1, 1)[(0, 0)]
     assert sess.total == 1 and sess.algo.n_batches == 1
+    sess = _grid(_cfg(1, 1, "run.steps=1", "run.epochs=3"), 1, 1)[(0, 0)]
+    assert sess.total == 1
+
+
+def test_grid_evaluation_of_one_sample():
+    """A test set of one sample (one the initial model classifies right): its loss, accuracy 1 (no
+    division by more than the sample count)."""
+    shard = load_agent_data("digits")
+    model = build_model("mlp", shard.input_shape, shard.num_classes, HIDDEN, seed=0).double()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(shard.x_test).double())
+    yt = torch.as_tensor(shard.y_test).long()
+    i = int(torch.nonzero(logits.argmax(1) == yt)[0, 0])
+    loss = float(torch.nn.functional.cross_entropy(logits[i:i + 1], yt[i:i + 1]))
+
+    def work(sess):
+        sess.test_x, sess.test_y = sess.test_x[i:i + 1], sess.test_y[i:i + 1]
+        return sess.evaluate(sess.state)[0]
+    for ev in _grid(_cfg(1, 2, "algorithm.cuts=[2]", "run.steps=2"), 1, 2, work).values():
+        assert abs(ev["test_loss"] - loss) < 1e-12 and ev["test_acc"] == 1.0, (ev, loss)
 
 
 @pytest.mark.parametrize("K,cuts,shares", [(1, (), None), (2, (3,), (6, 4)), (3, (2, 3), (3, 3, 4)),
