@@ -337,6 +337,19 @@ def test_grid_measured_cuts(monkeypatch, K, cuts, shares):
     assert calls == ([] if K == 1 else [4])           # measured once, on rank 0
 
 
+def test_grid_zero_costs_and_zero_threads(monkeypatch):
+    """All-zero measured costs (a clock too coarse) describe equal shares of 0.00, not a division by zero;
+    run.threads = 0 runs one torch thread."""
+    monkeypatch.setattr(fdg_grid, "unit_costs", lambda *a, **k: [0.0] * 4)
+    torch.set_num_threads(2)
+
+    def work(sess):
+        return sess, torch.get_num_threads()
+    for sess, threads in _grid(_cfg(1, 2, "run.steps=4", "run.threads=0"), 1, 2, work).values():
+        assert "measured cost share per stage 0.00/0.00, staleness" in sess.describe() and threads == 1
+    torch.set_num_threads(1)
+
+
 def test_grid_too_many_stages(monkeypatch):
     monkeypatch.setattr(fdg_grid, "unit_costs", lambda *a, **k: [1.0] * 4)
     with pytest.raises(MpidlError, match="4 cuttable units, fewer than the 5 stages"):
