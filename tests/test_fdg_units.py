@@ -315,6 +315,23 @@ def test_grid_evaluation_of_one_sample():
     for ev in _grid(_cfg(1, 2, "algorithm.cuts=[2]", "run.steps=2"), 1, 2, work).values():
         assert abs(ev["test_loss"] - loss) < 1e-12 and ev["test_acc"] == 1.0, (ev, loss)
 
+    def empty(sess):
+        sess.test_x, sess.test_y = sess.test_x[:0], sess.test_y[:0]
+        return sess.evaluate(sess.state)[0]
+    for ev in _grid(_cfg(1, 2, "algorithm.cuts=[2]", "run.steps=2"), 1, 2, empty).values():
+        assert ev == {"test_loss": 0.0, "test_acc": 0.0}, ev   # an empty test set: no division by zero
+
+
+def test_grid_reads_data_dir(tmp_path, monkeypatch):
+    """[data] data_dir is where the IDX files are read from."""
+    from test_data import _fake_mnist
+    monkeypatch.delenv("MPIDL_DATA", raising=False)
+    _, y, _, yt = _fake_mnist(tmp_path / "mnist", n=64)
+    cfg = config.load(None, ["data.dataset=mnist", f'data.data_dir="{tmp_path / "mnist"}"', "run.batch_size=16",
+                             "algorithm.name=fdg", "model.hidden=[12]", "algorithm.stages=1", "run.steps=1"])
+    sess = _grid(cfg, 1, 1)[(0, 0)]
+    assert np.array_equal(sess.test_y, yt) and sess.steps_per_epoch == 4
+
 
 @pytest.mark.parametrize("K,cuts,shares", [(1, (), None), (2, (3,), (6, 4)), (3, (2, 3), (3, 3, 4)),
                                            (4, (1, 2, 3), (1, 2, 3, 4))])
