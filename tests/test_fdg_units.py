@@ -421,7 +421,8 @@ def test_grid_shape(stages, replicas, size, want):
     """(M, K) with M x K = world size (M = 0: size / K); anything else one MpidlError naming both."""
     acfg = types.SimpleNamespace(stages=stages, replicas=replicas)
     if isinstance(want, tuple):
-        assert grid_shape(acfg, size) == want
+        got = grid_shape(acfg, size)
+        assert got == want and all(type(v) is int for v in got), got
     else:
         with pytest.raises(MpidlError, match=want):
             grid_shape(acfg, size)
