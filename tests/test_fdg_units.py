@@ -222,7 +222,7 @@ def _stage_sizes(K, cuts):
     return stages, shapes
 
 
-@pytest.mark.parametrize("M,K,chunk", [(1, 3, 1000), (2, 2, 100)])
+@pytest.mark.parametrize("M,K,chunk", [(1, 3, 1000), (2, 2, 100), (1, 1, 1000)])
 def test_grid_evaluation_matches_whole_model(M, K, chunk):
     """The pipeline evaluation (test set split over replicas, in chunks) == the unsliced model at the
     stages' weights: mean cross entropy and accuracy over the whole test set, the same on every rank."""
