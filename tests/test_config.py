@@ -3,6 +3,7 @@ import dataclasses
 
 import pytest
 
+from doctables import doc_defaults
 from mpidl import config as C
 
 
@@ -53,29 +54,9 @@ def test_shipped_configs_load():
 
 
 # -- tests added by the third mutation run (docs/testing.md) ----------------------------------
-def _doc_defaults(doc, heading):
-    """{key: default} from the markdown table under ``heading`` (a "a, b" / "a / b" row holds two)."""
-    import re
-    import tomllib
-    from pathlib import Path
-    text = (Path(__file__).parent.parent / "docs" / doc).read_text()
-    lines = text.split(heading, 1)[1].splitlines()
-    first = next(i for i, line in enumerate(lines) if line.startswith("|"))
-    rows = [line for line in lines[first + 2:first + 60]]
-    rows = rows[:next((i for i, line in enumerate(rows) if not line.startswith("|")), len(rows))]
-    out = {}
-    for row in rows:
-        cells = [c.strip().strip("`") for c in row.strip("|").split("|")]
-        keys, vals = re.split(r"\s*[,/]\s*", cells[0]), re.split(r"\s*/\s*|,\s(?![^\[]*\])", cells[1])
-        for k, v in zip(keys, vals if len(keys) > 1 else [cells[1]]):
-            v = v.split(" (")[0]
-            out[k] = tomllib.loads(f"v = {v}")["v"]
-    return out
-
-
 @pytest.mark.parametrize("section", ["data", "model", "topology", "run"])
 def test_defaults_are_the_documented_ones(section):
-    want = _doc_defaults("training.md", f"### `[{section}]`")
+    want = doc_defaults("training.md", f"### `[{section}]`")
     got = C.to_dict(C.load(None))[section]
     assert set(want) == set(got)
     for k, v in want.items():
@@ -83,7 +64,7 @@ def test_defaults_are_the_documented_ones(section):
 
 
 def test_lr_defaults_are_the_documented_ones():
-    want = _doc_defaults("algorithms/cdsgd.md", "`[algorithm]` keys")
+    want = doc_defaults("algorithms/cdsgd.md", "`[algorithm]` keys")
     lr = C.LRConfig()
     for k in ("lr", "lr_schedule", "decay", "power", "step_epochs"):
         assert getattr(lr, k) == want[k] and type(getattr(lr, k)) is type(want[k]), k
