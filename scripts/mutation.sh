@@ -51,6 +51,10 @@ algorithms-lsgd|mpidl/algorithms/lsgd.py|160-200,232-259,268-306,341-358,363-374
 algorithms-lsgd-async|mpidl/algorithms/lsgd.py|131-159,200-231,259-267,306-340,359-362,375-399|$MPI_RUN tests/mpi/mpitest_lsgd_async.py tests/mpi/mpitest_lsgd.py -x
 algorithms-fdg|mpidl/algorithms/fdg.py|65-69,262-276|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness'
 algorithms-fdg-step|mpidl/algorithms/fdg.py|175-179,210-260|$MPI_RUN tests/mpi/mpitest_fdg.py -x -k 'matches_stacked_reference or k1_equals_centralized or staleness or driver_resume_is_bitwise'
+algorithms-fdg-data|mpidl/algorithms/fdg.py|94-174,180-209,277-296|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py
+algorithms-fdg-pipeline|mpidl/algorithms/fdg.py|210-260|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid_evaluation or grid_pipeline'
+algorithms-fdg-grid|mpidl/algorithms/fdg_grid.py|1-124|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid and not grid_pipeline'
+algorithms-fdg-setup|mpidl/algorithms/fdg_grid.py|125-218|python -m pytest -x -q -p no:cacheprovider tests/test_fdg_units.py -k 'grid and not grid_pipeline or resumed_cuts'
 algorithms-lsgd-config|mpidl/algorithms/lsgd.py|67-130|python -m pytest -x -q -p no:cacheprovider tests/test_algorithm_configs.py
 algorithms-pdadmm-config|mpidl/algorithms/pdadmm.py|72-127|python -m pytest -x -q -p no:cacheprovider tests/test_algorithm_configs.py
 algorithms-fdg-config|mpidl/algorithms/fdg.py|70-93|python -m pytest -x -q -p no:cacheprovider tests/test_algorithm_configs.py

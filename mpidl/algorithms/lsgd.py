@@ -138,12 +138,12 @@ class LSGDState:
     cg: np.ndarray                      # stored copy of the global leader
     cl: np.ndarray                      # stored copy of the local leader (size 0 for single leader)
     losses: np.ndarray                  # ring buffer of the last `window` minibatch losses
-    nloss: int = 0
-    have_g: int = 0
-    have_l: int = 0
-    lead_g: int = -1                    # rank of the global leader at the last election
-    lead_l: int = -1                    # rank of the local leader at the last election
-    t: int = 0                          # this worker's local steps so far
+    nloss: int                          # losses stored (<= window)
+    have_g: int                         # 1 once a global leader was elected (or read)
+    have_l: int                         # 1 once a local leader was elected (or read)
+    lead_g: int                         # rank of the global leader at the last election (-1: none yet)
+    lead_l: int                         # rank of the local leader at the last election (-1: none yet)
+    t: int                              # this worker's local steps so far
 
 
 @dataclass
@@ -151,7 +151,7 @@ class EASGDState:
     x: np.ndarray
     v: np.ndarray
     c: np.ndarray                       # center (sync: replicated; async: host's last snapshot)
-    t: int = 0
+    t: int                              # this worker's local steps so far
 
 
 class _Worker:
@@ -240,7 +240,7 @@ class LSGD(_Worker):
             self.win_l = self.lc.window(x0.size, x0.dtype, "group") if self.multi else None
         return LSGDState(x=x0, v=np.zeros_like(x0) if cfg.momentum else np.zeros(0, x0.dtype),
                          cg=np.zeros_like(x0), cl=np.zeros_like(x0) if self.multi else np.zeros(0, x0.dtype),
-                         losses=np.zeros(cfg.window), nloss=0, have_g=0, have_l=0, t=0)
+                         losses=np.zeros(cfg.window), nloss=0, have_g=0, have_l=0, lead_g=-1, lead_l=-1, t=0)
 
     @staticmethod
     def windowed_loss(state):

@@ -46,10 +46,7 @@ def _ref_stages(cfg, K, cuts):
     """The test's own cut of the seeded MLP: unit u starts at the u-th Linear (Flatten rides with unit 0)."""
     shard = load_agent_data("digits")
     model = build_model("mlp", shard.input_shape, shard.num_classes, cfg.model.hidden, seed=cfg.run.seed).double()
-    layers = list(model)
-    starts = [0] + [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Linear)][1:]
-    bounds = [starts[c] for c in (0, *cuts)] + [len(layers)]
-    return [torch.nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return ref.mlp_stages(model, cuts)
 
 
 def _ref_batches(cfg, M, spe):

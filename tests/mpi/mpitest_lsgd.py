@@ -153,6 +153,19 @@ def test_elected_leader_is_argmin_of_windowed_losses():
     assert_all(N == 1 or len(set(leaders)) > 1, f"the leader never changed ({leaders}): a weak check")
 
 
+def test_sync_leader_model_is_the_lowest_windowed_loss_workers_model():
+    """The model the driver evaluates: the worker with the lowest windowed loss now (ties to the
+    lowest rank), its parameters broadcast to every rank of the control communicator."""
+    state, *_, algo = _run("lsgd", SINGLE, steps=7, oracle=_ScriptedOracle())
+    f = np.array(W.allgather(LSGD.windowed_loss(state)))
+    want = int(np.flatnonzero(f == f.min())[0])
+    xs = np.array(W.allgather(state.x.copy()))
+    buf = np.full_like(state.x, np.nan)
+    with GraphComm(W, T.ring(N)) as mc:
+        owner = algo.leader_model(state, mc, buf)
+    assert_all(owner == want and np.array_equal(buf, xs[want]), f"leader {owner}, want {want} (f = {f})")
+
+
 def test_elections_match_reference_record():
     rec = []
     state, oracles, x0, lr, algo = _run("lsgd", SINGLE)

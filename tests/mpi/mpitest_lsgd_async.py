@@ -84,11 +84,15 @@ def _loop(name, overrides, rounds, oracle_wrap=None):
         state, m = algo.step(k, state, oracle, gc)
         losses.append(m["loss"])
         local_steps += m["local_steps"]         # this round's local steps, as reported
+        # a worker enters the round's nonblocking barrier after round_steps local steps
+        assert_all(m["local_steps"] >= cfg.round_steps, f"round {k}: {m['local_steps']} local steps "
+                   f"< round_steps {cfg.round_steps}")
     return algo, state, gc, oracle, x0, losses, local_steps
 
 
 @pytest.mark.parametrize("extra", [[], ["algorithm.groups=size", "algorithm.group_size=1", "algorithm.tau=2"],
-                                   ["algorithm.groups=node", "algorithm.tau=1", "algorithm.momentum=0.5"]])
+                                   ["algorithm.groups=node", "algorithm.tau=1", "algorithm.momentum=0.5"],
+                                   ["algorithm.round_steps=3"]])
 def test_async_lsgd_with_a_slow_worker_runs_to_completion(extra):
     rounds = 12
     algo, state, gc, _, _, losses, local_steps = _loop("lsgd", ["algorithm.lr=0.05", "algorithm.tau_G=2"] + extra,
@@ -146,22 +150,22 @@ class _ShuffledLoss:
     """A least-squares oracle whose reported loss is drawn per (worker, step), so the windowed
     losses cross and the published leader changes hands."""
 
-    def __init__(self, oracle, i):
-        self.o, self.i, self.dim = oracle, i, oracle.dim
+    def __init__(self, oracle, i, ties=False):
+        self.o, self.i, self.dim, self.ties = oracle, i, oracle.dim, ties
 
     def loss_grad(self, x, k):
         _, g = self.o.loss_grad(x, k)
-        return float(np.random.default_rng((7, self.i, k)).uniform()), g
+        return 0.5 if self.ties else float(np.random.default_rng((7, self.i, k)).uniform()), g
 
 
-def _serialised(name, overrides, steps, before=None):
+def _serialised(name, overrides, steps, before=None, ties=False):
     """Run the asynchronous algorithm's local steps one worker at a time (worker 0's step t,
     then worker 1's, ...; barriers between turns), which makes the interleaving, and so the
     result, deterministic.  Drives the step that ``step()`` repeats inside a round."""
     cfg = config.load(None, [f"algorithm.name={name}", "algorithm.asynchronous=true"] + overrides).algorithm
     factory = config.algorithm_registry()[name][1]
     oracles, x0, spe = make_problem(N)
-    oracles = [_ShuffledLoss(o, i) for i, o in enumerate(oracles)]
+    oracles = [_ShuffledLoss(o, i, ties) for i, o in enumerate(oracles)]
     algo = factory(cfg, steps_per_epoch=spe)
     gc = GraphComm(W, T.ring(N))
     state = algo.init(x0.copy(), gc)
@@ -182,8 +186,10 @@ def _groups(size):
     return [list(range(s, min(s + size, N))) for s in range(0, N, size)]
 
 
-@pytest.mark.parametrize("how", ["single", "multi", "no-step-pull"])
+@pytest.mark.parametrize("how", ["single", "multi", "no-step-pull", "ties"])
 def test_serialised_async_lsgd_matches_reference(how):
+    """"ties": every loss is equal, so the first publisher (worker 0) keeps the global slot: a
+    worker publishes only on a strictly lower windowed loss (or when it owns the slot)."""
     steps = 13
     gs = 2 if N % 2 == 0 else N
     over = ["algorithm.lr=0.1", "algorithm.tau_G=2", "algorithm.window=3", "algorithm.lam_G=0.3",
@@ -194,7 +200,7 @@ def test_serialised_async_lsgd_matches_reference(how):
         groups = _groups(gs)
     if how == "no-step-pull":
         over += ["algorithm.step_pull=false", "algorithm.lr_schedule=diminishing"]
-    algo, state, gc, oracles, x0, lr = _serialised("lsgd", over, steps)
+    algo, state, gc, oracles, x0, lr = _serialised("lsgd", over, steps, ties=how == "ties")
     c = algo.cfg
     owners = []
     X, CG, CL, slot_g, lead_g, lead_l = ref.lsgd_async_serial(
@@ -209,10 +215,17 @@ def test_serialised_async_lsgd_matches_reference(how):
         assert_all(state.lead_l == lead_l[R] and lerr < 1e-10,
                    f"local leader {state.lead_l} (reference {lead_l[R]}), copy {lerr:.3e}")
     buf = np.empty_like(state.x)
-    owner = algo.leader_model(state, gc, buf)
+    traffic = (gc.bytes_sent, gc.messages_sent)
+    with GraphComm(W, T.ring(N)) as mc:                # the driver's control communicator
+        owner = algo.leader_model(state, mc, buf)
     err = np.abs(buf - slot_g[2]).max()
     assert_all(owner == slot_g[1] and err < 1e-10, f"published leader {owner} (reference {slot_g[1]}), {err:.3e}")
-    assert_all(N == 1 or len(set(owners)) > 1, f"the leader never changed hands ({owners}): a weak check")
+    assert_all((gc.bytes_sent, gc.messages_sent) == traffic,
+               f"evaluating the leader counted as training traffic: {traffic} -> {gc.bytes_sent, gc.messages_sent}")
+    if how == "ties":
+        assert_all(set(owners) == {0}, f"a tie took the slot: owners {owners}")
+    else:
+        assert_all(N == 1 or len(set(owners)) > 1, f"the leader never changed hands ({owners}): a weak check")
     algo.close()
     gc.close()
 
@@ -243,9 +256,14 @@ def test_serialised_async_easgd_matches_reference(extra):
                                     wd=c.weight_decay, c0=x0 + shift)
     err = np.abs(state.x - X[R]).max()
     assert_all(err < 1e-10, f"serialised async easgd {extra}: max |mpi - reference| = {err:.3e}")
-    out = algo.center_model(state, gc, np.empty_like(state.x))
+    traffic = (gc.bytes_sent, gc.messages_sent)
+    algo._end_round(state)                              # again: snapshots are not training traffic
+    with GraphComm(W, T.ring(N)) as mc:
+        out = algo.center_model(state, mc, np.empty_like(state.x))
     cerr = np.abs(out - cen).max()
     snap = np.abs(state.c - cen).max() if R == 0 else 0.0      # the host's snapshot for checkpoints
     assert_all(cerr < 1e-10 and snap < 1e-10, f"center: {cerr:.3e}, host snapshot {snap:.3e}")
+    assert_all((gc.bytes_sent, gc.messages_sent) == traffic,
+               f"snapshot and evaluation counted as traffic: {traffic} -> {gc.bytes_sent, gc.messages_sent}")
     algo.close()
     gc.close()

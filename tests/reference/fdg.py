@@ -133,3 +133,11 @@ def batches(shards, batch_size, steps_per_epoch, seed, dtype=torch.float64):
 def vjp_at(stage, w, h, delta):
     """The gradient of <delta, stage(h; w)> with respect to w (for the stale-gradient test)."""
     return _vjp(copy.deepcopy(stage), torch.as_tensor(w), torch.as_tensor(h), torch.as_tensor(delta))[0].numpy()
+
+
+def mlp_stages(model, cuts):
+    """The K stages of a seeded ``mpidl`` MLP cut before its Linear layers ``cuts`` (Flatten rides with unit 0)."""
+    layers = list(model)
+    starts = [0] + [i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.Linear)][1:]
+    bounds = [starts[c] for c in (0, *cuts)] + [len(layers)]
+    return [torch.nn.Sequential(*layers[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
