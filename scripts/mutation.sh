@@ -30,6 +30,8 @@ export MPIDL_TEST_TIMEOUT="${MPIDL_TEST_TIMEOUT:-90}"
 # target | module | lines | test command (run in $SRC; must exit 0 on the unmutated code)
 # "lines" (empty: the whole module) keeps only the mutants whose first line lies in those ranges:
 # a slow module is split into parts, each with the cheapest tests that check its values.
+# pdadmm-layout-session runs at 2 ranks whatever MUTATION_NP says: its one-eval-sample case is a
+# 2-layer MLP (skipped at 3 ranks).
 # Kernels run with NUMBA_DISABLE_JIT=1: the same code as plain Python, no recompile per mutant.
 TARGETS="
 kernels-mixing|kernels/mixing.py||env NUMBA_DISABLE_JIT=1 python -m pytest -x -q -p no:cacheprovider tests/test_kernels_mixing.py
@@ -61,7 +63,7 @@ algorithms-fdg-config|mpidl/algorithms/fdg.py|70-93|python -m pytest -x -q -p no
 algorithms-pdadmm|mpidl/algorithms/pdadmm.py|420-452|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x -k layer_parallel_equals
 algorithms-pdadmm-init|mpidl/algorithms/pdadmm.py|128-290,462-527|python scripts/pytest_one_family.py -x -q -p no:cacheprovider tests/test_pdadmm_units.py
 pdadmm-layout-units|mpidl/algorithms/pdadmm_layout.py|36-112,229-241|python scripts/pytest_one_family.py -x -q -p no:cacheprovider tests/test_pdadmm_layout_units.py
-pdadmm-layout-session|mpidl/algorithms/pdadmm_layout.py|1-35,113-228,242-254|$MPI_RUN tests/mpi/mpitest_pdadmm_driver.py -x -k session
+pdadmm-layout-session|mpidl/algorithms/pdadmm_layout.py|1-35,113-228,242-254|mpiexec -n 2 python tests/mpi/run.py tests/mpi/mpitest_pdadmm_driver.py -x -k session
 algorithms-pdadmm-step|mpidl/algorithms/pdadmm.py|291-419,453-461|$MPI_RUN tests/mpi/mpitest_pdadmm.py -x
 topology|mpidl/topology.py||python -m pytest -x -q -p no:cacheprovider tests/test_topology.py
 topology-weights|mpidl/topology.py|188-263,353-386|python -m pytest -x -q -p no:cacheprovider tests/test_topology.py

@@ -154,15 +154,15 @@ def test_session_steps_and_evaluation_match_numpy(hidden, n_ev):
 
 
 def test_session_on_binary_and_regression_data():
-    """Two classes are a classification problem (synthetic-logistic: an MLP 20-4-2); regression targets
+    """Two classes are a classification problem (synthetic-logistic: an MLP 20-4-4-2); regression targets
     (synthetic-lsq, no classes) and a data folder without the files are one clear error on every rank."""
     from mpidl.algorithms.pdadmm_layout import PdADMMError, setup_layers
-    if N > 2:
-        pytest.skip("two layers")
-    base = ["model.hidden=[4]", "run.batch_size=0", "algorithm.name=pdadmm"]
+    if N > 3:
+        pytest.skip("three layers")
+    base = ["model.hidden=[4, 4]", "run.batch_size=0", "algorithm.name=pdadmm"]
     s = setup_layers(config.load(None, base + ["data.dataset=synthetic-logistic"]), WORLD)
     try:
-        assert_all(s.dims == [20, 4, 2], f"{s.dims}")
+        assert_all(s.dims == [20, 4, 4, 2], f"{s.dims}")
     finally:
         s.close()
     assert_raises_all(PdADMMError, setup_layers, config.load(None, base + ["data.dataset=synthetic-lsq"]), WORLD,
