@@ -167,6 +167,17 @@ def test_session_on_binary_and_regression_data():
         s.close()
     assert_raises_all(PdADMMError, setup_layers, config.load(None, base + ["data.dataset=synthetic-lsq"]), WORLD,
                       match="needs a classification dataset, 'synthetic-lsq' has none")
+    # one class is no classification problem either (no dataset of mpidl has one: built here)
+    import dataclasses
+    from mpidl import data as D
+    real = D.load_dataset
+    one = dataclasses.replace(real("synthetic-logistic", None, seed=0), num_classes=1)
+    D.load_dataset = lambda *a, **k: one
+    try:
+        assert_raises_all(PdADMMError, setup_layers, config.load(None, base + ["data.dataset=synthetic-logistic"]),
+                          WORLD, match="needs a classification dataset")
+    finally:
+        D.load_dataset = real
     # the configured data folder is the one searched (the error names it)
     missing = "/nonexistent/mpidl-pdadmm-data"
     assert_raises_all(MpidlError, setup_layers, config.load(None, base + ["data.dataset=fashion-mnist",
