@@ -72,7 +72,7 @@ config|mpidl/config.py||python -m pytest -x -q -p no:cacheprovider tests/test_co
 config-logic|mpidl/config.py|94-285|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 config-defaults|mpidl/config.py|1-93|python -m pytest -x -q -p no:cacheprovider tests/test_config.py tests/test_lr_schedule.py
 checkpoint|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py
-checkpoint-serial|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint.py -k 'round_trip or keep_newest or mismatch or corruption or bad_state or crash_mid_save or ckpt_command or preemption_guard_local'
+checkpoint-serial|mpidl/checkpoint.py||python -m pytest -x -q -p no:cacheprovider tests/test_checkpoint_units.py tests/test_checkpoint.py -k 'round_trip or keep_newest or mismatch or corruption or bad_state or crash_mid_save or ckpt_command or preemption_guard_local'
 "
 
 # Operators: arithmetic and comparison swaps that change a value (not bit operators, `is`, or

@@ -28,12 +28,18 @@ def test_manifest_records_meta_versions_and_files(tmp_path):
     assert m["s"] == [1, 2, 3] and m["f"] == 1.5 and m["a"] == [0, 1, 2] and np.isnan(m["nan"])
     assert man["versions"]["python"] == platform.python_version()
     assert man["versions"]["numpy"] == np.__version__
-    [fe] = man["files"]
-    fp = os.path.join(path, fe["name"])
-    with open(fp, "rb") as f:
-        data = f.read()
     import zlib
-    assert fe["bytes"] == len(data) == os.path.getsize(fp) and fe["crc32"] == zlib.crc32(data)
+    crcs = []
+    for step in range(4, 12):                           # a few files, so some CRC is odd
+        path = CheckpointStore(tmp_path, keep=None).save(step, {"x": np.arange(6.0) + step})
+        with open(os.path.join(path, "manifest.json")) as f:
+            [fe] = json.load(f)["files"]
+        fp = os.path.join(path, fe["name"])
+        with open(fp, "rb") as f:
+            data = f.read()
+        assert fe["bytes"] == len(data) == os.path.getsize(fp) and fe["crc32"] == zlib.crc32(data)
+        crcs.append(fe["crc32"])
+    assert any(c % 2 for c in crcs) and len(set(crcs)) == len(crcs), crcs
 
 
 def test_damage_that_keeps_the_size_is_found(tmp_path):
@@ -64,11 +70,33 @@ def test_a_foreign_manifest_is_rejected(tmp_path, man):
 
 
 def test_listing_labels_leftover_folders(tmp_path):
+    for name in ("a_dir", "step_x", "zz"):              # not checkpoints: skipped, wherever they are listed
+        (tmp_path / name).mkdir()
+    (tmp_path / "step_00000009").write_text("a file, not a folder")
     CheckpointStore(tmp_path).save(2, _state())
     (tmp_path / "step_00000003.tmp").mkdir()
     (tmp_path / "step_00000001.old").mkdir()
     got = {(e["step"], e["complete"], e["problem"]) for e in ck.list_checkpoints(tmp_path)}
     assert got == {(1, False, "replaced, not yet deleted"), (2, True, None), (3, False, "interrupted save")}
+
+
+def test_verify_reports_every_bad_file(tmp_path):
+    """A damaged or missing file does not hide the next rank's problem."""
+    path = CheckpointStore(tmp_path).save(1, _state())
+    mp = os.path.join(path, "manifest.json")
+    with open(mp) as f:
+        man = json.load(f)
+    fe = man["files"][0]
+    man["files"] = [fe, {**fe, "name": "rank_00001.h5"}, {**fe, "name": "rank_00002.h5"}]
+    with open(mp, "w") as f:
+        json.dump(man, f)
+    problems = ck.verify_checkpoint(path)
+    assert [p.split(":")[0] for p in problems] == ["rank 1", "rank 2"] and all("missing" in p for p in problems)
+    man["files"] = [{**fe, "crc32": fe["crc32"] ^ 1}, {**fe, "name": "rank_00001.h5"}]
+    with open(mp, "w") as f:
+        json.dump(man, f)
+    problems = ck.verify_checkpoint(path)
+    assert len(problems) == 2 and "is damaged" in problems[0] and "missing" in problems[1], problems
 
 
 def test_step_zero_is_a_step_and_negative_is_an_error(tmp_path):
@@ -81,7 +109,8 @@ def test_step_zero_is_a_step_and_negative_is_an_error(tmp_path):
 
 
 def test_default_keep_is_the_documented_three(tmp_path):
-    store = CheckpointStore(tmp_path)           # docs/checkpoints.md: keep=3
+    store = CheckpointStore(tmp_path)           # docs/checkpoints.md: keep=3, files fsynced
+    assert store.fsync is True
     for s in range(1, 6):
         store.save(s, _state())
     assert store.steps() == [3, 4, 5]
