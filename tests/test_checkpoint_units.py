@@ -147,3 +147,28 @@ def test_one_process_allreduce_returns_a_copy():
     b = ck._Solo().allreduce(a)
     b += 1
     assert np.array_equal(a, np.ones(3))
+
+
+def test_guard_propagates_errors_and_announces_once(caplog):
+    import logging
+    import signal
+    with pytest.raises(ValueError, match="inside"):
+        with ck.PreemptionGuard():
+            raise ValueError("inside the guard")
+    with caplog.at_level(logging.INFO, logger="mpidl"):
+        with ck.PreemptionGuard() as g:
+            assert not g.should_stop()
+            g.request(signal.SIGTERM)
+            assert g.should_stop() and g.should_stop()
+    said = [r.getMessage() for r in caplog.records if "preemption requested" in r.getMessage()]
+    assert said == ["preemption requested (SIGTERM): saving a checkpoint and stopping"], said
+
+
+def test_guard_takes_over_the_last_early_signal():
+    import signal
+    ck._EARLY[:] = [signal.SIGUSR1, signal.SIGTERM]
+    try:
+        with ck.PreemptionGuard() as g:
+            assert g.requested and g.signum == signal.SIGTERM and ck._EARLY == []
+    finally:
+        ck._EARLY.clear()
