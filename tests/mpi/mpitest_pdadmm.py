@@ -109,6 +109,15 @@ def test_layer_parallel_equals_stacked_reference(L, opts):
         assert_all(np.abs(q[:, None] - grid[None, :]).min(axis=1).max() < 1e-12, "q off the grid")
 
 
+def _six_steps_equal_reference(dims, seed, opts):
+    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12, **opts)
+    X, y, Ws, bs = _problem(dims, seed=seed)
+    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
+    S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
+    err = _max_rel_dev(_gather(algo, state), S)
+    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+
+
 @pytest.mark.parametrize("opts", [dict(), dict(quantize=True, quantize_p=True)], ids=["plain", "qp"])
 def test_row_blocked_gemms_equal_reference(monkeypatch, opts):
     # blocks of 7 rows for 40 samples: G written over R block by block, two-pass narrow p steps
@@ -117,13 +126,7 @@ def test_row_blocked_gemms_equal_reference(monkeypatch, opts):
     dims = [6, 5, 4, 5, 4, 3]
     if P > 5:
         pytest.skip("more ranks than layers")
-    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12, **opts)
-    X, y, Ws, bs = _problem(dims, seed=2)
-    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
-    S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
-    g = _gather(algo, state)
-    err = _max_rel_dev(g, S)
-    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+    _six_steps_equal_reference(dims, 2, opts)
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -176,13 +179,7 @@ def test_equal_width_layers_equal_reference(opts):
     dims = [6, 5, 5, 5, 3]
     if P > 4:
         pytest.skip("more ranks than layers")
-    cfg = PdADMMConfig(rho=0.5, nu=0.8, tau0=0.5, max_doublings=6, fista_iters=20, fista_tol=1e-12, **opts)
-    X, y, Ws, bs = _problem(dims, seed=4)
-    algo, state, _, _ = _run_mpi(cfg, dims, X, y, Ws, bs, 6)
-    S, _, _ = ref.run(X, y, Ws, bs, _hp(cfg), 6)
-    g = _gather(algo, state)
-    err = _max_rel_dev(g, S)
-    assert_all(err < 1e-10, f"max relative deviation from the stacked reference {err:.3e}")
+    _six_steps_equal_reference(dims, 4, opts)
 
 
 def test_rho_raise_decisions_use_the_last_layers_cost():
