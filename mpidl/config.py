@@ -14,9 +14,13 @@ and fails together.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
+import math
+import os
 import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +28,64 @@ from mpidl.errors import MpidlError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TopologyConfig", "RunConfig",
            "LRConfig", "register_algorithm", "algorithm_registry", "algorithm_layout", "load", "load_collective",
-           "from_dict", "to_dict", "parse_overrides"]
+           "from_dict", "to_dict", "parse_overrides", "check_paths", "ConfigError"]
 
 
 class ConfigError(MpidlError):
     pass
+
+
+# -- range checks shared by every section's ``validate()`` ---------------------
+# Each raises ValueError("<key> must ..., got <value>"); :func:`_build` prefixes the section, so
+# the user sees one line such as ``[run] log_every must be >= 1, got 0``.
+def _fail(key, rule, value):
+    raise ValueError(f"{key} must {rule}, got {value!r}")
+
+
+def check_int(obj, key, lo=None, hi=None):
+    """``getattr(obj, key)`` is an int (not bool) with ``lo <= v <= hi`` (None = unbounded)."""
+    v = getattr(obj, key)
+    if isinstance(v, bool) or not isinstance(v, int):
+        _fail(key, "be an integer", v)
+    if lo is not None and v < lo:
+        _fail(key, f"be >= {lo}" if hi is None else f"lie in [{lo}, {hi}]", v)
+    if hi is not None and v > hi:
+        _fail(key, f"be <= {hi}" if lo is None else f"lie in [{lo}, {hi}]", v)
+
+
+def check_float(obj, key, lo=None, hi=None, lo_open=False, hi_open=False):
+    """``getattr(obj, key)`` is a finite number in the interval (open ends where asked)."""
+    v = getattr(obj, key)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        _fail(key, "be a finite number", v)
+    bad = ((lo is not None and (v <= lo if lo_open else v < lo))
+           or (hi is not None and (v >= hi if hi_open else v > hi)))
+    if bad:
+        if hi is None:
+            rule = f"be {'>' if lo_open else '>='} {lo}"
+        elif lo is None:
+            rule = f"be {'<' if hi_open else '<='} {hi}"
+        else:
+            rule = f"lie in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+        _fail(key, rule, v)
+
+
+def check_choice(obj, key, choices):
+    v = getattr(obj, key)
+    if v not in choices:
+        names = [c if c else '""' for c in choices]
+        rule = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        _fail(key, f"be {rule}", v)
+
+
+def check_bool(obj, key):
+    v = getattr(obj, key)
+    if not isinstance(v, bool):
+        _fail(key, "be true or false", v)
+
+
+MODEL_NAMES = ("mlp", "cnn", "resnet20", "linear", "convex-logistic", "convex-lsq")
+SCHEDULES = ("one_peer_exponential", "random_matching")
 
 
 @dataclass(frozen=True)
@@ -41,6 +98,14 @@ class DataConfig:
     seed: int = 0                       # partition seed
     eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
 
+    def validate(self):
+        from mpidl.data import DATASETS, SCHEMES
+        check_choice(self, "dataset", DATASETS)
+        check_choice(self, "partition", SCHEMES)
+        check_float(self, "alpha", lo=0, lo_open=True)
+        check_int(self, "seed", lo=0)
+        check_int(self, "eval_samples", lo=0)
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -49,6 +114,14 @@ class ModelConfig:
     loss: str = "ce"                    # ce | squared (squared: needed by NEXT's Gauss-Newton surrogate)
     dtype: str = "float32"              # float32 | float64
     dropout: float = 0.0                # Dropout probability in the MLP / CNN (0 = none)
+
+    def validate(self):
+        check_choice(self, "name", MODEL_NAMES)
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            _fail("hidden", "be a list of positive integer widths", list(self.hidden))
+        check_choice(self, "loss", ("ce", "squared"))
+        check_choice(self, "dtype", ("float32", "float64"))
+        check_float(self, "dropout", lo=0, hi=1, hi_open=True)
 
 
 @dataclass(frozen=True)
@@ -59,6 +132,16 @@ class TopologyConfig:
     seed: int = 0                       # erdos_renyi seed
     shape: tuple = ()                   # torus shape
     schedule: str = ""                  # "" (fixed) | one_peer_exponential | random_matching
+
+    def validate(self):
+        from mpidl.topology import GENERATORS, WEIGHT_RULES
+        check_choice(self, "name", tuple(sorted(GENERATORS)))
+        check_choice(self, "weights", ("",) + tuple(WEIGHT_RULES))
+        check_float(self, "p", lo=0, hi=1, lo_open=True)
+        check_int(self, "seed", lo=0)
+        if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.shape):
+            _fail("shape", "be a list of positive integers (torus sides)", list(self.shape))
+        check_choice(self, "schedule", ("",) + SCHEDULES)
 
 
 @dataclass(frozen=True)
@@ -73,6 +156,14 @@ class LRConfig:
     decay: float = 0.1
     power: float = 1.0
     step_epochs: float = 10.0
+
+    def validate(self):
+        """The schedule's keys (an algorithm config calls this from its own ``validate``)."""
+        check_float(self, "lr", lo=0, lo_open=True)
+        check_choice(self, "lr_schedule", ("constant", "diminishing", "step"))
+        check_float(self, "decay", lo=0)
+        check_float(self, "power", lo=0)
+        check_float(self, "step_epochs", lo=0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -90,6 +181,27 @@ class RunConfig:
     resume: str = "no"                  # no | auto | <step>
     threads: int = 1                    # torch / numba threads per rank
 
+    def validate(self):
+        n = self.name
+        if "/" in n or "\\" in n or "\0" in n or n in (".", ".."):
+            _fail("name", "be a plain folder name (no '/', not '.' or '..')", n)
+        check_float(self, "epochs", lo=0)
+        check_int(self, "steps", lo=0)
+        if self.epochs <= 0 and self.steps <= 0:
+            raise ValueError(f"epochs or steps must be > 0 (set epochs > 0 or steps > 0), "
+                             f"got epochs = {self.epochs}, steps = {self.steps}")
+        check_int(self, "batch_size", lo=0)
+        check_int(self, "seed", lo=0)
+        check_int(self, "log_every", lo=1)
+        check_int(self, "eval_every", lo=0)
+        check_int(self, "checkpoint_every", lo=0)
+        check_int(self, "keep", lo=0)
+        if not self.out.strip() or "\0" in self.out:
+            _fail("out", "be a folder path", self.out)
+        if not (self.resume in ("no", "auto") or self.resume.isdigit()):
+            _fail("resume", "be no, auto or a checkpoint step (a non-negative integer)", self.resume)
+        check_int(self, "threads", lo=1)
+
 
 _ALGOS: dict = {}
 _LAYOUTS: dict = {}
@@ -100,20 +212,61 @@ def register_algorithm(name: str, config_cls, factory, layout=None):
 
     ``layout`` is the family's setup function ``(cfg, world) -> Session`` (see
     :mod:`mpidl.layouts`); None selects the agent layout (one rank = one agent).
+    A built-in family also needs its line in :data:`mpidl.algorithms.MODULES`
+    (name -> module), which is how its module gets imported on first use.
     """
     _ALGOS[name] = (config_cls, factory)
     _LAYOUTS[name] = layout
 
 
+def _load_family(name: str) -> bool:
+    """Import the module that registers ``name`` (once); False if no module is known for it."""
+    if name not in _ALGOS:
+        from mpidl.algorithms import MODULES  # the table only: importing it imports no family
+        module = MODULES.get(name)
+        if module is None:
+            return False
+        importlib.import_module(module)
+    return name in _ALGOS
+
+
+class _Registry(Mapping):
+    """name -> (config class, factory); a family's module is imported when its name is first read.
+
+    Listing the names (``set(reg)``, ``name in reg``) imports nothing, so a
+    torch-free family (NEXT on the convex models) never pulls in torch through
+    the registry.
+    """
+
+    def __getitem__(self, name):
+        if not _load_family(name):
+            raise KeyError(name)
+        return _ALGOS[name]
+
+    def __contains__(self, name):
+        from mpidl.algorithms import MODULES
+        return name in _ALGOS or name in MODULES
+
+    def __iter__(self):
+        from mpidl.algorithms import MODULES
+        return iter(sorted(set(_ALGOS) | set(MODULES)))
+
+    def __len__(self):
+        return len(list(iter(self)))
+
+
+_REGISTRY = _Registry()
+
+
 def algorithm_layout(name: str):
     """The layout setup function registered for algorithm ``name`` (None = agent layout)."""
-    algorithm_registry()
+    _load_family(name)
     return _LAYOUTS.get(name)
 
 
-def algorithm_registry() -> dict:
-    import mpidl.algorithms  # noqa: F401  (registers the built-in algorithms)
-    return _ALGOS
+def algorithm_registry() -> Mapping:
+    """The algorithm registry (read-only mapping; see :class:`_Registry`)."""
+    return _REGISTRY
 
 
 @dataclass(frozen=True)
@@ -184,8 +337,8 @@ def _build(section: str, cls, values: dict):
     if check is not None:
         try:
             check()
-        except ValueError as e:
-            raise ConfigError(f"[{section}]: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"[{section}] {e}") from None
     return obj
 
 
@@ -196,23 +349,16 @@ def from_dict(d: dict) -> Config:
         raise ConfigError(f"unknown section(s) {', '.join(unknown)}; valid: "
                           f"{', '.join(list(_SECTIONS) + ['algorithm'])}")
     parts = {name: _build(name, cls, d.get(name, {})) for name, cls in _SECTIONS.items()}
-    algo = dict(d.get("algorithm", {}))
+    algo = d.get("algorithm", {})
+    if not isinstance(algo, dict):
+        raise ConfigError(f"[algorithm] must be a table, got {algo!r}")
+    algo = dict(algo)
     name = _coerce("algorithm", "name", str, algo.pop("name", "cdsgd"))
     reg = algorithm_registry()
     if name not in reg:
-        raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(reg))}")
+        raise ConfigError(f"[algorithm] name: unknown algorithm {name!r}; choose one of {', '.join(sorted(reg))}")
     cfg_cls, _ = reg[name]
     parts["algorithm"] = _build("algorithm", cfg_cls, algo)
-    if parts["run"].batch_size < 0:
-        raise ConfigError("[run] batch_size must be >= 0 (0 = full batch)")
-    if parts["run"].epochs <= 0 and parts["run"].steps <= 0:
-        raise ConfigError("[run] set epochs > 0 or steps > 0")
-    if parts["model"].loss not in ("ce", "squared"):
-        raise ConfigError(f"[model] loss must be ce or squared, got {parts['model'].loss!r}")
-    if not 0.0 <= parts["model"].dropout < 1.0:
-        raise ConfigError(f"[model] dropout must lie in [0, 1), got {parts['model'].dropout}")
-    if parts["model"].dtype not in ("float32", "float64"):
-        raise ConfigError(f"[model] dtype must be float32 or float64, got {parts['model'].dtype!r}")
     return Config(**parts)
 
 
@@ -244,8 +390,38 @@ def parse_overrides(items) -> list:
     return out
 
 
-def load(path=None, overrides=()) -> Config:
-    """Local. Read a TOML file (or defaults when ``path`` is None) and apply overrides."""
+def check_paths(cfg: Config) -> None:
+    """Local. The config's paths as this process sees them: raise :class:`ConfigError` naming the key.
+
+    ``data.data_dir`` must be a folder, ``data.shards`` a file, and ``run.out``
+    a folder that exists or can be created (its nearest existing ancestor a
+    writable folder).  Nothing is created.  :func:`load_collective` runs it on
+    rank 0 only, so every rank gets the same verdict.
+    """
+    d, out = cfg.data, cfg.run.out
+    if d.data_dir and not Path(d.data_dir).is_dir():
+        raise ConfigError(f"[data] data_dir {d.data_dir!r} is not a folder")
+    if d.shards and not Path(d.shards).is_file():
+        raise ConfigError(f"[data] shards {d.shards!r}: no such file (write one with `mpidl shard`)")
+    target = Path(out).expanduser().absolute() / cfg.run_name
+    probe = target
+    while not probe.exists() and probe != probe.parent:
+        if probe.is_symlink():  # a dangling link cannot be created through
+            break
+        probe = probe.parent
+    if probe != target and not probe.is_dir():
+        raise ConfigError(f"[run] out {out!r} cannot be created: {str(probe)!r} is not a folder")
+    if probe.is_dir() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"[run] out {out!r} cannot be created: {str(probe)!r} is not writable")
+    if probe == target and not probe.is_dir():
+        raise ConfigError(f"[run] out {out!r}: {str(target)!r} exists and is not a folder")
+
+
+def load(path=None, overrides=(), *, paths=True) -> Config:
+    """Local. Read a TOML file (or defaults when ``path`` is None) and apply overrides.
+
+    ``paths=True`` also checks the paths the config names (:func:`check_paths`).
+    """
     d: dict = {}
     if path is not None:
         p = Path(path)
@@ -259,7 +435,10 @@ def load(path=None, overrides=()) -> Config:
         if not isinstance(d.setdefault(sec, {}), dict):
             raise ConfigError(f"--set {sec}.{key}: [{sec}] is not a table")
         d[sec][key] = value
-    return from_dict(d)
+    cfg = from_dict(d)
+    if paths:
+        check_paths(cfg)
+    return cfg
 
 
 def load_collective(comm, path=None, overrides=()) -> Config:

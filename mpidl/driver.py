@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from mpidl import config as C
 from mpidl.algorithms.base import state_from_dict, state_to_dict
@@ -50,7 +49,9 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     early after that many steps of this invocation (tests use it to simulate
     an interrupted run).
     """
-    torch.set_num_threads(max(1, cfg.run.threads))
+    if cfg.model.name not in CONVEX_MODELS:  # a convex run stays torch-free
+        import torch
+        torch.set_num_threads(max(1, cfg.run.threads))
     session = setup_for(cfg)(cfg, world)
     try:
         return _loop(cfg, session, max_steps)
@@ -91,9 +92,16 @@ def _loop(cfg, session, max_steps):
     ckpt_every = r.checkpoint_every or max(spe, 100)
 
     out = Path(r.out) / cfg.run_name
+    err = None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-    mc.barrier()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            err = f"[run] out {r.out!r}: cannot create {str(out)!r}: {e.strerror or e}"
+    try:
+        mc.agree(err)     # one message on every rank instead of a traceback from each
+    except MpidlError as e:
+        raise C.ConfigError(str(e)) from None
     store = CheckpointStore(out / "checkpoints", mc, keep=r.keep)
     # the driver's own checkpointed counters: bytes sent before this invocation (the
     # algorithm's counters start at 0 in every process) and the open training window

@@ -117,6 +117,30 @@ def steps_per_epoch(mc, n_local: int, batch_size: int) -> tuple:
     return batch, spe
 
 
+def check_convex_data(cfg: C.Config, mc, num_classes: int) -> None:
+    """Collective. Raise :class:`~mpidl.config.ConfigError` on every rank when the convex model
+    ``cfg.model.name`` cannot fit the dataset's labels.
+
+    ``convex-logistic`` needs two classes (labels 0/1); ``convex-lsq`` needs
+    real-valued targets (``num_classes == 0``).  The class count is agreed over
+    ``mc`` (its maximum), so every rank raises the same error before step 0
+    and before anything is written under ``run.out``.
+    """
+    k = int(mc.allreduce(int(num_classes), op="max"))
+    name, src = cfg.model.name, cfg.data.shards or cfg.data.dataset
+    kind = "a regression set (real-valued targets)" if k == 0 else f"a classification set with {k} classes"
+    if name == "convex-logistic" and k != 2:
+        raise C.ConfigError(
+            f'[model] name = "convex-logistic" needs a dataset with 2 classes (labels 0/1), but {src!r} is '
+            f'{kind}: use ' + ('model.name = "convex-lsq"' if k == 0 else
+                               'model.name = "linear" (softmax regression) or another torch model'))
+    if name == "convex-lsq" and k != 0:
+        raise C.ConfigError(
+            f'[model] name = "convex-lsq" fits real-valued targets, but {src!r} is {kind}: use '
+            + ('model.name = "convex-logistic"' if k == 2 else 'model.name = "linear" (softmax regression)')
+            + ' or a regression set (synthetic-lsq)')
+
+
 # -- the agent layout ---------------------------------------------------------
 
 def build_topology(tc: C.TopologyConfig, n: int):
@@ -180,13 +204,8 @@ class AgentSession(Session):
             raise
 
     def _build(self, cfg, world, topo, schedule, rank, size):
-        import torch
-
         from mpidl.comm import GraphComm, ScheduledGraphComm
         from mpidl.data import load_agent_data
-        from mpidl.flat import FlatModel
-        from mpidl.models import build_model
-        from mpidl.oracles import TorchOracle
 
         self.gc = GraphComm(world, topo)
         self.mc = GraphComm(world, topo)  # control traffic, kept off the algorithm's counters
@@ -198,14 +217,20 @@ class AgentSession(Session):
         batch, spe = steps_per_epoch(self.mc, len(shard.y), r.batch_size)
         full_batch = r.batch_size == 0
         self.steps_per_epoch = spe
-        if cfg.model.name in CONVEX_MODELS:
-            from mpidl.oracles import ConvexOracle
+        if cfg.model.name in CONVEX_MODELS:  # NumPy + Numba only: a convex run never imports torch
+            from mpidl.convex import ConvexOracle
+            check_convex_data(cfg, self.mc, shard.num_classes)
             self.oracle = ConvexOracle(shard.x, shard.y, CONVEX_MODELS[cfg.model.name],
                                        batch_size=0 if full_batch else batch, steps_per_epoch=spe,
                                        seed=r.seed, rank=rank)
             self.oracle_eval, self.fm = self.oracle, None
             x0, self.xbuf, self.dim = np.zeros(self.oracle.dim), np.zeros(self.oracle.dim), self.oracle.dim
         else:
+            import torch
+
+            from mpidl.flat import FlatModel
+            from mpidl.models import build_model
+            from mpidl.oracles import TorchOracle
             dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
 
             def new_model():

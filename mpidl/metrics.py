@@ -22,7 +22,8 @@ Consensus error (the disagreement between agents, ALGORITHMS.md section 0)::
 
     consensus_error = sqrt( (1/N) sum_i || x_i - xbar ||^2 ),   xbar = (1/N) sum_i x_i
 
-Plots and the summary table: :func:`report` (:mod:`mpidl.plots`).
+Plots and the summary table: :func:`report` (:mod:`mpidl.plots`), which reads files through
+:mod:`mpidl.results` (the reader; re-exported here as :func:`load_results`).
 """
 from __future__ import annotations
 
@@ -39,19 +40,14 @@ import numpy as np
 from mpidl.checkpoint import _uncounted
 from mpidl.errors import MpidlError
 from mpidl.h5state import open_read
+from mpidl.results import FORMAT, FORMAT_VERSION, ResultsError, _default_label, _readable, load_results  # noqa: F401
 
 __all__ = ["Recorder", "consensus_error", "Progress", "load_results", "report", "ResultsError"]
 
 log = logging.getLogger("mpidl.metrics")
 progress_log = logging.getLogger("mpidl.progress")
 
-FORMAT = "mpidl-results"
-FORMAT_VERSION = 1
 _RESERVED = ("step",)
-
-
-class ResultsError(MpidlError):
-    """A results file that cannot be written or read."""
 
 
 def _agree(comm, err):
@@ -286,59 +282,12 @@ class Recorder:
         return False
 
 
-def _readable(path) -> bool:
-    """Local. Whether ``path`` exists and opens as an mpidl results file."""
-    if not os.path.exists(path):
-        return False
-    try:
-        with open_read(path) as f:
-            return f.attrs.get("format") == FORMAT
-    except OSError:
-        return False
-
-
-def _default_label(path):
-    """The file's stem, or its folder's name for ``<run>/results.h5``."""
-    stem = os.path.splitext(os.path.basename(path))[0]
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return parent if stem == "results" and parent else stem
-
-
 def _json_default(o):
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
         return o.tolist()
     return str(o)
-
-
-def load_results(path) -> dict:
-    """Local. Read a results file (or a crashed run's ``.tmp``) into plain arrays.
-
-    Returns ``{"path", "label", "config", "attrs", "series": {name: {column: array}}}``.
-    """
-    import h5py
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        if os.path.exists(path + ".tmp"):
-            path = path + ".tmp"
-        else:
-            raise ResultsError(f"results file {path} not found")
-    try:
-        with open_read(path) as f:
-            if f.attrs.get("format") != FORMAT:
-                raise ResultsError(f"{path} is not an mpidl results file")
-            attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-            series = {name: {c: ds[...] for c, ds in g.items()} for name, g in f.items()
-                      if isinstance(g, h5py.Group) and "step" in g}
-    except OSError as e:
-        raise ResultsError(f"cannot read results file {path}: {e}") from None
-    try:
-        config = json.loads(attrs.get("config", "{}"))
-    except ValueError:
-        config = {}
-    label = str(attrs.get("label") or _default_label(path.removesuffix(".tmp")))
-    return {"path": path, "label": label, "config": config, "attrs": attrs, "series": series}
 
 
 # -- consensus error ------------------------------------------------------------

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 
 from mpidl.errors import MpidlError
-from mpidl.metrics import load_results
+from mpidl.results import load_results
 
 __all__ = ["report", "summary_table"]
 

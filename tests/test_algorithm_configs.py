@@ -77,7 +77,8 @@ for key in ("tau", "tau_G", "window"):
     CASES += _bounds(LSGDConfig, key, [1], [0], rf"{key} must be >= 1, got 0")
 CASES += _bounds(LSGDConfig, "groups", ["all", "size", "node"], ["world", ""], r"groups must be all, size or node",
                  group_size=1)
-CASES += _bounds(LSGDConfig, "group_size", [1, 5], [0, -1], r'groups = "size" needs group_size >= 1', groups="size")
+CASES += _bounds(LSGDConfig, "group_size", [1, 5], [0], r'groups = "size" needs group_size >= 1', groups="size")
+CASES += _bounds(LSGDConfig, "group_size", [], [-1], r"group_size must be >= 0, got -1", groups="size")
 CASES += _bounds(LSGDConfig, "group_size", [0], [], None, groups="all")
 CASES += _bounds(LSGDConfig, "group_size", [0], [], None, groups="node")
 CASES += _bounds(EASGDConfig, "beta", [EPS, 1.0], [0.0, 1 + EPS, -0.5], r"beta must lie in \(0, 1\], got")
@@ -86,21 +87,21 @@ CASES += _bounds(EASGDConfig, "tau", [1], [0], r"tau must be >= 1, got 0")
 for key in ("rho", "nu", "tau0", "fista_step", "rho_factor", "rho_max", "init_std"):
     CASES += _bounds(PdADMMConfig, key, [EPS], [0.0, -EPS], rf"{key} must be > 0, got")
 for key in ("mu", "fista_tol", "rho_tol"):
-    CASES += _bounds(PdADMMConfig, key, [0.0], [-EPS], r"mu, fista_tol and rho_tol must be >= 0")
+    CASES += _bounds(PdADMMConfig, key, [0.0], [-EPS], rf"{key} must be >= 0, got")
 CASES += _bounds(PdADMMConfig, "fista_step", [2.0], [2 + EPS], r"fista_step must be <= 2 .*got")
 for key in ("max_doublings", "fista_iters"):
-    CASES += _bounds(PdADMMConfig, key, [0], [-1], r"max_doublings and fista_iters must be >= 0")
+    CASES += _bounds(PdADMMConfig, key, [0], [-1], rf"{key} must be >= 0, got -1")
 for key in ("threads_per_rank", "downsample"):
-    CASES += _bounds(PdADMMConfig, key, [1], [0], r"threads_per_rank and downsample must be >= 1")
+    CASES += _bounds(PdADMMConfig, key, [1], [0], rf"{key} must be >= 1, got 0")
 CASES += _bounds(PdADMMConfig, "init", ["torch", "normal"], ["xavier"], r"init must be torch or normal, got 'xavier'")
 CASES += _bounds(PdADMMConfig, "quantize_p", [False], [True], r"quantize_p needs quantize = true")
 CASES += _bounds(PdADMMConfig, "quantize_p", [False, True], [], None, quantize=True)
-CASES += _bounds(PdADMMConfig, "grid_points", [2], [1], r"quantization grid cannot hold the values: .*n", quantize=True)
+CASES += _bounds(PdADMMConfig, "grid_points", [2], [1], r"quantization grid \(grid_lo, grid_hi, grid_points\) cannot hold the values: .*n", quantize=True)
 CASES += _bounds(PdADMMConfig, "grid_hi", [EPS * 1e6], [0.0, -0.5], r"grid_lo <= 0 < grid_hi|cannot hold",
                  quantize=True, grid_lo=-1.0)
 CASES += _bounds(PdADMMConfig, "grid_lo", [0.0, -3.0], [1e-3], r"it needs grid_lo <= 0 < grid_hi",
                  quantize=True, grid_hi=2.0)
-CASES += _bounds(PdADMMConfig, "grid_points", [1], [], None)     # not checked without quantize
+CASES += _bounds(PdADMMConfig, "grid_points", [2], [1], r"grid_points")   # checked without quantize too
 CASES += _bounds(PdADMMQConfig, "grid_lo", [0.0], [0.5], r"it needs grid_lo <= 0 < grid_hi")
 
 CASES += _bounds(FDGConfig, "beta", [EPS, 1.0], [0.0, 1 + EPS], r"beta must lie in \(0, 1\], got")

@@ -74,7 +74,7 @@ def test_lr_defaults_are_the_documented_ones():
 @pytest.mark.parametrize("overrides,match", [
     (["run.batch_size=-1"], r"batch_size must be >= 0"),
     (["run.epochs=0"], r"set epochs > 0 or steps > 0"),
-    (["run.epochs=-1", "run.steps=0"], r"set epochs > 0 or steps > 0"),
+    (["run.epochs=-1", "run.steps=0"], r"\[run\] epochs must be >= 0, got -1.0"),
     (["model.dropout=1.0"], r"dropout must lie in \[0, 1\), got 1.0"),
     (["model.dropout=-0.1"], r"dropout must lie in \[0, 1\)"),
     (["model.dtype=float16"], r"dtype must be float32 or float64, got 'float16'"),

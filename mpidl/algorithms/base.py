@@ -102,10 +102,14 @@ def lr_at(cfg, k: int, steps_per_epoch: int) -> float:
 
 
 def check_lr(cfg):
-    """Shared validation for LRConfig-based algorithm configs (raises ValueError)."""
-    if cfg.lr_schedule not in ("constant", "diminishing", "step"):
-        raise ValueError(f"lr_schedule must be constant, diminishing or step, got {cfg.lr_schedule!r}")
-    if not cfg.lr > 0:
-        raise ValueError(f"lr must be > 0, got {cfg.lr}")
-    if cfg.lr_schedule == "step" and cfg.step_epochs <= 0:
-        raise ValueError("step_epochs must be > 0")
+    """Shared validation for LRConfig-based algorithm configs (raises ValueError naming the key).
+
+    The schedule's keys (:meth:`mpidl.config.LRConfig.validate`), ``weight_decay >= 0`` where the
+    config has one, and ``slow_rank >= -1`` / ``slow_factor >= 1`` for the straggler emulation.
+    """
+    from mpidl.config import LRConfig, check_float, check_int
+    LRConfig.validate(cfg)
+    if hasattr(cfg, "weight_decay"):
+        check_float(cfg, "weight_decay", lo=0)
+    if hasattr(cfg, "slow_rank"):
+        check_int(cfg, "slow_rank", lo=-1)

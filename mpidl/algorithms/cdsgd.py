@@ -87,6 +87,10 @@ class FedAvgConfig(LRConfig):
 
     def validate(self):
         check_lr(self)
+        if self.local_steps < 0:
+            raise ValueError(f"local_steps must be >= 0, got {self.local_steps}")
+        if not self.local_epochs >= 0:
+            raise ValueError(f"local_epochs must be >= 0, got {self.local_epochs}")
         if self.local_steps < 1 and self.local_epochs <= 0:
             raise ValueError("set local_steps >= 1 or local_epochs > 0")
 

@@ -88,6 +88,12 @@ class FDGConfig(LRConfig):
             raise ValueError(f"replicas must be >= 0 (0 = world size / stages), got {self.replicas}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum must lie in [0, 1), got {self.momentum}")
+        c = self.cuts
+        if (any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in c)
+                or any(a >= b for a, b in zip(c, c[1:]))):
+            raise ValueError(f"cuts must be increasing unit indices >= 1 ([] = balanced), got {list(c)}")
+        if c and len(c) != self.stages - 1:
+            raise ValueError(f"cuts must list stages - 1 = {self.stages - 1} unit indices, got {list(c)}")
 
 
 @dataclass

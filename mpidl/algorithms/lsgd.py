@@ -107,6 +107,8 @@ class LSGDConfig(LRConfig):
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
         if self.groups not in ("all", "size", "node"):
             raise ValueError(f"groups must be all, size or node, got {self.groups!r}")
+        if self.group_size < 0:
+            raise ValueError(f"group_size must be >= 0, got {self.group_size}")
         if self.groups == "size" and self.group_size < 1:
             raise ValueError(f"groups = \"size\" needs group_size >= 1, got {self.group_size}")
 

@@ -63,8 +63,11 @@ class NEXTConfig:
             raise ValueError(f"lam must be >= 0, got {self.lam}")
         if self.surrogate not in ("linear", "gauss-newton"):
             raise ValueError(f"surrogate must be linear or gauss-newton, got {self.surrogate!r}")
-        if self.threads_per_agent < 1 or self.blocks < 0 or self.inner_iters < 0:
-            raise ValueError("threads_per_agent >= 1, blocks >= 0 and inner_iters >= 0 required")
+        if not self.inner_tol >= 0:
+            raise ValueError(f"inner_tol must be >= 0, got {self.inner_tol}")
+        for key, lo in (("threads_per_agent", 1), ("blocks", 0), ("inner_iters", 0)):
+            if getattr(self, key) < lo:
+                raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
 
 
 @dataclass

@@ -98,23 +98,24 @@ class PdADMMConfig:
         for key in ("rho", "nu", "tau0", "fista_step", "rho_factor", "rho_max", "init_std"):
             if not getattr(self, key) > 0:
                 raise ValueError(f"{key} must be > 0, got {getattr(self, key)}")
-        if self.mu < 0 or self.fista_tol < 0 or self.rho_tol < 0:
-            raise ValueError("mu, fista_tol and rho_tol must be >= 0")
+        for key in ("mu", "fista_tol", "rho_tol"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.fista_step > 2:
             raise ValueError(f"fista_step must be <= 2 (softmax-CE curvature <= 1/2), got {self.fista_step}")
-        if self.max_doublings < 0 or self.fista_iters < 0:
-            raise ValueError("max_doublings and fista_iters must be >= 0")
-        if self.threads_per_rank < 1 or self.downsample < 1:
-            raise ValueError("threads_per_rank and downsample must be >= 1")
+        for key, lo in (("max_doublings", 0), ("fista_iters", 0), ("threads_per_rank", 1), ("downsample", 1)):
+            if getattr(self, key) < lo:
+                raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
         if self.init not in ("torch", "normal"):
             raise ValueError(f"init must be torch or normal, got {self.init!r}")
         if self.quantize_p and not self.quantize:
             raise ValueError("quantize_p needs quantize = true")
+        try:  # checked even when quantize is off, so a bad grid never waits for the day it is used
+            KQ.check_grid(self.grid_lo, self.grid_hi, self.grid_points)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"quantization grid (grid_lo, grid_hi, grid_points) cannot hold the "
+                             f"values: {e}") from None
         if self.quantize:
-            try:
-                KQ.check_grid(self.grid_lo, self.grid_hi, self.grid_points)
-            except (ValueError, TypeError) as e:
-                raise ValueError(f"quantization grid cannot hold the values: {e}") from None
             if not self.grid_lo <= 0.0 < self.grid_hi:
                 raise ValueError(f"quantization grid [{self.grid_lo}, {self.grid_hi}] cannot hold the "
                                  "layer outputs q ~ relu(z) >= 0: it needs grid_lo <= 0 < grid_hi")
