@@ -61,3 +61,46 @@ def test_kernels_topology_config_never_import_mpi_or_torch():
 def test_importing_mpidl_makes_no_mpi_call(preload):
     pytest.importorskip("mpi4py")
     _run(NO_MPI_CALL % preload)
+
+
+# -- issue 24 item 4: light imports --------------------------------------------------------------
+# Each snippet runs in a fresh interpreter and must leave torch out of sys.modules.
+NO_TORCH = {
+    "import": "import mpidl",
+    "topo": "import sys; sys.argv = ['mpidl', 'topo', 'ring', '4']; import runpy; "
+            "runpy.run_module('mpidl', run_name='__main__', alter_sys=True)",
+    "convex-next-config": "from mpidl import config as C; "
+                          "cfg = C.load(None, ['algorithm.name=next', 'model.name=\"convex-logistic\"', "
+                          "'data.dataset=synthetic-logistic']); assert cfg.algorithm.name == 'next'",
+    "registry-listing": "from mpidl import config as C; assert 'fdg' in C.algorithm_registry(); "
+                        "assert C.algorithm_layout('next') is None",
+    "plots": "import mpidl.plots, sys; assert 'mpidl.metrics' not in sys.modules",
+}
+CHECK = "\nimport sys\nassert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')\n"
+
+
+@pytest.mark.parametrize("name", sorted(NO_TORCH))
+def test_light_paths_never_import_torch(name):
+    code = NO_TORCH[name]
+    if name == "topo":     # the command exits through SystemExit; check torch in an atexit hook
+        code = ("import atexit, sys\natexit.register(lambda: print('torch' not in sys.modules and 'ok'))\n"
+                + code)
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd="/")
+        assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-3000:])
+        assert "spectral gap" in out.stdout
+        return
+    _run(code + CHECK)
+
+
+def test_convex_next_run_never_imports_torch(tmp_path):
+    """A whole convex NEXT run (1 rank, CLI entry point) imports no torch, and trains."""
+    pytest.importorskip("mpi4py")
+    code = ("import sys\nfrom mpidl.__main__ import main\n"
+            f"rc = main(['run', '--set', 'algorithm.name=next', '--set', 'model.name=\"convex-logistic\"', "
+            f"'--set', 'data.dataset=synthetic-logistic', '--set', 'run.steps=3', '--set', 'run.batch_size=0', "
+            f"'--set', 'run.out=\"{tmp_path}\"', '--set', 'run.name=cvx'])\n"
+            "assert rc == 0, rc\n" + CHECK)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "ok", out.stderr[-3000:]
+    assert "finished (done) at step 3/3" in out.stdout
+    assert (tmp_path / "cvx" / "results.h5").is_file()
