@@ -200,7 +200,7 @@ class RunConfig:
             _fail("out", "be a folder path", self.out)
         if not (self.resume in ("no", "auto") or self.resume.isdigit()):
             _fail("resume", "be no, auto or a checkpoint step (a non-negative integer)", self.resume)
-        check_int(self, "threads", lo=1)
+        check_int(self, "threads", lo=0)     # 0 runs one thread (the driver takes max(1, threads))
 
 
 _ALGOS: dict = {}

@@ -61,7 +61,7 @@ BAD = {
     "run.keep": ["-1"],
     "run.out": ['""', '"{tmp}/afile/sub"', '"{tmp}/afile"'],
     "run.resume": ['"sometimes"', '"-3"', '""'],
-    "run.threads": ["0", "-1"],
+    "run.threads": ["-1", "1.5"],
     # [algorithm], every family
     "algorithm.name": ['"nope"'],
     "algorithm.lr": ["0", "-1", "nan"],
