@@ -35,6 +35,9 @@ from mpidl.metrics import Progress, Recorder
 
 log = logging.getLogger("mpidl.driver")
 
+PROVENANCE = ("model_factory", "data_file", "data_bytes", "data_sha256_head")
+"""Keys of a session's ``expect`` that the results file records as root attributes as well."""
+
 __all__ = ["train", "headline", "build_topology", "DivergenceError", "CONVEX_MODELS"]
 
 
@@ -115,7 +118,8 @@ def _loop(cfg, session, max_steps):
         log.info("nothing to do: checkpoint step %d >= %d steps", start, total)
 
     cfg_dict = C.to_dict(cfg)
-    rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None)
+    prov = {k: session.expect[k] for k in PROVENANCE if k in session.expect}   # the user's model / data file
+    rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None, **prov)
     if rank == 0:
         log.info("%s, %d steps, out %s", session.describe(), total, out)
 
