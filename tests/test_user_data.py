@@ -282,22 +282,48 @@ FACTORY_CASES = [
 ]
 
 
-def test_every_bad_input_is_one_line_and_exit_2(tmp_path):
+def _setup_error(tmp_path, sets, monkeypatch):
+    """The error that building the run's session raises at 1 rank (in-process)."""
+    from mpi4py import MPI
+
+    from mpidl.layouts import setup_for
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(None, sets + ["run.batch_size=16"])
+    with pytest.raises(MpidlError) as e:
+        setup_for(cfg)(cfg, MPI.COMM_SELF).close()
+    return str(e.value)
+
+
+def test_every_bad_input_is_one_clear_error(tmp_path, monkeypatch):
     cases = _bad_files(tmp_path)
     runs = [([f"data.path={f}", "model.factory=m.py:make"], m) for f, m in cases.values()]
     runs += [(["data.path=good.npz", f"model.factory={spec}"], m) for spec, m in FACTORY_CASES]
-    out_dir = tmp_path / "out"
     for sets, match in runs:
-        args = ["run"] + [x for s in sets for x in ("--set", s)] + ["--set", f'run.out="{out_dir}"',
-                                                                   "--set", "run.batch_size=16"]
-        n = 2
-        rcs, err, out = _cli(tmp_path, n, *args)
-        assert rcs == {r: "2" for r in range(n)}, (sets, rcs, err)
-        lines = [ln for ln in err[0].splitlines() if ln.strip()]
-        assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], (sets, err[0][-2000:])
-        assert all(not err[r].strip() for r in range(1, n)), (sets, err)
-        assert not any("Traceback" in out[r] for r in range(n))
-        assert not out_dir.exists(), f"{sets}: {out_dir} was created"
+        msg = _setup_error(tmp_path, sets, monkeypatch)
+        assert match in msg and "\n" not in msg, (sets, msg)
+
+
+@pytest.mark.parametrize("case", ["inf in h5 (last row)", "factory raises", "label >= classes"])
+def test_bad_input_through_the_cli_is_one_line_and_exit_2(tmp_path, case):
+    """At 3 ranks: one line from rank 0, exit 2 everywhere, nothing under run.out.  The inf sits in
+    the last training row, which only one rank's shard holds (the error is agreed)."""
+    cases = _bad_files(tmp_path)
+    sets = {"inf in h5 (last row)": (["data.path=inf.h5", "model.factory=m.py:make",
+                                      "data.partition=contiguous"], cases["inf in h5 (last row)"][1]),
+            "factory raises": (["data.path=good.npz", "model.factory=m.py:boom"], FACTORY_CASES[2][1]),
+            "label >= classes": (["data.path=big.npz", "algorithm.name=fdg", "algorithm.stages=3",
+                                  "model.factory=m.py:make"], cases["label >= classes"][1])}[case]
+    out_dir = tmp_path / "out"
+    args = ["run"] + [x for s in sets[0] for x in ("--set", s)] + ["--set", f'run.out="{out_dir}"',
+                                                                  "--set", "run.batch_size=16"]
+    n = 3
+    rcs, err, out = _cli(tmp_path, n, *args)
+    assert rcs == {r: "2" for r in range(n)}, (rcs, err)
+    lines = [ln for ln in err[0].splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and sets[1] in lines[0], err[0][-2000:]
+    assert all(not err[r].strip() for r in range(1, n)), err
+    assert not any("Traceback" in out[r] for r in range(n))
+    assert not out_dir.exists(), f"{out_dir} was created"
 
 
 def test_resume_with_another_data_file_is_an_error(tmp_path):
