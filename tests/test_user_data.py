@@ -376,3 +376,49 @@ def test_docs_worked_example(tmp_path):
     # 4 classes: chance is about 0.25; each family learns the problem
     assert all(a > 0.6 for a in accs.values()), accs
     assert (tmp_path / "runs" / "cdmsgd_ring" / "results.h5").is_file()
+
+
+@pytest.mark.parametrize("method", ["cdmsgd", "fdg", "lsgd"])
+def test_shipped_cifar10_configs_train_on_a_cifar_format_folder(tmp_path, method):
+    """jobs/configs/cifar10_resnet20_*.toml run two steps on a small CIFAR-format folder (1 rank)."""
+    from mpi4py import MPI
+
+    from mpidl.driver import train
+    write_cifar(tmp_path / "data", per_file=8)
+    cfg = C.load(ROOT / "jobs" / "configs" / f"cifar10_resnet20_{method}.toml",
+                 [f'data.data_dir="{tmp_path / "data"}"', "run.batch_size=8", "run.steps=2",
+                  f'run.out="{tmp_path / "out"}"', "data.eval_samples=8"]
+                 + (["algorithm.stages=1"] if method == "fdg" else []))
+    assert cfg.data.augment and cfg.model.name == "resnet20"
+    res = train(cfg, MPI.COMM_SELF)
+    assert res["step"] == 2 and 0.0 <= res["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("algo,sets", [
+    ("pdadmm", ["model.hidden=[16]", "run.batch_size=0", "algorithm.name=pdadmm"]),
+    ("next", ["model.name=convex-lsq", "run.batch_size=0", "algorithm.name=next"]),
+])
+def test_pdadmm_and_next_read_a_data_file(tmp_path, algo, sets):
+    from mpi4py import MPI
+
+    from mpidl.driver import train
+    rng = np.random.default_rng(0)
+    if algo == "pdadmm":
+        y = rng.integers(0, 3, 250)                 # well separated classes, 2 x 3 x 3 "images"
+        x = (3.0 * rng.standard_normal((3, 18))[y] + 0.3 * rng.standard_normal((250, 18))).astype(np.float32)
+        x = x.reshape(250, 2, 3, 3)
+        a = dict(x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    else:
+        x = rng.standard_normal((250, 5)).astype(np.float32)
+        y = (x @ np.arange(1.0, 6.0) + 0.01 * rng.standard_normal(250)).astype(np.float32)
+        a = dict(x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    np.savez(tmp_path / "d.npz", **a)
+    cfg = C.load(None, sets + [f"data.path={tmp_path / 'd.npz'}", "run.steps=30", f'run.out="{tmp_path}"'])
+    res = train(cfg, MPI.COMM_SELF)
+    if algo == "pdadmm":
+        assert res["test_acc"] > 0.6, res       # 3 classes: chance is about 1/3
+        from mpidl.checkpoint import CheckpointStore
+        assert CheckpointStore(tmp_path / "pdadmm_ring" / "checkpoints", None).manifest(30)["meta"]["dims"] \
+            == "18,16,3"                        # the MLP reads the flattened rows
+    else:
+        assert res["test_mse"] < 0.1 * float(np.var(a["y_test"])), res    # fits the planted linear model
