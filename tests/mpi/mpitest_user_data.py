@@ -95,3 +95,16 @@ def test_hdf5_run_equals_npz_run_bitwise(files, algo):
     assert_all(_same(_state(files, f"npz_{algo}", 12), _state(files, f"h5_{algo}", 12)),
                f"{algo}: the HDF5 run differs from the npz run")
     assert_all(a["test_acc"] == b["test_acc"] and a["test_loss"] == b["test_loss"], f"{a} vs {b}")
+
+
+def test_factory_model_trains_like_the_same_builtin_model(files):
+    """m.py:make builds Flatten-Linear-ReLU-(Linear-ReLU)-Linear after the same seed as the built-in
+    MLP with hidden [12, 12]: the two runs are bitwise equal (the factory path adds nothing)."""
+    extra = ["algorithm.name=cdmsgd", "run.steps=12"]
+    a = train(_cfg(files, "factory", *extra), WORLD)
+    cfg = _cfg(files, "builtin", *extra)
+    from dataclasses import replace
+    cfg = replace(cfg, model=replace(cfg.model, factory="", kwargs=(), name="mlp", hidden=(12, 12)))
+    b = train(cfg, WORLD)
+    assert_all(_same(_state(files, "factory", 12), _state(files, "builtin", 12)), "factory != built-in mlp")
+    assert_all(a["test_acc"] == b["test_acc"], f"{a['test_acc']} vs {b['test_acc']}")
