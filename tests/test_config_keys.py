@@ -32,6 +32,8 @@ BAD = {
     "data.dataset": ['"nope"', '""'],
     "data.data_dir": ['"{tmp}/missing"', '"{tmp}/afile"'],
     "data.shards": ['"{tmp}/missing.h5"', '"{tmp}"'],
+    "data.path": ['"{tmp}/missing.npz"', '"{tmp}"'],
+    "data.augment": ["1", '"yes"'],
     "data.partition": ['"random"'],
     "data.alpha": ["0", "-1", "nan", "inf"],
     "data.seed": ["-1", "1.5"],
@@ -42,6 +44,8 @@ BAD = {
     "model.loss": ['"hinge"'],
     "model.dtype": ['"float16"'],
     "model.dropout": ["1", "-0.1", "nan"],
+    "model.factory": ['"no_colon"', "3"],
+    "model.kwargs": ['[["a", 1]]'],
     # [topology]
     "topology.name": ['"nope"'],
     "topology.weights": ['"nope"'],
