@@ -48,7 +48,14 @@ Nobody waits for anybody except through these locks.  The driver's step k is a
 *round*: every worker makes ``round_steps`` local steps, enters a nonblocking
 barrier and keeps stepping until the barrier completes, so fast workers make
 more local steps than slow ones (``state.t`` counts a worker's own steps; the
-learning rate and minibatch follow t).  Single-process references:
+learning rate and minibatch follow t).  The windows' contents (model and header
+[version, loss, owner, step]) enter the checkpoint through
+``prepare_checkpoint`` (the hosts copy them into their state after a barrier)
+and are written back once per process before any worker touches a window.
+``deterministic = true``: exactly ``round_steps`` local steps per round and, at
+every step that uses a window, the workers' window accesses in rank order (a
+token from rank r to r + 1, then a barrier), which gives the serialised result
+of the references, bitwise reproducible.  Single-process references:
 tests/reference/lsgd.py.
 """
 from __future__ import annotations

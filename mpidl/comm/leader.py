@@ -199,7 +199,7 @@ class ModelWindow:
         self._freed = False
         if self.is_host and init is not None:
             self._lock()
-            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype))
+            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype), charge=False)  # set-up, not traffic
             self._unlock()
         comm.Barrier()
 
@@ -235,7 +235,7 @@ class ModelWindow:
         self.win.Get([out.view(np.uint8), MPI.BYTE], 0, (off + self.HDR, self.nbytes, MPI.BYTE))
         self.win.Flush(0)
 
-    def _write(self, s, meta, x):
+    def _write(self, s, meta, x, charge=True):
         """Write version s + 1 (mutex held): fill the other slot, flush, publish seq."""
         MPI = _mpi()
         off = self.OFF + ((s + 1) % 2) * self.slot
@@ -247,7 +247,8 @@ class ModelWindow:
         self.win.Flush(0)
         self._atomic(8, s + 1)
         self.writes += 1
-        self.lc.charge(self.slot + 8, 2)
+        if charge:
+            self.lc.charge(self.slot + 8, 2)
 
     def _check(self, out):
         if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
