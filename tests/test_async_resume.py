@@ -28,7 +28,11 @@ from test_mpi_suite import mpiexec
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = ROOT / "tests" / "mpi" / "mpidl_async_job.py"
-NP, CKPT, END, SEEDS = 4, 10, 40, (0, 1, 2)
+NP, CKPT, END = 4, 10, 40
+# uninterrupted runs, one per seed (the killed run uses seed 0).  The resumed accuracy must lie
+# within one seed range R of [min, max]: a run from the same distribution misses that with
+# probability about 13% for 3 seeds, 1.5% for 6 and 0.5% for 8 (simulated, normal), hence 8
+SEEDS = tuple(range(8))
 VICTIM = 0                              # the host of the global / centre window (and of group 0's)
 ALGOS = {"lsgd": ["algorithm.tau_G=2", "algorithm.groups=size", "algorithm.group_size=2", "algorithm.tau=3"],
          "easgd": ["algorithm.tau=2"]}
@@ -156,7 +160,7 @@ def test_resumed_accuracy_is_within_the_seed_spread(campaign, name):
     acc = results[f"{name}-free"][ACC[name]]
     print(f"{name}: killed at checkpoint {killed_at[f'{name}-free']}, resumed {ACC[name]} {acc:.4f}; "
           f"uninterrupted, seeds {SEEDS}: {[round(a, 4) for a in accs]}")
-    # within one seed spread of the seeds' range (the async interleaving adds its own noise)
+    # within one seed spread of the seeds' range (the seeds' runs include the interleaving's noise)
     assert lo - (hi - lo) <= acc <= hi + (hi - lo), (name, acc, accs)
 
 
