@@ -113,11 +113,9 @@ class LeaderComm:
         tag = 0x7E57
         if self.rank > 0:
             self.world.Recv([self._token, _mpi().BYTE], source=self.rank - 1, tag=tag)
-        try:
-            out = fn()
-        finally:    # pass the turn on even if fn raised, so the others fail in fn, not in a hang
-            if self.rank < self.size - 1:
-                self.world.Send([self._token, _mpi().BYTE], dest=self.rank + 1, tag=tag)
+        out = fn()
+        if self.rank < self.size - 1:
+            self.world.Send([self._token, _mpi().BYTE], dest=self.rank + 1, tag=tag)
         self.world.Barrier()
         return out
 
