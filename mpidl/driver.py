@@ -11,6 +11,11 @@ collectives; the driver adds, at most once per step, the preemption check
 and, at the log / eval / checkpoint cadence, metric reductions on the
 session's control communicator so the algorithm's byte counters stay exact.
 
+An algorithm that holds state outside ``session.state`` (the RMA windows of
+asynchronous LSGD / EASGD) defines ``prepare_checkpoint(state, mc)``
+(Collective over ``mc``): the driver calls it right before every save, and it
+returns the state with those contents copied in.
+
 Non-finite losses are noted locally at every step and agreed at each log,
 eval and checkpoint boundary (before any save), so a diverging run stops with
 one message naming the first bad step and rank, and the newest checkpoint is
@@ -142,6 +147,9 @@ def _loop(cfg, session, max_steps):
 
     def save(step):
         check_finite()
+        prepare = getattr(algo, "prepare_checkpoint", None)
+        if prepare is not None:     # Collective: state held outside session.state (async LSGD's RMA windows)
+            session.state = prepare(session.state, mc)
         rec.sync(step)  # results up to this step are durable before the checkpoint exists
         driver = {"bytes_before": np.array([bytes_sent()]), "window": win.copy()}
         store.save(step, {"algo": state_to_dict(session.state), "buffers": session.extra_state(),
