@@ -97,6 +97,7 @@ class RunConfig:
     out: str = "runs"                   # results go to <out>/<name>/
     resume: str = "no"                  # no | auto | <step>
     threads: int = 1                    # torch / numba threads per rank
+    device: str = "cpu"                 # cpu | cuda | auto (cuda when every rank sees a GPU); see mpidl.device
 
 
 _ALGOS: dict = {}
@@ -249,6 +250,8 @@ def from_dict(d: dict) -> Config:
         raise ConfigError(f"[model] loss must be ce or squared, got {parts['model'].loss!r}")
     if not 0.0 <= parts["model"].dropout < 1.0:
         raise ConfigError(f"[model] dropout must lie in [0, 1), got {parts['model'].dropout}")
+    if parts["run"].device not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"[run] device must be cpu, cuda or auto, got {parts['run'].device!r}")
     if parts["model"].dtype not in ("float32", "float64"):
         raise ConfigError(f"[model] dtype must be float32 or float64, got {parts['model'].dtype!r}")
     return Config(**parts)

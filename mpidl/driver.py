@@ -34,6 +34,7 @@ import torch
 from mpidl import config as C
 from mpidl.algorithms.base import state_from_dict, state_to_dict
 from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state
+from mpidl.device import resolve_device
 from mpidl.errors import MpidlError
 from mpidl.layouts import CONVEX_MODELS, build_topology, setup_for
 from mpidl.metrics import Progress, Recorder
@@ -66,7 +67,9 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     an interrupted run).
     """
     torch.set_num_threads(max(1, cfg.run.threads))
-    session = setup_for(cfg)(cfg, world)
+    device = resolve_device(cfg, world)   # once per rank; "cpu" makes no call at all
+    setup = setup_for(cfg)
+    session = setup(cfg, world) if device.type == "cpu" else setup(cfg, world, device=device)
     try:
         return _loop(cfg, session, max_steps)
     finally:
@@ -86,7 +89,9 @@ def _resume(cfg, session, store, counters):
     if step is None:
         log.info("no checkpoint in %s: starting from step 0", store.root)
         return 0
-    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": rng_state(),
+    # "rng": None accepts the saved RNG tree whatever devices wrote it (a GPU run adds CUDA
+    # states); set_rng_state checks and restores it (CUDA states ignored with a warning on a CPU)
+    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": None,
             "driver": counters}
     saved, _ = store.load(step, like=like, expect=session.expect, in_place=True)   # no second state copy
     session.state = state_from_dict(session.algo.state_cls, saved["algo"], like=session.state)

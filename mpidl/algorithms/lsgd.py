@@ -176,6 +176,8 @@ class EASGDState:
 class _Worker:
     """Shared parts: SGD/momentum step, straggler emulation, async rounds, windows, close."""
 
+    torch_device = True                 # a torch model may live on a GPU (mpidl.device); state stays on the host
+
     def __init__(self, cfg, *, steps_per_epoch=1, **_):
         self.cfg = cfg
         self.name = cfg.name
