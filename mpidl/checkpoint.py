@@ -458,7 +458,10 @@ def rng_state(generator: np.random.Generator | None = None) -> dict:
 
     torch's state is captured when torch is imported: a process that never
     imported torch has never drawn from its RNG, and a resumed process starts
-    torch from the same default seed.
+    torch from the same default seed.  When this process has initialised CUDA,
+    ``torch_cuda`` holds the RNG state of its current device (one rank = one
+    device), keyed by the device index; a CPU process writes no such entry, so
+    the format is the same on both and a checkpoint moves between them.
     """
     st = {"numpy_global": np.random.get_state(legacy=False)}
     if generator is not None:
@@ -468,12 +471,22 @@ def rng_state(generator: np.random.Generator | None = None) -> dict:
         return st
     st["torch"] = torch.get_rng_state().numpy().copy()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        st["torch_cuda"] = {str(i): s.numpy().copy() for i, s in enumerate(torch.cuda.get_rng_state_all())}
+        i = torch.cuda.current_device()
+        st["torch_cuda"] = {str(i): torch.cuda.get_rng_state(i).numpy().copy()}
     return st
 
 
 def set_rng_state(d: dict, generator: np.random.Generator | None = None) -> None:
-    """Local. Restore what :func:`rng_state` captured (``generator`` is updated in place)."""
+    """Local. Restore what :func:`rng_state` captured (``generator`` is updated in place).
+
+    CUDA RNG states are restored when this process has CUDA: a single saved
+    state goes to the current device (a rank may resume on another GPU
+    index), several to the devices with those indices that exist.  Without
+    CUDA (a GPU checkpoint resumed on a CPU) they are ignored with a warning:
+    the CPU RNGs are restored all the same.
+    """
+    if not isinstance(d, dict):
+        raise CheckpointError(f"the checkpointed RNG state is a {type(d).__name__}, expected a dict")
     if "numpy_global" in d:
         np.random.set_state(d["numpy_global"])
     if generator is not None:
@@ -483,10 +496,29 @@ def set_rng_state(d: dict, generator: np.random.Generator | None = None) -> None
     if "torch" in d or "torch_cuda" in d:
         import torch
         if "torch" in d:
-            torch.set_rng_state(torch.from_numpy(np.ascontiguousarray(d["torch"], dtype=np.uint8)))
-        if "torch_cuda" in d and torch.cuda.is_available():
-            for i, s in d["torch_cuda"].items():
-                torch.cuda.set_rng_state(torch.from_numpy(np.asarray(s, dtype=np.uint8)), int(i))
+            want = torch.get_rng_state().numel()
+            arr = np.ascontiguousarray(d["torch"], dtype=np.uint8)
+            if arr.shape != (want,):
+                raise CheckpointError(f"the checkpointed torch RNG state has shape {arr.shape}, "
+                                      f"this torch expects ({want},)")
+            torch.set_rng_state(torch.from_numpy(arr))
+        cuda = d.get("torch_cuda") or {}
+        if cuda and not torch.cuda.is_available():
+            log.warning("checkpoint holds CUDA RNG state(s) of device(s) %s but this process has no CUDA "
+                        "device: ignored (the CPU RNG states are restored)", ", ".join(sorted(cuda)))
+        elif cuda:
+            states = {int(i): torch.from_numpy(np.ascontiguousarray(s, dtype=np.uint8)) for i, s in cuda.items()}
+            if len(states) == 1:
+                torch.cuda.set_rng_state(next(iter(states.values())), torch.cuda.current_device())
+            else:
+                n = torch.cuda.device_count()
+                missing = sorted(i for i in states if i >= n)
+                for i, st in states.items():
+                    if i < n:
+                        torch.cuda.set_rng_state(st, i)
+                if missing:
+                    log.warning("checkpoint holds CUDA RNG states of devices %s that this process does not "
+                                "see: ignored", ", ".join(map(str, missing)))
 
 
 # -- preemption --------------------------------------------------------------------

@@ -189,6 +189,7 @@ class RunConfig:
     out: str = "runs"                   # results go to <out>/<name>/
     resume: str = "no"                  # no | auto | <step>
     threads: int = 1                    # torch / numba threads per rank
+    device: str = "cpu"                 # cpu | cuda | auto (cuda when every rank sees a GPU); see mpidl.device
 
     def validate(self):
         n = self.name
@@ -209,6 +210,7 @@ class RunConfig:
             _fail("out", "be a folder path", self.out)
         if not (self.resume in ("no", "auto") or self.resume.isdigit()):
             _fail("resume", "be no, auto or a checkpoint step (a non-negative integer)", self.resume)
+        check_choice(self, "device", ("cpu", "cuda", "auto"))
         check_int(self, "threads", lo=0)     # 0 runs one thread (the driver takes max(1, threads))
 
 

@@ -11,6 +11,11 @@ collectives; the driver adds, at most once per step, the preemption check
 and, at the log / eval / checkpoint cadence, metric reductions on the
 session's control communicator so the algorithm's byte counters stay exact.
 
+An algorithm that holds state outside ``session.state`` (the RMA windows of
+asynchronous LSGD / EASGD) defines ``prepare_checkpoint(state, mc)``
+(Collective over ``mc``): the driver calls it right before every save, and it
+returns the state with those contents copied in.
+
 Non-finite losses are noted locally at every step and agreed at each log,
 eval and checkpoint boundary (before any save), so a diverging run stops with
 one message naming the first bad step and rank, and the newest checkpoint is
@@ -28,6 +33,7 @@ import numpy as np
 from mpidl import config as C
 from mpidl.algorithms.base import state_from_dict, state_to_dict
 from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state
+from mpidl.device import resolve_device
 from mpidl.errors import MpidlError
 from mpidl.layouts import CONVEX_MODELS, build_topology, setup_for
 from mpidl.metrics import Progress, Recorder
@@ -59,10 +65,14 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
     early after that many steps of this invocation (tests use it to simulate
     an interrupted run).
     """
-    if cfg.model.name not in CONVEX_MODELS:  # a convex run stays torch-free
+    if cfg.model.name in CONVEX_MODELS and cfg.run.device == "cpu":   # NumPy + Numba only: no torch
+        session = setup_for(cfg)(cfg, world)
+    else:
         import torch
         torch.set_num_threads(max(1, cfg.run.threads))
-    session = setup_for(cfg)(cfg, world)
+        device = resolve_device(cfg, world)   # once per rank; "cpu" makes no call at all
+        setup = setup_for(cfg)
+        session = setup(cfg, world) if device.type == "cpu" else setup(cfg, world, device=device)
     try:
         return _loop(cfg, session, max_steps)
     finally:
@@ -82,7 +92,9 @@ def _resume(cfg, session, store, counters):
     if step is None:
         log.info("no checkpoint in %s: starting from step 0", store.root)
         return 0
-    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": rng_state(),
+    # "rng": None accepts the saved RNG tree whatever devices wrote it (a GPU run adds CUDA
+    # states); set_rng_state checks and restores it (CUDA states ignored with a warning on a CPU)
+    like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": None,
             "driver": counters}
     saved, _ = store.load(step, like=like, expect=session.expect, in_place=True)   # no second state copy
     session.state = state_from_dict(session.algo.state_cls, saved["algo"], like=session.state)
@@ -150,6 +162,9 @@ def _loop(cfg, session, max_steps):
 
     def save(step):
         check_finite()
+        prepare = getattr(algo, "prepare_checkpoint", None)
+        if prepare is not None:     # Collective: state held outside session.state (async LSGD's RMA windows)
+            session.state = prepare(session.state, mc)
         rec.sync(step)  # results up to this step are durable before the checkpoint exists
         driver = {"bytes_before": np.array([bytes_sent()]), "window": win.copy()}
         store.save(step, {"algo": state_to_dict(session.state), "buffers": session.extra_state(),

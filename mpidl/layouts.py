@@ -244,8 +244,9 @@ class AgentSession(Session):
     ``social_metrics``).
     """
 
-    def __init__(self, cfg: C.Config, world):
+    def __init__(self, cfg: C.Config, world, device=None):
         rank, size = world.Get_rank(), world.Get_size()
+        self.device = device
         topo, schedule = build_topology(cfg.topology, size)
         self.topology = topo
         self.gc = self.mc = self._sched = None
@@ -284,7 +285,8 @@ class AgentSession(Session):
             from mpidl.oracles import TorchOracle
             dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
 
-            self.fm, fm_eval = (FlatModel(user_model(cfg, shard, self.mc, dtype), dtype) for _ in range(2))
+            self.fm, fm_eval = (FlatModel(user_model(cfg, shard, self.mc, dtype), dtype, device=self.device)
+                                 for _ in range(2))
             self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
                                       seed=r.seed, rank=rank, num_classes=shard.num_classes,
                                       loss=cfg.model.loss, augment=d.augment)
@@ -376,6 +378,10 @@ class AgentSession(Session):
                 c.close()
 
 
-def setup_agents(cfg: C.Config, world) -> AgentSession:
-    """Collective. The agent layout: one rank = one agent on ``cfg.topology``."""
-    return AgentSession(cfg, world)
+def setup_agents(cfg: C.Config, world, device=None) -> AgentSession:
+    """Collective. The agent layout: one rank = one agent on ``cfg.topology``.
+
+    ``device`` (a torch device, from :func:`mpidl.device.resolve_device`) holds the torch
+    model and batches; the algorithm's state stays in host arrays (see :mod:`mpidl.flat`).
+    """
+    return AgentSession(cfg, world, device)

@@ -106,7 +106,7 @@ class TorchOracle:
         total = 0.0
         g = np.zeros(self.dim, dtype=self.fm.g.dtype)
         for a in range(0, self.n, batch):
-            xb, yb = self.x.rows(a, a + batch), self.y[a:a + batch]
+            xb, yb = self.fm.to_device(self.x.rows(a, a + batch)), self.fm.to_device(self.y[a:a + batch])
             loss = self._loss(self.fm.model(xb), yb) * (yb.shape[0] / self.n)
             self.fm.backward(loss)
             total += float(loss.detach())
@@ -146,6 +146,7 @@ class TorchOracle:
         self.fm.load(x)
         ix = self.indices(k)
         xb, yb = self.x.take(ix, k), self.y[torch.from_numpy(ix)]
+        xb, yb = self.fm.to_device(xb), self.fm.to_device(yb)  # the batch on the model's device
         self.fm.model.train()
         out = self.fm.model(xb)
         loss = self._loss(out, yb)
@@ -163,8 +164,8 @@ class TorchOracle:
         Y = Y.to(self.fm.params.dtype if self.regression else torch.long)
         total, correct = 0.0, 0
         for a in range(0, Y.shape[0], batch):
-            out = self.fm.model(as_batch(X[a:a + batch], self.fm.params.dtype))
-            yb = Y[a:a + batch]
+            out = self.fm.model(self.fm.to_device(as_batch(X[a:a + batch], self.fm.params.dtype)))
+            yb = self.fm.to_device(Y[a:a + batch])
             total += float(self._loss(out, yb)) * yb.shape[0]
             if not self.regression:
                 correct += int((out.argmax(1) == yb).sum())

@@ -21,7 +21,8 @@ EASGD_TABLE = ("algorithms/lsgd.md", "`[algorithm]` of `easgd`")
 PDADMM_TABLE = ("algorithms/pdadmm.md", "## Options (`[algorithm]`)")
 FDG_TABLE = ("algorithms/decoupled.md", '## Configuration (`[algorithm]`, `name = "fdg"`)')
 # EASGD's table lists beta and tau; its other keys are documented "as above" (LSGD's rows)
-EASGD_SHARED = ("momentum", "weight_decay", "asynchronous", "round_steps", "slow_rank", "slow_factor")
+EASGD_SHARED = ("momentum", "weight_decay", "asynchronous", "deterministic", "round_steps", "slow_rank",
+                "slow_factor")
 
 
 def _documented(cls):
@@ -68,6 +69,8 @@ for cls in (LSGDConfig, EASGDConfig):                   # _check_common
     CASES += _bounds(cls, "round_steps", [1], [0], r"round_steps must be >= 1, got 0")
     CASES += _bounds(cls, "slow_factor", [1.0], [1 - EPS], r"slow_factor must be >= 1, got")
     CASES += _bounds(cls, "lr", [EPS], [0.0], r"lr")
+    CASES += _bounds(cls, "deterministic", [False], [True], r"deterministic = true applies to asynchronous = true only")
+    CASES += _bounds(cls, "deterministic", [True, False], [], None, asynchronous=True)
 for key in ("lam", "lam_G"):
     CASES += _bounds(LSGDConfig, key, [0.0, 1 - EPS], [-EPS, 1.0, -1.0], rf"{key} must lie in \[0, 1\), got")
 for key in ("p1", "p2"):                                # -1 means "= lam" / "= lam_G"

@@ -66,6 +66,7 @@ BAD = {
     "run.out": ['""', '"{tmp}/afile/sub"', '"{tmp}/afile"'],
     "run.resume": ['"sometimes"', '"-3"', '""'],
     "run.threads": ["-1", "1.5"],
+    "run.device": ['"gpu"', '""'],
     # [algorithm], every family
     "algorithm.name": ['"nope"'],
     "algorithm.lr": ["0", "-1", "nan"],
@@ -94,6 +95,7 @@ BAD = {
     "algorithm.p1": ["1.5", "-0.5"],
     "algorithm.p2": ["1.5", "-0.5"],
     "algorithm.asynchronous": ['"yes"'],
+    "algorithm.deterministic": ["1", "true"],          # true needs asynchronous = true
     "algorithm.round_steps": ["0"],
     "algorithm.slow_rank": ["-2"],
     "algorithm.slow_factor": ["0.5"],

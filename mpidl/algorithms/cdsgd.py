@@ -108,6 +108,7 @@ class MomentumState:
 
 class _Base:
     state_cls = SGDState
+    torch_device = True                 # a torch model may live on a GPU (mpidl.device); state stays on the host
 
     def __init__(self, cfg, *, steps_per_epoch=1, num_samples=1, **_):
         self.cfg = cfg

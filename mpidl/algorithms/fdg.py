@@ -146,6 +146,7 @@ class FDG:
     """
 
     state_cls = FDGState
+    torch_device = True                 # stage module and graphs on a GPU (mpidl.device); stashes on the host
 
     def __init__(self, cfg: FDGConfig, *, fm, k, K, batch, shapes, steps_per_epoch, total_steps,
                  loss="ce", num_classes=10):
@@ -187,9 +188,14 @@ class FDG:
 
     # -- local math ----------------------------------------------------------
     def _forward(self, w_np, h_np, *, keep_buffers):
-        """(output, weight leaf, input leaf) of f_k(h; w) with autograd on the given arrays."""
-        w = torch.from_numpy(w_np).requires_grad_(True)
-        h = torch.from_numpy(h_np)
+        """(output, weight leaf, input leaf) of f_k(h; w) with autograd on the given arrays.
+
+        On a device the (host) stashed weights and input are copied there first; the
+        graph then lives on the device.
+        """
+        dev = self.fm.to_device
+        w = dev(torch.from_numpy(w_np)).requires_grad_(True)
+        h = dev(torch.from_numpy(h_np))
         if self.k > 0:
             h = h.requires_grad_(True)
         params = {n: w[a:b].view(s) for n, s, a, b in zip(self.names, self.shapes_p,
@@ -211,7 +217,7 @@ class FDG:
     def _grads(self, y, w, h, grad_out):
         wrt = [w] + ([h] if self.k > 0 else [])
         gs = torch.autograd.grad(y, wrt, grad_out)
-        return gs[0].numpy(), (gs[1].contiguous() if self.k > 0 else None)
+        return gs[0].cpu().numpy(), (gs[1].contiguous().cpu() if self.k > 0 else None)
 
     # -- one iteration ---------------------------------------------------------
     def step(self, t, state, data, grid):
@@ -224,7 +230,7 @@ class FDG:
             if self._fed(b_fwd):
                 h_np = data.inputs(b_fwd).numpy() if k == 0 else state.act_in
                 y, w, h = self._forward(state.x, h_np, keep_buffers=True)
-                yb = data.labels(b_fwd)
+                yb = self.fm.to_device(data.labels(b_fwd))
                 L = self._loss(y, yb)
                 gw, gx = self._grads(L, w, h, None)
                 loss = float(L.detach())
@@ -240,7 +246,7 @@ class FDG:
                 slot = b_bwd % self.d
                 y, w, h = self._graphs.pop(slot, None) or self._forward(
                     state.w_stash[slot], state.in_stash[slot], keep_buffers=False)
-                delta = torch.from_numpy(state.grad_in)
+                delta = self.fm.to_device(torch.from_numpy(state.grad_in))
                 if cfg.beta != 1.0:
                     delta = delta * cfg.beta
                 gw, gx = self._grads(y, w, h, delta)
@@ -258,7 +264,7 @@ class FDG:
                 state.in_stash[slot] = data.inputs(b_fwd).numpy() if k == 0 else state.act_in
                 y, w, h = self._forward(state.w_stash[slot], state.in_stash[slot], keep_buffers=True)
                 self._graphs[slot] = (y, w, h)
-                self._send(grid, y.detach().contiguous(), +1, grid.TAG_ACT)
+                self._send(grid, y.detach().contiguous().cpu(), +1, grid.TAG_ACT)
                 self._event("fwd", t, b_fwd)
             if k > 0 and self._fed(t + 1 - k):
                 grid.irecv(state.act_in, -1, grid.TAG_ACT)
@@ -288,7 +294,7 @@ class FDG:
     def _event(self, kind, t, b, *payload):
         if self.trace is not None:
             self.trace.append((kind, t, b) + tuple(None if p is None else
-                                                  (p.detach().numpy() if torch.is_tensor(p) else p).copy()
+                                                  (p.detach().cpu().numpy() if torch.is_tensor(p) else p).copy()
                                                   for p in payload))
 
     # -- introspection ------------------------------------------------------------

@@ -89,6 +89,7 @@ class GridSession(Session):
     def evaluate(self, state):
         """Collective over mc. Whole-pipeline forward on the test set (split over replicas)."""
         g, fm, k, K = self.comm, self.fm, self.comm.k, self.K
+        fm.load(state.x)   # on a device: the live weights to the module (a no-op on the CPU)
         model = fm.model
         model.eval()
         X, Y = self.test_x, self.test_y
@@ -102,11 +103,11 @@ class GridSession(Session):
             else:
                 buf = np.empty((c,) + self.shapes[k], dtype=fm.x.dtype)
                 h = torch.from_numpy(g.recv(buf, -1, g.TAG_EVAL))
-            out = model(h)
+            out = model(fm.to_device(h))
             if k < K - 1:
-                g.send(out.contiguous(), +1, g.TAG_EVAL)
+                g.send(out.contiguous().cpu(), +1, g.TAG_EVAL)
             else:
-                yb = torch.as_tensor(Y[a:a + c])
+                yb = fm.to_device(torch.as_tensor(Y[a:a + c]))
                 yb = yb.to(dt) if self.algo.num_classes == 0 else yb.long()
                 loss_sum += float(self.algo._loss(out, yb)) * c
                 if self.algo.num_classes:
@@ -158,8 +159,12 @@ def _cuts(cfg, acfg, model, units, K, sample, mc):
     return cuts, [float(sum(costs[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def setup_grid(cfg, world):
-    """Collective over ``world``. Build the grid session of the ``fdg`` algorithm (see the module doc)."""
+def setup_grid(cfg, world, device=None):
+    """Collective over ``world``. Build the grid session of the ``fdg`` algorithm (see the module doc).
+
+    ``device``: the torch device of this rank's stage (module, graphs, batches); stashes,
+    messages and the optimizer state stay in host arrays (see :mod:`mpidl.flat`).
+    """
     from mpidl import topology as T
     acfg, d, r = cfg.algorithm, cfg.data, cfg.run
     size = world.Get_size()
@@ -175,7 +180,7 @@ def setup_grid(cfg, world):
         mc.close()
         raise
     try:
-        return _setup(cfg, acfg, d, r, mc, grid, M, K)
+        return _setup(cfg, acfg, d, r, mc, grid, M, K, device)
     except Exception:
         grid.close()
         mc.close()
@@ -190,7 +195,7 @@ def _cuttable(model) -> bool:
     return True
 
 
-def _setup(cfg, acfg, d, r, mc, grid, M, K):
+def _setup(cfg, acfg, d, r, mc, grid, M, K, device=None):
     m, k = grid.m, grid.k
     shard = load_shard(cfg, mc, m, M)
     if r.batch_size == 0:
@@ -212,7 +217,7 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K):
             s.eval()
             h = s(h)
             shapes.append(tuple(h.shape[1:]))
-    fm = FlatModel(stages[k], dtype)
+    fm = FlatModel(stages[k], dtype, device=device)
     algo = FDG(acfg, fm=fm, k=k, K=K, batch=batch, shapes=shapes, steps_per_epoch=spe, total_steps=total,
                loss=cfg.model.loss, num_classes=shard.num_classes)
     state = algo.init(fm.x, grid)

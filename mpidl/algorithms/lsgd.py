@@ -48,7 +48,14 @@ Nobody waits for anybody except through these locks.  The driver's step k is a
 *round*: every worker makes ``round_steps`` local steps, enters a nonblocking
 barrier and keeps stepping until the barrier completes, so fast workers make
 more local steps than slow ones (``state.t`` counts a worker's own steps; the
-learning rate and minibatch follow t).  Single-process references:
+learning rate and minibatch follow t).  The windows' contents (model and header
+[version, loss, owner, step]) enter the checkpoint through
+``prepare_checkpoint`` (the hosts copy them into their state after a barrier)
+and are written back once per process before any worker touches a window.
+``deterministic = true``: exactly ``round_steps`` local steps per round and, at
+every step that uses a window, the workers' window accesses in rank order (a
+token from rank r to r + 1, then a barrier), which gives the serialised result
+of the references, bitwise reproducible.  Single-process references:
 tests/reference/lsgd.py.
 """
 from __future__ import annotations
@@ -72,6 +79,9 @@ def _check_common(cfg):
         raise ValueError(f"round_steps must be >= 1, got {cfg.round_steps}")
     if cfg.slow_factor < 1.0:
         raise ValueError(f"slow_factor must be >= 1, got {cfg.slow_factor}")
+    if cfg.deterministic and not cfg.asynchronous:
+        raise ValueError("deterministic = true applies to asynchronous = true only (the synchronous "
+                         "variants are deterministic already): set asynchronous = true or drop deterministic")
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,7 @@ class LSGDConfig(LRConfig):
     p1: float = -1.0                    # step-pull weight toward the local copy is p1 / tau (-1: p1 = lam)
     p2: float = -1.0                    # step-pull weight toward the global copy is p2 / tau_G (-1: p2 = lam_G)
     asynchronous: bool = False
+    deterministic: bool = False         # async: a fixed serialised schedule (bitwise reproducible)
     round_steps: int = 1                # async: local steps every worker makes per driver step
     slow_rank: int = -1                 # straggler emulation: this rank sleeps after each gradient
     slow_factor: float = 1.0            # ... (slow_factor - 1) x its gradient time
@@ -121,6 +132,7 @@ class EASGDConfig(LRConfig):
     beta: float = 0.43                  # a = beta / N (0.43: LSGD's EASGD baseline; 0.9 in the EASGD code)
     tau: int = 4                        # communication period
     asynchronous: bool = False
+    deterministic: bool = False
     round_steps: int = 1
     slow_rank: int = -1
     slow_factor: float = 1.0
@@ -146,6 +158,12 @@ class LSGDState:
     lead_g: int                         # rank of the global leader at the last election (-1: none yet)
     lead_l: int                         # rank of the local leader at the last election (-1: none yet)
     t: int                              # this worker's local steps so far
+    # async: the leader windows' contents at the last checkpoint, held by each window's host
+    # (world rank 0 for the global window, group rank 0 for a group's); size 0 elsewhere
+    slot_g: np.ndarray                  # the published global leader's model
+    slot_hdr_g: np.ndarray              # its header [version, loss, owner, step]; version 0: empty
+    slot_l: np.ndarray                  # the published local leader's model (multi-leader)
+    slot_hdr_l: np.ndarray
 
 
 @dataclass
@@ -154,10 +172,13 @@ class EASGDState:
     v: np.ndarray
     c: np.ndarray                       # center (sync: replicated; async: host's last snapshot)
     t: int                              # this worker's local steps so far
+    c_hdr: np.ndarray                   # async, host: the center window's header [version, loss, owner, step]
 
 
 class _Worker:
     """Shared parts: SGD/momentum step, straggler emulation, async rounds, windows, close."""
+
+    torch_device = True                 # a torch model may live on a GPU (mpidl.device); state stays on the host
 
     def __init__(self, cfg, *, steps_per_epoch=1, **_):
         self.cfg = cfg
@@ -199,10 +220,10 @@ class _Worker:
             loss = self._local_step(state, oracle)
             self._first = False
             return state, {"loss": loss}
-        if self._first:                 # once per process: windows start from the (resumed) state
-            self._start_async(state)
-            self.lc.barrier()
-            self._first = False
+        self._ensure_windows(state)
+        if self.cfg.deterministic:      # exactly round_steps local steps; window accesses in rank order
+            losses = [self._local_step(state, oracle) for _ in range(self.cfg.round_steps)]
+            return state, {"loss": float(np.mean(losses)), "local_steps": len(losses)}
         losses = []
         req = None
         while True:
@@ -211,13 +232,39 @@ class _Worker:
                 req = self.lc.ibarrier()
             if req is not None and req.Test():
                 break
-        self._end_round(state)
         return state, {"loss": float(np.mean(losses)), "local_steps": len(losses)}
 
-    def _end_round(self, state):
+    def _ensure_windows(self, state):
+        """Collective. Once per process, before any worker touches a window: load the state's copy."""
+        if self._first:
+            self._restore_windows(state)
+            self.lc.barrier()
+            self._first = False
+
+    def _talk(self, fn):
+        """Collective when deterministic (every worker's ``fn`` in rank order), else Local: ``fn()``."""
+        if self.cfg.asynchronous and self.cfg.deterministic:
+            return self.lc.in_turn(fn)
+        return fn()
+
+    def prepare_checkpoint(self, state, mc):
+        """Collective over ``mc``. Async: copy the windows' contents into ``state`` (at each host).
+
+        Called by the driver right before it saves ``state``: after a barrier
+        every worker has finished its round, so the copy is consistent with
+        every worker's saved state.  Sync: nothing to do.
+        """
+        if not self.cfg.asynchronous:
+            return state
+        self._ensure_windows(state)
+        mc.barrier()
+        self._snapshot_windows(state)
+        return state
+
+    def _restore_windows(self, state):
         pass
 
-    def _start_async(self, state):
+    def _snapshot_windows(self, state):
         pass
 
     def close(self):
@@ -237,12 +284,28 @@ class LSGD(_Worker):
         self.multi = cfg.groups != "all"
         self.p1 = cfg.lam if cfg.p1 == -1.0 else cfg.p1
         self.p2 = cfg.lam_G if cfg.p2 == -1.0 else cfg.p2
+        self.win_g = self.win_l = None
         if cfg.asynchronous:
             self.win_g = self.lc.window(x0.size, x0.dtype, "world")
             self.win_l = self.lc.window(x0.size, x0.dtype, "group") if self.multi else None
+
+        def slot(win):
+            return np.zeros_like(x0) if win is not None and win.is_host else np.zeros(0, x0.dtype)
         return LSGDState(x=x0, v=np.zeros_like(x0) if cfg.momentum else np.zeros(0, x0.dtype),
                          cg=np.zeros_like(x0), cl=np.zeros_like(x0) if self.multi else np.zeros(0, x0.dtype),
-                         losses=np.zeros(cfg.window), nloss=0, have_g=0, have_l=0, lead_g=-1, lead_l=-1, t=0)
+                         losses=np.zeros(cfg.window), nloss=0, have_g=0, have_l=0, lead_g=-1, lead_l=-1, t=0,
+                         slot_g=slot(self.win_g), slot_hdr_g=np.zeros(4),
+                         slot_l=slot(self.win_l), slot_hdr_l=np.zeros(4))
+
+    def _restore_windows(self, state):
+        for win, x, hdr in ((self.win_g, state.slot_g, state.slot_hdr_g), (self.win_l, state.slot_l, state.slot_hdr_l)):
+            if win is not None and win.is_host:
+                win.restore(hdr, x)
+
+    def _snapshot_windows(self, state):
+        for win, x, hdr in ((self.win_g, state.slot_g, state.slot_hdr_g), (self.win_l, state.slot_l, state.slot_hdr_l)):
+            if win is not None and win.is_host:
+                hdr[...] = win.snapshot(x)
 
     @staticmethod
     def windowed_loss(state):
@@ -266,6 +329,21 @@ class LSGD(_Worker):
             copy[...] = state.x
         return int(hdr[2])
 
+    def _elections(self, state, glob, loc):
+        asy = self.cfg.asynchronous
+        if glob:
+            if asy:
+                state.lead_g = self._elect_async(state, self.win_g, state.cg)
+            else:
+                state.lead_g = self._elect_sync(state, "world", state.cg)
+            state.have_g = 1
+        if loc:
+            if asy:
+                state.lead_l = self._elect_async(state, self.win_l, state.cl)
+            else:
+                state.lead_l = self._elect_sync(state, "group", state.cl)
+            state.have_l = 1
+
     def _local_step(self, state, oracle):
         cfg, t = self.cfg, state.t
         loss, g = self._grad(oracle, state.x, t)
@@ -274,18 +352,8 @@ class LSGD(_Worker):
         state.nloss = min(state.nloss + 1, cfg.window)
         glob = (t + 1) % cfg.tau_G == 0
         loc = self.multi and (t + 1) % cfg.tau == 0
-        if glob:
-            if cfg.asynchronous:
-                state.lead_g = self._elect_async(state, self.win_g, state.cg)
-            else:
-                state.lead_g = self._elect_sync(state, "world", state.cg)
-            state.have_g = 1
-        if loc:
-            if cfg.asynchronous:
-                state.lead_l = self._elect_async(state, self.win_l, state.cl)
-            else:
-                state.lead_l = self._elect_sync(state, "group", state.cl)
-            state.have_l = 1
+        if glob or loc:
+            self._talk(lambda: self._elections(state, glob, loc))
         me = self.lc.rank
         pull_g = cfg.step_pull and state.have_g and state.lead_g != me
         aG = cfg.lam_G if glob else (self.p2 / cfg.tau_G if pull_g else 0.0)
@@ -312,6 +380,7 @@ class LSGD(_Worker):
         window, then broadcasts).  Returns the leader's rank.
         """
         if self.cfg.asynchronous:
+            self._ensure_windows(state)
             mc.barrier()        # every worker has finished its last local step of the round
             hdr = self.win_g.read(out, charge=False) if mc.rank == 0 else None
             owner = mc.bcast(-1 if hdr is None else int(hdr[2]), root=0)
@@ -344,10 +413,13 @@ class EASGD(_Worker):
         self.a = self.cfg.beta / self.lc.size
         self._sum = np.empty_like(x0)
         self._cbuf = np.empty_like(x0)
+        hdr = np.zeros(4)
         if self.cfg.asynchronous:
             self.win_c = self.lc.window(x0.size, x0.dtype, "world", init=x0)
+            if self.win_c.is_host:
+                hdr = self.win_c.snapshot(np.empty_like(x0))       # version 1: x0
         return EASGDState(x=x0, v=np.zeros_like(x0) if self.cfg.momentum else np.zeros(0, x0.dtype),
-                          c=x0.copy(), t=0)
+                          c=x0.copy(), t=0, c_hdr=hdr)
 
     def _local_step(self, state, oracle):
         cfg, t, a = self.cfg, state.t, self.a
@@ -359,7 +431,7 @@ class EASGD(_Worker):
                 def move(c):
                     np.subtract(state.x, c, out=d)
                     c += a * d
-                self.win_c.update(move, self._cbuf)
+                self._talk(lambda: self.win_c.update(move, self._cbuf))
             else:
                 np.subtract(state.x, state.c, out=d)
                 self.lc.allreduce_sum(d, self._sum)
@@ -371,17 +443,18 @@ class EASGD(_Worker):
         state.t = t + 1
         return loss
 
-    def _start_async(self, state):
-        if self.lc.rank == 0:   # a resumed run restores the center from the host's snapshot
-            self.win_c.update(lambda c: np.copyto(c, state.c), self._cbuf)
+    def _restore_windows(self, state):
+        if self.win_c.is_host:  # a resumed run restores the center (and its version) from the host's copy
+            self.win_c.restore(state.c_hdr, state.c)
 
-    def _end_round(self, state):
-        if self.lc.rank == 0:   # the host keeps a snapshot of the center for checkpoints
-            self.win_c.read(state.c, charge=False)
+    def _snapshot_windows(self, state):
+        if self.win_c.is_host:  # the host keeps a copy of the center for checkpoints
+            state.c_hdr[...] = self.win_c.snapshot(state.c)
 
     def center_model(self, state, mc, out):
         """Collective over ``mc``. The center into ``out`` (async: rank 0 reads the window, broadcasts)."""
         if self.cfg.asynchronous:
+            self._ensure_windows(state)
             mc.barrier()        # every worker has finished its last local step of the round
             if mc.rank == 0:
                 self.win_c.read(out, charge=False)

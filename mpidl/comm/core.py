@@ -84,6 +84,27 @@ def check_launch(comm) -> None:
         raise LaunchError(*found)
 
 
+def node_split(comm, local_tag=None):
+    """Collective over ``comm`` (mpi4py). ``(node rank, node size, [local_tag of every rank on the
+    node])`` from a shared-memory split (``Split_type(COMM_TYPE_SHARED)``, ordered by rank)."""
+    MPI = _mpi()
+    shm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    try:
+        return shm.Get_rank(), shm.Get_size(), shm.allgather(local_tag)
+    finally:
+        shm.Free()
+
+
+def allgather_objects(comm, obj) -> list:
+    """Collective over ``comm`` (mpi4py). Every rank's ``obj``, on a duplicate of ``comm`` so the
+    library's message never meets the user's."""
+    dup = comm.Dup()
+    try:
+        return dup.allgather(obj)
+    finally:
+        dup.Free()
+
+
 _OPS = ("sum", "mean", "max", "min")
 
 

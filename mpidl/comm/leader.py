@@ -50,6 +50,7 @@ class LeaderComm:
         self.group_ranks = self.group.allgather(self.rank)   # group rank -> world rank
         self.n_groups = self.world.allreduce(1 if self.grank == 0 else 0, op=MPI.SUM)
         self._windows = []
+        self._token = np.zeros(0, np.uint8)
         self._closed = False
 
     def _scope(self, scope):
@@ -100,6 +101,23 @@ class LeaderComm:
     def barrier(self):
         """Collective over the world. Block until every rank arrives."""
         self.world.Barrier()
+
+    def in_turn(self, fn):
+        """Collective over the world. Call ``fn()`` on rank 0, then on rank 1, ... (one at a time).
+
+        A zero-byte token passes from rank r to rank r + 1; a barrier at the
+        end keeps consecutive calls apart (rank 0's next turn starts after the
+        last rank's turn).  The serialised schedule of ``deterministic = true``.
+        Returns this rank's ``fn()``.  The tokens are not charged (no payload).
+        """
+        tag = 0x7E57
+        if self.rank > 0:
+            self.world.Recv([self._token, _mpi().BYTE], source=self.rank - 1, tag=tag)
+        out = fn()
+        if self.rank < self.size - 1:
+            self.world.Send([self._token, _mpi().BYTE], dest=self.rank + 1, tag=tag)
+        self.world.Barrier()
+        return out
 
     def ibarrier(self):
         """Collective over the world (nonblocking). A request; ``.Test()`` is True once all ranks entered."""
@@ -179,7 +197,7 @@ class ModelWindow:
         self._freed = False
         if self.is_host and init is not None:
             self._lock()
-            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype))
+            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype), charge=False)  # set-up, not traffic
             self._unlock()
         comm.Barrier()
 
@@ -215,7 +233,7 @@ class ModelWindow:
         self.win.Get([out.view(np.uint8), MPI.BYTE], 0, (off + self.HDR, self.nbytes, MPI.BYTE))
         self.win.Flush(0)
 
-    def _write(self, s, meta, x):
+    def _write(self, s, meta, x, charge=True):
         """Write version s + 1 (mutex held): fill the other slot, flush, publish seq."""
         MPI = _mpi()
         off = self.OFF + ((s + 1) % 2) * self.slot
@@ -227,7 +245,8 @@ class ModelWindow:
         self.win.Flush(0)
         self._atomic(8, s + 1)
         self.writes += 1
-        self.lc.charge(self.slot + 8, 2)
+        if charge:
+            self.lc.charge(self.slot + 8, 2)
 
     def _check(self, out):
         if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
@@ -273,6 +292,50 @@ class ModelWindow:
             self._get_slot(s, out)
             self.lc.charge(self.HDR + 16, 3)
             return False, tuple(float(v) for v in self._hdr)
+        finally:
+            self._unlock()
+
+    def snapshot(self, out):
+        """Local (no lock). The published model into ``out`` and its header as a float64 array.
+
+        ``[seq, loss, owner, step]``, all zero while the window is empty (then
+        ``out`` is left as it was).  Not charged to the byte counters: a
+        checkpoint's copy, not training traffic.  Call it when no worker writes
+        (after a barrier) to get a consistent copy.
+        """
+        hdr = self.read(out, charge=False)
+        return np.zeros(4) if hdr is None else np.array(hdr, dtype=np.float64)
+
+    def restore(self, header, x):
+        """Local (mutex). Make the window hold what :meth:`snapshot` returned: version, header, model.
+
+        ``header[0]`` (the version ``seq``) = 0 empties the window; otherwise
+        the model ``x`` is published as version ``seq`` with the saved loss,
+        owner and step, so the versions of a resumed run continue the
+        checkpointed ones.  Call it before any other rank uses the window (a
+        barrier after); not counted in ``writes`` nor charged.
+        """
+        MPI = _mpi()
+        header = np.asarray(header, dtype=np.float64)
+        if header.shape != (4,):
+            raise ValueError(f"a ModelWindow header is [seq, loss, owner, step]; got shape {header.shape}")
+        seq = int(header[0])
+        if seq < 0 or seq != header[0]:
+            raise ValueError(f"a ModelWindow version must be a whole number >= 0; got {header[0]}")
+        if seq:
+            x = np.ascontiguousarray(x, self.dtype)
+            if x.size != self.count:
+                raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {x.size}")
+        self._lock()
+        try:
+            self._atomic(16, seq)
+            if seq:
+                off = self.OFF + (seq % 2) * self.slot
+                h = np.ascontiguousarray(header)
+                self.win.Put([h.view(np.uint8), MPI.BYTE], 0, (off, self.HDR, MPI.BYTE))
+                self.win.Put([x.view(np.uint8), MPI.BYTE], 0, (off + self.HDR, self.nbytes, MPI.BYTE))
+                self.win.Flush(0)
+            self._atomic(8, seq)
         finally:
             self._unlock()
 
