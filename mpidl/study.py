@@ -175,15 +175,15 @@ def plan_study(study, size: int, out=None) -> dict:
         raise StudyError(f"warmup must be true or false, got {warmup!r}")
     out_dir = str(out or d.get("out") or os.path.join("studies", stem))
     shared = {sec: _table(d, sec, "") for sec in ("data", "model", "topology", "run")}
+    for sec, keys in _SET_BY_STUDY.items():
+        bad = [k for k in keys if k in shared[sec]]
+        if bad:
+            raise StudyError(f"[{sec}] {', '.join(bad)}: set by the study (seeds, budget, out), not in [{sec}]")
     methods = d.get("method", [])
     if not isinstance(methods, list) or not all(isinstance(m, dict) for m in methods):
         raise StudyError("method must be an array of tables: [[method]] ... ")
     if not methods:
         raise StudyError("the study lists no methods: add [[method]] tables (algorithm = \"...\")")
-    for sec, keys in _SET_BY_STUDY.items():
-        bad = [k for k in keys if k in shared[sec]]
-        if bad:
-            raise StudyError(f"[{sec}] {', '.join(bad)}: set by the study (seeds, budget, out), not in [{sec}]")
     registry = C.algorithm_registry()
     runs, names, info = [], [], []
     for i, m in enumerate(methods):
@@ -327,7 +327,7 @@ def _hook(budget, rank):
 
 
 def _warm_up(run, comm):
-    """Collective. Two untimed steps and one evaluation of ``run``'s method in a scratch folder.
+    """Collective. One untimed step and one evaluation of ``run``'s method in a scratch folder.
 
     The first use of a method in a process compiles its Numba kernels and warms
     torch; without this the first timed run of each method would carry that
@@ -338,7 +338,7 @@ def _warm_up(run, comm):
     from mpidl.driver import train
     d = json.loads(json.dumps(run["config"]))
     scratch = os.path.join(os.path.dirname(os.path.dirname(run["dir"])), "_warmup")
-    d["run"].update(out=scratch, name=run["method"], steps=2, log_every=1, eval_every=2, checkpoint_every=10**9,
+    d["run"].update(out=scratch, name=run["method"], steps=1, log_every=1, eval_every=1, checkpoint_every=10**9,
                     resume="no")
     with _quiet(True):
         train(C.from_dict(d), comm)
@@ -418,6 +418,7 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
             log.info("compare: %s %s (%d/%d to do, study ETA %s)", tag, how, n_done + 1, len(todo), _fmt_time(eta))
         _agree(comm, lambda: _pin_config(run))
         cfg = C.from_dict(run["config"])
+        t_all = time.monotonic()   # the ETA counts the warm-up; the run's budget does not
         if plan["warmup"] and run["method"] not in warmed:
             warmed.add(run["method"])
             _warm_up(run, comm)
@@ -436,7 +437,7 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
             break
         if res["stop"] == "max_steps":   # not reachable from the CLI; keep the run unfinished
             break
-        durations.append(dt)
+        durations.append(time.monotonic() - t_all)
         marker = {"method": run["method"], "seed": run["seed"], "stop": res["stop"], "step": res.get("step"),
                   "test_acc": res.get("test_acc"), "seconds": dt, "error": res.get("error")}
         _agree(comm, lambda: _write_json(os.path.join(run["dir"], "done.json"), marker))
