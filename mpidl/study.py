@@ -401,8 +401,19 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
                  "%d already finished; out %s", plan["title"], len(plan["methods"]), len(plan["seeds"]), size,
                  b["kind"], b["value"], 0 if report_only else len(todo), len(runs) - len(todo), plan["out"])
     stopped = False
-    durations, warmed = [], set()
+    durations = []
     t_study = time.monotonic()
+    if plan["warmup"] and not report_only:
+        # before any timed run: compiles each method's kernels (so no first seed pays for it in its
+        # wall budget) and sets up every method once, so a method that cannot run at this world size
+        # fails here, with its one error, before any run has started
+        first = {}
+        for i in todo:
+            first.setdefault(runs[i]["method"], runs[i])
+        for name, run in first.items():
+            if rank == 0:
+                log.info("compare: warming up %s (one untimed step and one evaluation)", name)
+            _warm_up(run, comm)
     for n_done, i in enumerate([] if report_only else todo):
         run = runs[i]
         tag = f"run {i + 1}/{len(runs)} {run['method']} seed {run['seed']}"
@@ -418,10 +429,6 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
             log.info("compare: %s %s (%d/%d to do, study ETA %s)", tag, how, n_done + 1, len(todo), _fmt_time(eta))
         _agree(comm, lambda: _pin_config(run))
         cfg = C.from_dict(run["config"])
-        t_all = time.monotonic()   # the ETA counts the warm-up; the run's budget does not
-        if plan["warmup"] and run["method"] not in warmed:
-            warmed.add(run["method"])
-            _warm_up(run, comm)
         t0 = time.monotonic()
         try:
             with _quiet(not verbose):
@@ -437,7 +444,7 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
             break
         if res["stop"] == "max_steps":   # not reachable from the CLI; keep the run unfinished
             break
-        durations.append(time.monotonic() - t_all)
+        durations.append(dt)
         marker = {"method": run["method"], "seed": run["seed"], "stop": res["stop"], "step": res.get("step"),
                   "test_acc": res.get("test_acc"), "seconds": dt, "error": res.get("error")}
         _agree(comm, lambda: _write_json(os.path.join(run["dir"], "done.json"), marker))
