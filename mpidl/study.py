@@ -150,11 +150,13 @@ def _model_form(name, cfg, size):
         raise StudyError(f"method {name!r}: {why}")
 
 
-def plan_study(study, size: int, out=None) -> dict:
+def plan_study(study, size: int | None, out=None) -> dict:
     """Local. Validate a study for ``size`` ranks; return the plan (plain, picklable).
 
     ``study`` is a TOML path or the parsed dict.  Every (method, seed) config
     is built and validated here, so a bad study fails before any run starts.
+    ``size = None`` skips the checks that depend on the world size (a report
+    of runs made at another size).
     """
     d, stem = _read(study)
     unknown = sorted(set(d) - set(_TOP_KEYS))
@@ -219,7 +221,7 @@ def plan_study(study, size: int, out=None) -> dict:
                 cfg = C.from_dict(cfg_d)
             except MpidlError as e:
                 raise StudyError(f"method {name!r}: {e}") from None
-            if seed == seeds[0]:
+            if seed == seeds[0] and size is not None:
                 _model_form(name, cfg, size)
             runs.append({"method": name, "algorithm": algo, "seed": seed, "config": C.to_dict(cfg),
                          "dir": os.path.join(out_dir, name, f"seed{seed}")})
@@ -385,7 +387,7 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
         from mpidl.comm import world
         comm = world()
     rank, size = comm.Get_rank(), comm.Get_size()
-    plan = _agree(comm, lambda: plan_study(study, size, out))
+    plan = _agree(comm, lambda: plan_study(study, None if report_only else size, out))
     runs, budget = plan["runs"], plan["budget"]
 
     def prepare():

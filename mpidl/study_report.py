@@ -40,7 +40,8 @@ _COLS = ("step", "epoch", "wall", "bytes_sent", "test_acc")
 def run_numbers(path) -> dict | None:
     """Local. The eval curve, final and best numbers of one results file (None: no eval row yet)."""
     from mpidl.metrics import load_results
-    ev = load_results(path)["series"].get("eval")
+    res = load_results(path)
+    ev = res["series"].get("eval")
     if not ev or not len(ev["step"]) or "test_acc" not in ev:
         return None
     cur = {c: np.asarray(ev[c], dtype=np.float64) for c in _COLS if c in ev}
@@ -54,7 +55,8 @@ def run_numbers(path) -> dict | None:
     final = {c: float(v[-1]) for c, v in cur.items()}
     best = {"test_acc": float(acc[j]), "epoch": float(cur["epoch"][j]), "wall": float(cur["wall"][j]),
             "step": float(cur["step"][j])}
-    return {"curve": {c: v.tolist() for c, v in cur.items()}, "final": final, "best": best}
+    return {"curve": {c: v.tolist() for c, v in cur.items()}, "final": final, "best": best,
+            "world_size": int(res["attrs"].get("world_size", 0))}
 
 
 def _ms(values):
@@ -191,6 +193,8 @@ def write_report(plan) -> dict:
         m["summary"] = method_stats({s: r for s, r in m["runs"].items()})
         curves = [r["curve"] for r in m["runs"].values() if r is not None]
         m["grid"] = {x: _grid(curves, x) for x, _, _ in _AXES}
+    sizes = sorted({r["world_size"] for m in methods.values() for r in m["runs"].values() if r is not None})
+    plan = dict(plan, world_size=(sizes[0] if len(sizes) == 1 else sizes) if sizes else None)  # the runs' own
     out = plan["out"]
     os.makedirs(out, exist_ok=True)
     doc = {"format": "mpidl-study", "format_version": 1, "title": plan["title"], "budget": plan["budget"],
