@@ -4,8 +4,6 @@ import json
 import os
 
 import h5py
-import numpy as np
-import pytest
 from mpi4py import MPI
 
 from mpiutil import assert_all, assert_raises_all
