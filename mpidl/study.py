@@ -117,7 +117,9 @@ def _model_form(name, cfg, size):
     layout = C.algorithm_layout(algo)
     family = getattr(layout, "__module__", "") if layout is not None else "agents"
     if family.endswith("pdadmm_layout"):
-        if m.name != "mlp":
+        if m.factory:
+            why = f"{algo} builds its own layer MLP from model.hidden; a model factory ({m.factory}) does not apply"
+        elif m.name != "mlp":
             why = f"{algo} trains a layer-parallel MLP (model.name = \"mlp\"), the study's model is {m.name!r}"
         elif m.loss != "ce":
             why = f"{algo} minimises cross-entropy (model.loss = \"ce\"), got {m.loss!r}"
@@ -128,8 +130,9 @@ def _model_form(name, cfg, size):
                    f"{len(m.hidden) + 1} layers; give the method more hidden layers in [method.model]")
     elif family.endswith("fdg_grid"):
         from mpidl.algorithms.fdg_grid import grid_shape
-        if m.name not in ("mlp", "cnn", "resnet20", "linear"):
-            why = f"{algo} cuts a torch model into pipeline stages (mlp, cnn, resnet20, linear), not {m.name!r}"
+        if not m.factory and m.name not in ("mlp", "cnn", "resnet20", "linear"):
+            why = (f"{algo} cuts a torch model into pipeline stages (mlp, cnn, resnet20, linear or a factory's "
+                   f"nn.Sequential), not {m.name!r}")
         elif cfg.run.batch_size <= 0:
             why = f"{algo} needs minibatches: batch_size > 0"
         else:
