@@ -56,10 +56,20 @@ class FlatModel:
         """Local. Zero the gradient buffer, backpropagate ``loss``, keep grads in the buffer."""
         self.grads.zero_()
         loss.backward()
+        self.collect_grads()
+
+    def collect_grads(self):
+        """Local. Make every ``.grad`` a view of the gradient buffer again.
+
+        A gradient autograd replaced (after ``zero_grad(set_to_none=True)``,
+        for instance) is copied into the buffer; a parameter without one gets
+        zeros there.
+        """
         base = self.grads.data_ptr()
         itemsize = self.grads.element_size()
         for p, shape, a, b in zip(self.params_list, self.shapes, self.offsets[:-1], self.offsets[1:]):
             if p.grad is None:
+                self.grads[a:b].zero_()
                 p.grad = self.grads[a:b].view(shape)
             elif p.grad.data_ptr() != base + int(a) * itemsize:
                 self.grads[a:b].copy_(p.grad.reshape(-1))
