@@ -216,10 +216,11 @@ def _profile(algo, st, oracle, gc, ddp, opt, X, Y, ddp_indices, world, torch, n=
         k = st["k"] + i
         world.Barrier()
         t0 = time.perf_counter()
-        idx = torch.from_numpy(oracle.indices(k))
+        ix = oracle.indices(k)
+        idx = torch.from_numpy(ix)
         t1 = time.perf_counter()
         fm.model.train()
-        out = fm.model(oracle.x[idx])
+        out = fm.model(oracle.x.take(ix, k))
         loss = torch.nn.functional.cross_entropy(out, oracle.y[idx])
         t2 = time.perf_counter()
         fm.backward(loss)

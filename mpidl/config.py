@@ -33,8 +33,10 @@ class ConfigError(MpidlError):
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | digits | synthetic-lsq | synthetic-logistic
+    dataset: str = "fashion-mnist"      # fashion-mnist | mnist | digits | cifar10 | cifar100 | synthetic-lsq | synthetic-logistic
     data_dir: str = ""                  # "" -> $MPIDL_DATA or /usr/share/datasets/<dataset>
+    path: str = ""                      # a user's .npz / .h5 file (x_train, y_train, x_test, y_test); overrides dataset
+    augment: bool = False               # random crop (pad 4) + horizontal flip of image batches
     shards: str = ""                    # an HDF5 shard file from `mpidl shard`; overrides partition
     partition: str = "iid"              # iid | contiguous | by-class | dirichlet
     alpha: float = 0.5                  # Dirichlet concentration
@@ -49,6 +51,12 @@ class ModelConfig:
     loss: str = "ce"                    # ce | squared (squared: needed by NEXT's Gauss-Newton surrogate)
     dtype: str = "float32"              # float32 | float64
     dropout: float = 0.0                # Dropout probability in the MLP / CNN (0 = none)
+    factory: str = ""                   # "package.module:function" or "path/to/file.py:function" (a user's model)
+    kwargs: tuple = ()                  # with a factory: the other [model] keys, as sorted (key, value) pairs
+
+    def factory_kwargs(self) -> dict:
+        """Local. The keyword arguments passed to the model factory."""
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.kwargs}
 
 
 @dataclass(frozen=True)
@@ -195,9 +203,36 @@ def _coerce(section, key, ftype, value):
     return value
 
 
+# with a factory, [model] keys other than these are the factory's keyword arguments
+_MODEL_OWN_KEYS = ("factory", "loss", "dtype")
+
+
+def _model_values(values: dict) -> dict:
+    """[model] with a factory: keep mpidl's own keys, gather every other key into ``kwargs``."""
+    if not isinstance(values, dict) or not values.get("factory"):
+        if isinstance(values, dict) and values.get("kwargs"):
+            raise ConfigError("[model] kwargs is set by mpidl from the keys of [model] when a factory is "
+                              "given; write the factory's arguments as plain [model] keys")
+        return values
+    factory = values["factory"]
+    if not isinstance(factory, str) or ":" not in factory:
+        raise ConfigError(f"[model] factory must be \"package.module:function\" or \"file.py:function\", "
+                          f"got {factory!r}")
+    kw = dict(values.get("kwargs") or ())
+    for k, v in values.items():
+        if k not in _MODEL_OWN_KEYS and k != "kwargs":
+            kw[k] = str(v) if isinstance(v, _Override) and isinstance(v.parsed, str) else (
+                v.parsed if isinstance(v, _Override) else v)
+    kw = {k: (tuple(v) if isinstance(v, list) else v) for k, v in kw.items()}
+    own = {k: values[k] for k in _MODEL_OWN_KEYS if k in values}
+    return dict(own, name="", kwargs=tuple(sorted(kw.items())))
+
+
 def _build(section: str, cls, values: dict):
     if not isinstance(values, dict):
         raise ConfigError(f"[{section}] must be a table, got {values!r}")
+    if section == "model":
+        values = _model_values(values)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -231,6 +266,9 @@ def from_dict(d: dict) -> Config:
         raise ConfigError(f"unknown algorithm {name!r}; choose one of {', '.join(sorted(reg))}")
     cfg_cls, _ = reg[name]
     parts["algorithm"] = _build("algorithm", cfg_cls, algo)
+    form = getattr(cfg_cls, "MODEL_FORM", None)
+    if parts["model"].factory and form:
+        raise ConfigError(f"[model] factory cannot be used with algorithm {name!r}: {form}")
     if parts["run"].batch_size < 0:
         raise ConfigError("[run] batch_size must be >= 0 (0 = full batch)")
     if parts["run"].epochs <= 0 and parts["run"].steps <= 0:
@@ -250,6 +288,11 @@ def to_dict(cfg: Config) -> dict:
     for name in ("data", "model", "topology", "algorithm", "run"):
         sec = dataclasses.asdict(getattr(cfg, name))
         out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()}
+    m = cfg.model
+    if m.factory:  # the TOML form: mpidl's own keys plus the factory's arguments as plain keys
+        out["model"] = {"factory": m.factory, "loss": m.loss, "dtype": m.dtype, **m.factory_kwargs()}
+    else:
+        del out["model"]["factory"], out["model"]["kwargs"]
     return out
 
 
@@ -283,11 +326,25 @@ def load(path=None, overrides=()) -> Config:
             d = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"{p}: invalid TOML: {e}") from None
+        _anchor_paths(d, p.resolve().parent)
     for (sec, key), value in parse_overrides(overrides):
         if not isinstance(d.setdefault(sec, {}), dict):
             raise ConfigError(f"--set {sec}.{key}: [{sec}] is not a table")
         d[sec][key] = value
     return from_dict(d)
+
+
+def _anchor_paths(d: dict, base: Path) -> None:
+    """Paths written in a config file are relative to that file: ``[data] path`` and a
+    ``file.py:function`` model factory become absolute (``--set`` values stay relative to the cwd)."""
+    data, model = d.get("data"), d.get("model")
+    if isinstance(data, dict) and isinstance(data.get("path"), str) and data["path"] \
+            and not data["path"].startswith("memory:") and not Path(data["path"]).is_absolute():
+        data["path"] = str(base / data["path"])
+    if isinstance(model, dict) and isinstance(model.get("factory"), str):
+        mod, sep, fn = model["factory"].rpartition(":")
+        if sep and mod.endswith(".py") and not Path(mod).is_absolute():
+            model["factory"] = f"{base / mod}:{fn}"
 
 
 def load_collective(comm, path=None, overrides=()) -> Config:

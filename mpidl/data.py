@@ -54,7 +54,7 @@ __all__ = [
 
 log = logging.getLogger("mpidl.data")
 
-DATASETS = ("fashion-mnist", "mnist", "digits", "synthetic-lsq", "synthetic-logistic")
+DATASETS = ("fashion-mnist", "mnist", "digits", "synthetic-lsq", "synthetic-logistic", "cifar10", "cifar100")
 SCHEMES = ("iid", "contiguous", "by-class", "dirichlet")
 
 _IDX_FILES = {
@@ -224,18 +224,34 @@ def _synthetic(name, seed, n=1000, n_test=None, dim=20, noise=0.1):
                    info={"n": n, "n_test": n_test, "dim": dim, "noise": float(noise)})
 
 
-def load_dataset(name: str, data_dir=None, seed: int = 0, **kwargs) -> Dataset:
-    """Local. Load ``name`` (one of :data:`DATASETS`); see the module docstring.
+def load_dataset(name: str, data_dir=None, seed: int = 0, path=None, **kwargs) -> Dataset:
+    """Local. Load ``name`` (one of :data:`DATASETS`), or the file / in-memory set ``path``
+    (see :mod:`mpidl.sources`; lazy HDF5 inputs are read in full here); see the module docstring.
 
     ``seed`` selects the synthetic problem and the digits split; ``kwargs``
     go to the synthetic generators (``n``, ``n_test``, ``dim``, ``noise``) or
     digits (``test_fraction``).  A missing or damaged file raises
     :class:`DataError` naming the path and how to get the data.
     """
+    if path:
+        from mpidl.sources import open_path
+        src = open_path(path)
+        x, xt = np.asarray(src.x_train), np.asarray(src.x_test)
+        for what, arr in (("x_train", x), ("x_test", xt)):
+            if not np.all(np.isfinite(arr)):
+                raise DataError(f"{path}: {what} holds NaN or inf")
+        return Dataset(src.name, x, src.y_train, xt, src.y_test, num_classes=src.num_classes,
+                       input_shape=src.input_shape, source=str(path), info=dict(src.provenance))
     if name in ("fashion-mnist", "mnist"):
         if kwargs:
             raise DataError(f"{name}: unexpected options {sorted(kwargs)}")
         return _load_idx(name, data_dir)
+    if name in ("cifar10", "cifar100"):
+        from mpidl.sources import cifar_float, read_cifar
+        u8, y, u8t, yt, mean, std, folder = read_cifar(name, data_dir)
+        return Dataset(name, cifar_float(u8, mean, std), y, cifar_float(u8t, mean, std), yt,
+                       num_classes=10 if name == "cifar10" else 100, input_shape=(3, 32, 32),
+                       source=str(folder))
     if name == "digits":
         return _load_digits(seed, **kwargs)
     if name in ("synthetic-lsq", "synthetic-logistic"):
@@ -354,10 +370,14 @@ def _agree(comm, err):
 
 
 def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alpha=0.5, seed=0,
-                    rank=0, world_size=1, shards=None, comm=None, **kwargs) -> Shard:
+                    rank=0, world_size=1, shards=None, comm=None, path=None, **kwargs) -> Shard:
     """Local (Collective when ``comm`` is given). This agent's training data plus the test set.
 
     With ``shards`` (a path) the rank reads its group of that shard file;
+    with ``path`` (``[data] path``: an ``.npz``, an ``.h5`` read lazily, or an
+    in-memory set, see :mod:`mpidl.sources`) it partitions that file's labels
+    and keeps only its own rows (HDF5: a lazy :class:`~mpidl.sources.Rows`
+    view, so ``x`` and ``x_test`` are read batch by batch);
     otherwise it loads ``dataset`` and takes part ``rank`` of
     ``partition(y_train, world_size, partition, seed, alpha)``, the same
     split on every rank.  Pass ``comm`` (a GraphComm) so that a problem seen
@@ -370,6 +390,8 @@ def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alp
             src = out.attrs.get("dataset")
             if dataset and src and src != dataset:
                 log.warning("shard file %s holds %r, not %r: using the shard file", shards, src, dataset)
+        elif path:
+            out = _file_part(path, partition, alpha, seed, rank, world_size)
         else:
             out = _agent_part(dataset, data_dir, partition, alpha, seed, rank, world_size, kwargs)
     except MpidlError as e:
@@ -381,7 +403,15 @@ def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alp
 def _agent_part(name, data_dir, scheme, alpha, seed, rank, world_size, kwargs):
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside a world of {world_size}")
-    if name in ("fashion-mnist", "mnist") and not kwargs:
+    if name in ("cifar10", "cifar100") and not kwargs:
+        # partition on the labels, normalise only this agent's images (and the test set)
+        from mpidl.sources import cifar_float, read_cifar
+        u8, y, u8t, yte, mean, std, folder = read_cifar(name, data_dir)
+        idx = partition(y, world_size, scheme, seed=seed, alpha=alpha)[rank]
+        x, xte, shape, source = cifar_float(u8[idx], mean, std), cifar_float(u8t, mean, std), (3, 32, 32), \
+            str(folder)
+        ncls, w_true = (10 if name == "cifar10" else 100), None
+    elif name in ("fashion-mnist", "mnist") and not kwargs:
         # partition on the labels, convert only this agent's images to float
         arrs, source = _load_idx_raw(name, data_dir)
         y = arrs["y_train"].astype(np.int64)
@@ -401,3 +431,22 @@ def _agent_part(name, data_dir, scheme, alpha, seed, rank, world_size, kwargs):
              "num_agents": world_size, "source": source}
     return Shard(x=x, y=y[idx], x_test=xte, y_test=yte, num_classes=ncls, input_shape=tuple(shape),
                  attrs=attrs, rank=rank, world_size=world_size, indices=idx, w_true=w_true)
+
+
+def _file_part(path, scheme, alpha, seed, rank, world_size):
+    """This rank's part of a user's data file or in-memory set (rows of HDF5 files stay lazy)."""
+    from mpidl.sources import Rows, check_finite_rows, open_path
+    if not 0 <= rank < world_size:
+        raise DataError(f"rank {rank} is outside a world of {world_size}")
+    src = open_path(path)
+    idx = partition(src.y_train, world_size, scheme, seed=seed, alpha=alpha)[rank]
+    if isinstance(src.x_train, Rows):            # lazy rows: scan what this rank serves for NaN/inf
+        x = src.x_train.view(idx)
+        check_finite_rows(x, str(path), "x_train")
+        check_finite_rows(src.x_test.view(slice(rank, None, world_size)), str(path), "x_test")
+    else:
+        x = src.x_train[idx]
+    attrs = {"dataset": src.name, "partition": scheme, "seed": seed, "alpha": alpha,
+             "num_agents": world_size, "source": str(path), **src.provenance}
+    return Shard(x=x, y=src.y_train[idx], x_test=src.x_test, y_test=src.y_test, num_classes=src.num_classes,
+                 input_shape=tuple(src.input_shape), attrs=attrs, rank=rank, world_size=world_size, indices=idx)

@@ -35,11 +35,21 @@ from mpidl.metrics import Progress, Recorder
 
 log = logging.getLogger("mpidl.driver")
 
-__all__ = ["train", "build_topology", "DivergenceError", "CONVEX_MODELS"]
+PROVENANCE = ("model_factory", "data_file", "data_bytes", "data_sha256_head")
+"""Keys of a session's ``expect`` that the results file records as root attributes as well."""
+
+__all__ = ["train", "headline", "build_topology", "DivergenceError", "CONVEX_MODELS"]
 
 
 class DivergenceError(MpidlError):
     """The loss became NaN or infinite."""
+
+
+def headline(ev: dict) -> str:
+    """Local. ``test acc 0.9123``, or ``test mse 0.0421`` for regression (where accuracy is undefined)."""
+    if "test_mse" in ev and not math.isfinite(ev.get("test_acc", float("nan"))):
+        return f"test mse {ev['test_mse']:.4g}"
+    return f"test acc {ev['test_acc']:.4f}"
 
 
 def train(cfg: C.Config, world, *, max_steps=None) -> dict:
@@ -108,7 +118,8 @@ def _loop(cfg, session, max_steps):
         log.info("nothing to do: checkpoint step %d >= %d steps", start, total)
 
     cfg_dict = C.to_dict(cfg)
-    rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None)
+    prov = {k: session.expect[k] for k in PROVENANCE if k in session.expect}   # the user's model / data file
+    rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None, **prov)
     if rank == 0:
         log.info("%s, %d steps, out %s", session.describe(), total, out)
 
@@ -176,8 +187,8 @@ def _loop(cfg, session, max_steps):
                         bytes_sent=float(mc.allreduce(bytes_sent())), **ev, **extra)
                 if rank == 0:
                     more = session.summary(ev)
-                    log.info("step %d (epoch %.2f): test acc %.4f, train loss %.4f%s", k, k / spe,
-                             ev["test_acc"], last.get("train_loss", float("nan")), f", {more}" if more else "")
+                    log.info("step %d (epoch %.2f): %s, train loss %.4f%s", k, k / spe, headline(ev),
+                             last.get("train_loss", float("nan")), f", {more}" if more else "")
             if k % ckpt_every == 0 or k == total:
                 save(k)
             if max_steps is not None and k - start >= max_steps:

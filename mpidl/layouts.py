@@ -45,7 +45,7 @@ from mpidl import topology as T
 from mpidl.errors import MpidlError
 
 __all__ = ["Session", "AgentSession", "setup_agents", "build_topology", "setup_for", "CONVEX_MODELS",
-           "steps_per_epoch"]
+           "steps_per_epoch", "agreed", "load_shard", "user_model", "provenance"]
 
 CONVEX_MODELS = {"convex-logistic": "logistic", "convex-lsq": "lsq"}
 """Model names served by the Numba convex oracles instead of a torch model."""
@@ -117,6 +117,58 @@ def steps_per_epoch(mc, n_local: int, batch_size: int) -> tuple:
     return batch, spe
 
 
+def agreed(mc, fn, *args, **kwargs):
+    """Collective over ``mc``. Call ``fn``; a :class:`MpidlError` (or ValueError) on any rank is
+    raised on every rank, as the lowest failing rank's message."""
+    from mpidl.comm import CollectiveError
+    err, out = None, None
+    try:
+        out = fn(*args, **kwargs)
+    except (MpidlError, ValueError) as e:
+        err = e
+    try:
+        mc.agree(None if err is None else str(err))
+    except CollectiveError as e:
+        raise MpidlError(str(e)) from None
+    return out
+
+
+def load_shard(cfg: C.Config, mc, rank: int, size: int):
+    """Collective over ``mc``. Agent ``rank`` of ``size``'s data from ``cfg.data`` (built-in set,
+    ``[data] path`` file, or shard file); one error on every rank when any rank fails."""
+    from mpidl.data import load_agent_data
+    d = cfg.data
+    return load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed, rank=rank,
+                           world_size=size, shards=d.shards or None, comm=mc, path=d.path or None)
+
+
+def user_model(cfg: C.Config, shard, mc, dtype):
+    """Collective over ``mc``. The model ``cfg.model`` describes (built-in or the user's factory),
+    seeded with ``run.seed``, checked on two training rows to give one score per class (or one
+    prediction per sample for regression) before step 0; one error on every rank otherwise."""
+    def build():
+        from mpidl.models import check_output, make_model
+        from mpidl.oracles import as_batch
+        model = make_model(cfg.model, shard.input_shape, shard.num_classes, seed=cfg.run.seed).to(dtype)
+        if cfg.model.factory:
+            what = f"the model of factory {cfg.model.factory!r}"
+            check_output(model, as_batch(shard.x[:2], dtype), shard.num_classes, what)
+        return model
+    return agreed(mc, build)
+
+
+def provenance(cfg: C.Config) -> dict:
+    """Local. What a checkpoint must match beyond the algorithm: the model factory spec and the
+    data file's path, size and head hash (empty for built-in models and data sets)."""
+    out = {}
+    if cfg.model.factory:
+        out["model_factory"] = cfg.model.factory
+    if cfg.data.path:
+        from mpidl.sources import fingerprint
+        out.update({k: (str(v) if k == "data_bytes" else v) for k, v in fingerprint(cfg.data.path).items()})
+    return out
+
+
 # -- the agent layout ---------------------------------------------------------
 
 def build_topology(tc: C.TopologyConfig, n: int):
@@ -183,9 +235,7 @@ class AgentSession(Session):
         import torch
 
         from mpidl.comm import GraphComm, ScheduledGraphComm
-        from mpidl.data import load_agent_data
         from mpidl.flat import FlatModel
-        from mpidl.models import build_model
         from mpidl.oracles import TorchOracle
 
         self.gc = GraphComm(world, topo)
@@ -193,8 +243,9 @@ class AgentSession(Session):
         self._sched = None if schedule is None else ScheduledGraphComm(world, schedule)
         self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
         d, r = cfg.data, cfg.run
-        shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
-                                rank=rank, world_size=size, shards=d.shards or None, comm=self.mc)
+        shard = load_shard(cfg, self.mc, rank, size)
+        self.regression = shard.num_classes == 0
+        self.target_width = 1 if np.ndim(shard.y) == 1 else int(np.shape(shard.y)[1])
         batch, spe = steps_per_epoch(self.mc, len(shard.y), r.batch_size)
         full_batch = r.batch_size == 0
         self.steps_per_epoch = spe
@@ -208,14 +259,10 @@ class AgentSession(Session):
         else:
             dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
 
-            def new_model():
-                return FlatModel(build_model(cfg.model.name, shard.input_shape, shard.num_classes,
-                                             cfg.model.hidden, seed=r.seed, dropout=cfg.model.dropout), dtype)
-
-            self.fm, fm_eval = new_model(), new_model()
+            self.fm, fm_eval = (FlatModel(user_model(cfg, shard, self.mc, dtype), dtype) for _ in range(2))
             self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
                                       seed=r.seed, rank=rank, num_classes=shard.num_classes,
-                                      loss=cfg.model.loss)
+                                      loss=cfg.model.loss, augment=d.augment)
             self.oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
                                            num_classes=shard.num_classes, loss=cfg.model.loss)
             x0, self.xbuf, self.dim = self.fm.x, fm_eval.x, self.fm.dim
@@ -223,7 +270,7 @@ class AgentSession(Session):
         self.algo = factory(cfg.algorithm, steps_per_epoch=spe, num_samples=len(shard.y))
         self.state = self.algo.init(x0, self.comm)
         from mpidl.checkpoint import topology_digest
-        self.expect = {"algorithm": cfg.algorithm.name, "topology": topology_digest(topo)}
+        self.expect = {"algorithm": cfg.algorithm.name, "topology": topology_digest(topo), **provenance(cfg)}
         # evaluation data
         n_ev = d.eval_samples or len(shard.y_test)
         self.xte_agent, self.yte_agent = shard.x_test[:n_ev], shard.y_test[:n_ev]
@@ -277,6 +324,8 @@ class AgentSession(Session):
                "agent_acc_mean": float(per.mean()), "agent_acc_min": float(per.min()),
                "agent_acc_max": float(per.max()), "consensus_error": cons}
         out["generalization_gap"] = out["train_acc_avg_model"] - out["test_acc"]
+        if self.regression:  # the losses are 1/2 the summed squared error per sample
+            out["test_mse"] = 2.0 * out["test_loss"] / self.target_width
         hook = getattr(self.algo, "eval_metrics", None)
         if hook is not None:
             out.update(hook(state, self))
@@ -288,6 +337,8 @@ class AgentSession(Session):
         return out, per
 
     def summary(self, ev):
+        if self.regression:
+            return f"average model; consensus {ev['consensus_error']:.3e}"
         return (f"average model; agents {ev['agent_acc_min']:.4f}..{ev['agent_acc_max']:.4f}, "
                 f"consensus {ev['consensus_error']:.3e}, gap {ev['generalization_gap']:.4f}")
 

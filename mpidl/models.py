@@ -13,7 +13,7 @@ from torch import nn
 
 from mpidl.errors import MpidlError
 
-__all__ = ["build_model", "MLP", "CNN", "ResNet20", "model_units", "slice_model", "balanced_cuts",
+__all__ = ["build_model", "make_model", "resolve_factory", "register_factory", "check_output", "MLP", "CNN", "ResNet20", "model_units", "slice_model", "balanced_cuts",
            "check_cuts", "unit_costs"]
 
 
@@ -109,6 +109,124 @@ def build_model(name: str, input_shape, num_classes: int, hidden=(256, 128), see
 
 
 # =============================================================================
+# Users' models: one resolver for built-in names and factory specs.
+# =============================================================================
+_FACTORIES: dict = {}
+
+
+def register_factory(fn) -> str:
+    """Local. Register an in-process model factory (the Python API); returns its ``[model] factory`` spec.
+
+    The spec, ``memory:<module>.<qualname>``, is valid in this process only;
+    every rank that registers the same function gets the same spec.
+    """
+    if not callable(fn):
+        raise TypeError(f"a model factory must be callable, got {type(fn).__name__}")
+    spec = f"memory:{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    _FACTORIES[spec] = fn
+    return spec
+
+
+def resolve_factory(spec: str):
+    """Local. The callable named by ``spec``: ``"package.module:function"``, ``"file.py:function"``
+    (an absolute path, or relative to the working directory) or a :func:`register_factory` spec."""
+    import importlib
+    import importlib.util
+    import sys
+    from pathlib import Path
+    if spec in _FACTORIES:
+        return _FACTORIES[spec]
+    if spec.startswith("memory:"):
+        raise MpidlError(f"[model] factory {spec!r}: not registered in this process "
+                         "(mpidl.models.register_factory on every rank)")
+    mod_name, sep, attr = spec.rpartition(":")
+    if not sep or not mod_name or not attr:
+        raise MpidlError(f"[model] factory must be \"package.module:function\" or \"file.py:function\", "
+                         f"got {spec!r}")
+    try:
+        if mod_name.endswith(".py"):
+            path = Path(mod_name)
+            if not path.is_file():
+                raise MpidlError(f"[model] factory {spec!r}: file {path} not found")
+            name = f"mpidl_user_model_{abs(hash(str(path.resolve())))}"
+            module = sys.modules.get(name)
+            if module is None:
+                loader_spec = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(loader_spec)
+                sys.modules[name] = module
+                try:
+                    loader_spec.loader.exec_module(module)
+                except BaseException:
+                    del sys.modules[name]
+                    raise
+        else:
+            module = importlib.import_module(mod_name)
+    except MpidlError:
+        raise
+    except Exception as e:  # noqa: BLE001  (the user's module: any import-time failure)
+        raise MpidlError(f"[model] factory {spec!r}: cannot import {mod_name}: {type(e).__name__}: {e}") from None
+    fn = module
+    for part in attr.split("."):
+        if not hasattr(fn, part):
+            raise MpidlError(f"[model] factory {spec!r}: {mod_name} has no attribute {attr!r}")
+        fn = getattr(fn, part)
+    if not callable(fn):
+        raise MpidlError(f"[model] factory {spec!r}: {attr} is a {type(fn).__name__}, not callable")
+    return fn
+
+
+def make_model(mc, input_shape, num_classes: int, seed: int = 0) -> nn.Module:
+    """Local. The model ``mc`` (a :class:`mpidl.config.ModelConfig`) describes, seeded identically on
+    every rank: a built-in name, or the user's factory called as
+    ``factory(input_shape, num_outputs, **kwargs)`` after ``torch.manual_seed(seed)``.
+
+    ``num_outputs`` is the class count, or for regression (``num_classes == 0``)
+    the number of target values per sample (1).
+    """
+    if not mc.factory:
+        return build_model(mc.name, input_shape, num_classes, mc.hidden, seed=seed, dropout=mc.dropout)
+    fn = resolve_factory(mc.factory)
+    torch.manual_seed(seed)
+    try:
+        model = fn(tuple(int(s) for s in input_shape), max(int(num_classes), 1), **mc.factory_kwargs())
+    except Exception as e:  # noqa: BLE001  (the user's code)
+        raise MpidlError(f"[model] factory {mc.factory!r} raised {type(e).__name__}: {e} "
+                         f"(called with input_shape={tuple(input_shape)}, num_classes={max(int(num_classes), 1)}"
+                         f"{', ' + ', '.join(f'{k}={v!r}' for k, v in mc.factory_kwargs().items()) if mc.kwargs else ''})"
+                         ) from None
+    if not isinstance(model, nn.Module):
+        raise MpidlError(f"[model] factory {mc.factory!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if not any(p.requires_grad for p in model.parameters()):
+        raise MpidlError(f"[model] factory {mc.factory!r} returned a module without trainable parameters")
+    return model
+
+
+@torch.no_grad()
+def check_output(model: nn.Module, sample: torch.Tensor, num_classes: int, what: str = "the model") -> None:
+    """Local. Raise when ``model(sample)`` does not have one row of ``num_classes`` scores per sample
+    (regression, ``num_classes == 0``: one value per sample)."""
+    was = model.training
+    state = {n: b.clone() for n, b in model.named_buffers()}
+    model.eval()
+    try:
+        out = model(sample)
+    except Exception as e:  # noqa: BLE001
+        raise MpidlError(f"{what} fails on a batch of shape {tuple(sample.shape)}: {type(e).__name__}: {e}") from None
+    finally:
+        model.train(was)
+        for n, b in model.named_buffers():
+            b.copy_(state[n])
+    n = sample.shape[0]
+    want = (n, num_classes) if num_classes else (n, 1)
+    ok = isinstance(out, torch.Tensor) and (tuple(out.shape) == want or (not num_classes and tuple(out.shape) == (n,)))
+    if not ok:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise MpidlError(f"{what} maps a batch of shape {tuple(sample.shape)} to {got}, but this data needs "
+                         f"{want}" + (f" ({num_classes} class scores per sample)" if num_classes else
+                                      " (one prediction per sample)"))
+
+
+# =============================================================================
 # Model slicing into pipeline stages (issue 8: the decoupled pipeline).
 # A model is a list of "units" (the places it may be cut between); stage k is
 # the nn.Sequential of units[cuts[k-1]:cuts[k]].  The units share the model's
@@ -137,15 +255,32 @@ def model_units(model: nn.Module) -> list:
         return [model.stem, *model.blocks, _Head(model.head)]
     if isinstance(model, nn.Sequential):
         units, cur = [], []
-        for layer in model:  # a weight layer opens a new unit once the current one has one
-            if isinstance(layer, (nn.Linear, nn.Conv2d)) and any(
-                    isinstance(c, (nn.Linear, nn.Conv2d)) for c in cur):
+        for layer in _flat_layers(model):  # a weight layer opens a new unit once the current one has one
+            if _is_weight_layer(layer) and any(_is_weight_layer(c) for c in cur):
                 units.append(nn.Sequential(*cur))
                 cur = []
             cur.append(layer)
         units.append(nn.Sequential(*cur))
         return units
-    raise MpidlError(f"cannot cut a {type(model).__name__} into pipeline stages")
+    raise MpidlError(f"cannot cut a {type(model).__name__} into pipeline stages: the decoupled grid with K > 1 "
+                     "stages needs an nn.Sequential (nested nn.Sequential are flattened; each layer with "
+                     "weights starts a cuttable unit); return one from the model factory, or use K = 1")
+
+
+_NORM = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)
+
+
+def _flat_layers(seq: nn.Sequential) -> list:
+    """The leaves of nested nn.Sequential containers, in order (other modules stay whole)."""
+    out = []
+    for layer in seq:
+        out.extend(_flat_layers(layer) if type(layer) is nn.Sequential else [layer])
+    return out
+
+
+def _is_weight_layer(layer: nn.Module) -> bool:
+    """A layer that starts a unit: one with trainable parameters, other than a normalisation layer."""
+    return not isinstance(layer, _NORM) and any(p.requires_grad for p in layer.parameters())
 
 
 def balanced_cuts(costs, K: int) -> tuple:

@@ -15,7 +15,48 @@ import torch
 
 from mpidl.flat import FlatModel
 
-__all__ = ["TorchOracle", "ConvexOracle", "batch_indices"]
+__all__ = ["TorchOracle", "ConvexOracle", "batch_indices", "Batches", "as_batch"]
+
+
+def as_batch(x, dtype) -> torch.Tensor:
+    """Local. Rows (an ndarray, a tensor or lazy :class:`mpidl.sources.Rows`) as a tensor of ``dtype``."""
+    if isinstance(x, torch.Tensor):
+        return x.to(dtype)
+    return torch.as_tensor(np.asarray(x)).to(dtype)
+
+
+class Batches:
+    """Local. A shard's inputs as torch batches.
+
+    In-memory inputs are converted to ``dtype`` once; lazy HDF5 rows
+    (:class:`mpidl.sources.Rows`) are read batch by batch, so a rank holds one
+    batch of them at a time.  With ``augment`` each image batch of step ``k``
+    gets a random crop (pad 4) and horizontal flip drawn from
+    ``numpy.random.default_rng([seed, stream, k, 1])``: a pure function of the
+    step, so a resumed run augments exactly as an uninterrupted one.
+    """
+
+    def __init__(self, x, dtype, *, augment=False, seed=0, stream=0):
+        self.lazy = hasattr(x, "read") and not isinstance(x, np.ndarray)
+        self.x = x if self.lazy else torch.as_tensor(np.asarray(x)).to(dtype)
+        self.dtype, self.augment, self.seed, self.stream = dtype, bool(augment), int(seed), int(stream)
+        self.shape = tuple(x.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def rows(self, a: int, b: int) -> torch.Tensor:
+        """Local. Rows a..b-1 (not augmented)."""
+        return as_batch(self.x[a:b], self.dtype)
+
+    def take(self, idx: np.ndarray, k: int) -> torch.Tensor:
+        """Local. The rows ``idx`` of step ``k``'s batch (augmented when asked)."""
+        xb = torch.as_tensor(self.x.read(idx)).to(self.dtype) if self.lazy else self.x[torch.from_numpy(idx)]
+        if self.augment:
+            from mpidl.sources import augment_batch
+            rng = np.random.default_rng([self.seed, self.stream, int(k), 1])
+            xb = torch.from_numpy(augment_batch(xb.numpy(), rng))
+        return xb
 
 
 def batch_indices(n: int, batch: int, steps_per_epoch: int, seed: int, rank: int, k: int) -> np.ndarray:
@@ -34,15 +75,15 @@ class TorchOracle:
     """
 
     def __init__(self, fm: FlatModel, x, y, *, batch_size: int, steps_per_epoch: int,
-                 seed: int = 0, rank: int = 0, num_classes: int = 10, loss: str = "ce"):
+                 seed: int = 0, rank: int = 0, num_classes: int = 10, loss: str = "ce", augment: bool = False):
         self.fm = fm
         dtype = fm.params.dtype
-        self.x = torch.as_tensor(np.asarray(x)).to(dtype)
+        self.x = Batches(x, dtype, augment=augment, seed=seed, stream=rank)
         self.regression = num_classes == 0
         self.squared = self.regression or loss == "squared"
         self.num_classes = num_classes
         self.y = torch.as_tensor(np.asarray(y)).to(dtype if self.regression else torch.long)
-        self.n = self.x.shape[0]
+        self.n = len(self.x)
         self.batch = int(batch_size)
         self.steps_per_epoch = int(steps_per_epoch)
         self.seed, self.rank = int(seed), int(rank)
@@ -67,7 +108,7 @@ class TorchOracle:
         total = 0.0
         g = np.zeros(self.dim, dtype=self.fm.g.dtype)
         for a in range(0, self.n, batch):
-            xb, yb = self.x[a:a + batch], self.y[a:a + batch]
+            xb, yb = self.x.rows(a, a + batch), self.y[a:a + batch]
             loss = self._loss(self.fm.model(xb), yb) * (yb.shape[0] / self.n)
             self.fm.backward(loss)
             total += float(loss.detach())
@@ -81,8 +122,9 @@ class TorchOracle:
             raise ValueError("the Gauss-Newton surrogate needs the squared loss (loss = \"squared\")")
         from torch.func import functional_call, jacrev
         self.fm.load(x)
-        idx = torch.from_numpy(self.indices(k))
-        xb, tb = self.x[idx], self._target(self.y[idx])
+        ix = self.indices(k)
+        idx = torch.from_numpy(ix)
+        xb, tb = self.x.take(ix, k), self._target(self.y[idx])
         model = self.fm.model
 
         def f(flat):
@@ -104,8 +146,8 @@ class TorchOracle:
     def loss_grad(self, x: np.ndarray, k: int):
         """Local. (loss, grad) of step k's minibatch at ``x``; grad is the model's gradient buffer."""
         self.fm.load(x)
-        idx = torch.from_numpy(self.indices(k))
-        xb, yb = self.x[idx], self.y[idx]
+        ix = self.indices(k)
+        xb, yb = self.x.take(ix, k), self.y[torch.from_numpy(ix)]
         self.fm.model.train()
         out = self.fm.model(xb)
         loss = self._loss(out, yb)
@@ -119,17 +161,16 @@ class TorchOracle:
         """Local. (mean loss, accuracy) of parameters ``x`` on (X, Y); accuracy is NaN for regression."""
         self.fm.load(x)
         self.fm.model.eval()
-        X = torch.as_tensor(np.asarray(X)).to(self.fm.params.dtype)
         Y = torch.as_tensor(np.asarray(Y))
         Y = Y.to(self.fm.params.dtype if self.regression else torch.long)
         total, correct = 0.0, 0
-        for a in range(0, X.shape[0], batch):
-            out = self.fm.model(X[a:a + batch])
+        for a in range(0, Y.shape[0], batch):
+            out = self.fm.model(as_batch(X[a:a + batch], self.fm.params.dtype))
             yb = Y[a:a + batch]
             total += float(self._loss(out, yb)) * yb.shape[0]
             if not self.regression:
                 correct += int((out.argmax(1) == yb).sum())
-        n = max(X.shape[0], 1)
+        n = max(Y.shape[0], 1)
         return total / n, (float("nan") if self.regression else correct / n)
 
 

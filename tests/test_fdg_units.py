@@ -38,13 +38,14 @@ _BUILD = threading.Lock()
 
 @pytest.fixture(autouse=True)
 def _one_model_at_a_time(monkeypatch):
-    """build_model seeds torch's global RNG: the grid's threads take turns (as separate processes need not)."""
-    build = fdg_grid.build_model
+    """make_model seeds torch's global RNG: the grid's threads take turns (as separate processes need not)."""
+    from mpidl import models
+    build = models.make_model
 
     def locked(*a, **kw):
         with _BUILD:
             return build(*a, **kw)
-    monkeypatch.setattr(fdg_grid, "build_model", locked)
+    monkeypatch.setattr(models, "make_model", locked)
 
 
 def _cfg(M, K, *extra):

@@ -108,8 +108,9 @@ class StageData:
     stage read data (inputs / labels).
     """
 
-    def __init__(self, x, y, *, batch, steps_per_epoch, seed, replica, dtype, num_classes):
-        self.x = torch.as_tensor(np.asarray(x)).to(dtype)
+    def __init__(self, x, y, *, batch, steps_per_epoch, seed, replica, dtype, num_classes, augment=False):
+        from mpidl.oracles import Batches
+        self.x = Batches(x, dtype, augment=augment, seed=seed, stream=replica)
         self.regression = num_classes == 0
         self.y = torch.as_tensor(np.asarray(y)).to(dtype if self.regression else torch.long)
         self.batch, self.spe, self.seed, self.m = int(batch), int(steps_per_epoch), int(seed), int(replica)
@@ -124,7 +125,7 @@ class StageData:
         return torch.from_numpy(self._perm[j * self.batch:(j + 1) * self.batch])
 
     def inputs(self, b):
-        return self.x[self.indices(b)]
+        return self.x.take(self.indices(b).numpy(), b)
 
     def labels(self, b):
         return self.y[self.indices(b)]

@@ -30,11 +30,11 @@ import torch
 from mpidl.algorithms.fdg import FDG, FDGConfig, StageData, staleness
 from mpidl.config import register_algorithm
 from mpidl.comm import GraphComm, GridComm
-from mpidl.data import load_agent_data
 from mpidl.errors import MpidlError
 from mpidl.flat import FlatModel
-from mpidl.layouts import Session, steps_per_epoch
-from mpidl.models import balanced_cuts, build_model, check_cuts, model_units, slice_model, unit_costs
+from mpidl.layouts import Session, load_shard, provenance, steps_per_epoch, user_model
+from mpidl.models import balanced_cuts, check_cuts, model_units, slice_model, unit_costs
+from mpidl.oracles import as_batch
 
 log = logging.getLogger("mpidl.fdg")
 
@@ -98,7 +98,7 @@ class GridSession(Session):
         for a in range(0, n, self.eval_chunk):
             c = min(self.eval_chunk, n - a)
             if k == 0:
-                h = torch.as_tensor(X[a:a + c]).to(dt)
+                h = as_batch(X[a:a + c], dt)
             else:
                 buf = np.empty((c,) + self.shapes[k], dtype=fm.x.dtype)
                 h = torch.from_numpy(g.recv(buf, -1, g.TAG_EVAL))
@@ -115,6 +115,8 @@ class GridSession(Session):
         tot = self.mc.allreduce(np.array([loss_sum, correct, n if last else 0], np.float64))
         ev = {"test_loss": float(tot[0] / max(tot[2], 1)),
               "test_acc": float(tot[1] / max(tot[2], 1)) if self.algo.num_classes else float("nan")}
+        if not self.algo.num_classes:   # regression: the loss is 1/2 the summed squared error per sample
+            ev["test_mse"] = 2.0 * ev["test_loss"] / max(1, int(np.prod(self.shapes[-1])))
         return ev, None
 
     def close(self):
@@ -139,6 +141,7 @@ def _resumed_cuts(cfg, mc):
 
 
 def _cuts(cfg, acfg, model, units, K, sample, mc):
+    """(cut points, measured stage costs or None): the config's cuts, the checkpoint's, or balanced."""
     name = type(model).__name__
     if acfg.cuts:
         return check_cuts(acfg.cuts, K, len(units), name), None
@@ -160,8 +163,9 @@ def setup_grid(cfg, world):
     from mpidl import topology as T
     acfg, d, r = cfg.algorithm, cfg.data, cfg.run
     size = world.Get_size()
-    if cfg.model.name not in ("mlp", "cnn", "resnet20", "linear"):
-        raise MpidlError(f"fdg cuts torch models into stages (mlp, cnn, resnet20, linear), not {cfg.model.name!r}")
+    if not cfg.model.factory and cfg.model.name not in ("mlp", "cnn", "resnet20", "linear"):
+        raise MpidlError(f"fdg cuts torch models into stages (mlp, cnn, resnet20, linear, or a model "
+                         f"factory's nn.Sequential), not {cfg.model.name!r}")
     M, K = grid_shape(acfg, size)
     torch.set_num_threads(max(1, r.threads))
     mc = GraphComm(world, T.ring(size))
@@ -178,22 +182,29 @@ def setup_grid(cfg, world):
         raise
 
 
+def _cuttable(model) -> bool:
+    try:
+        model_units(model)
+    except MpidlError:
+        return False
+    return True
+
+
 def _setup(cfg, acfg, d, r, mc, grid, M, K):
     m, k = grid.m, grid.k
-    shard = load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed,
-                            rank=m, world_size=M, shards=d.shards or None, comm=mc)
+    shard = load_shard(cfg, mc, m, M)
     if r.batch_size == 0:
         raise MpidlError("fdg needs minibatches: set [run] batch_size > 0")
     batch = r.batch_size
     batch, spe = steps_per_epoch(mc, len(shard.y), batch)
     total = r.steps if r.steps > 0 else max(1, int(math.ceil(r.epochs * spe)))
     dtype = torch.float64 if cfg.model.dtype == "float64" else torch.float32
-    model = build_model(cfg.model.name, shard.input_shape, shard.num_classes, cfg.model.hidden, seed=r.seed)
-    model = model.to(dtype)
-    units = model_units(model)
-    sample = torch.as_tensor(shard.x[:batch]).to(dtype)
+    model = user_model(cfg, shard, mc, dtype)
+    whole = K == 1 and not _cuttable(model)     # K = 1 runs any module as one stage
+    units = [model] if whole else model_units(model)
+    sample = as_batch(shard.x[:batch], dtype)
     cuts, stage_costs = _cuts(cfg, acfg, model, units, K, sample, mc)
-    stages = slice_model(model, K, cuts)
+    stages = [model] if whole else slice_model(model, K, cuts)
     shapes = [tuple(shard.input_shape)]
     with torch.no_grad():
         h = torch.zeros((2,) + tuple(shard.input_shape), dtype=dtype)
@@ -206,12 +217,13 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K):
                loss=cfg.model.loss, num_classes=shard.num_classes)
     state = algo.init(fm.x, grid)
     data = StageData(shard.x if k == 0 else shard.x[:0], shard.y, batch=batch, steps_per_epoch=spe,
-                     seed=r.seed, replica=m, dtype=dtype, num_classes=shard.num_classes)
+                     seed=r.seed, replica=m, dtype=dtype, num_classes=shard.num_classes, augment=d.augment)
     test_x, test_y = shard.x_test[m::M], shard.y_test[m::M]
     sess = GridSession(mc=mc, algo=algo, state=state, comm=grid, oracle=data, data=data,
                        steps_per_epoch=spe, total=total, fm=fm, M=M, K=K, cuts=cuts, n_units=len(units),
                        stage_costs=stage_costs, shapes=shapes, test_x=test_x, test_y=test_y, eval_chunk=1000,
-                       expect={"algorithm": "fdg", "grid": f"{M}x{K}", "cuts": ",".join(map(str, cuts))})
+                       expect={"algorithm": "fdg", "grid": f"{M}x{K}", "cuts": ",".join(map(str, cuts)),
+                               **provenance(cfg)})
     return sess
 
 

@@ -38,6 +38,7 @@ __all__ = ["NEXTConfig", "NEXT", "NEXTState"]
 
 @dataclass(frozen=True)
 class NEXTConfig:
+    MODEL_FORM = "NEXT trains its own model forms (the convex models convex-logistic / convex-lsq, or the built-in mlp with its Gauss-Newton surrogate)"  # no [model] factory (a class attribute, not a config key)
     name: str = "next"
     tau: float = 1.0                    # proximal weight of the surrogate
     alpha0: float = 0.5                 # alpha_0 in (0, 1]

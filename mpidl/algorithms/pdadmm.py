@@ -71,6 +71,7 @@ _TAG_P, _TAG_Q, _TAG_INIT = 11, 12, 13
 
 @dataclass(frozen=True)
 class PdADMMConfig:
+    MODEL_FORM = "pdADMM trains its own layer-split MLP (set [model] hidden)"  # no [model] factory (a class attribute, not a config key)
     name: str = "pdadmm"
     rho: float = 1e-4                   # penalty of p_{l+1} = q_l
     nu: float = 1e-4                    # weight of the layer-fit terms

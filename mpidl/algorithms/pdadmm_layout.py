@@ -29,7 +29,7 @@ from mpidl import config as C
 from mpidl import topology as T
 from mpidl.algorithms.pdadmm import PdADMM, PdADMMConfig, PdADMMQConfig, layer_blocks
 from mpidl.errors import MpidlError
-from mpidl.layouts import Session
+from mpidl.layouts import Session, provenance
 
 __all__ = ["PdADMMSession", "setup_layers", "downsample"]
 
@@ -139,7 +139,7 @@ class PdADMMSession(Session):
         try:
             if cfg.run.batch_size != 0:
                 raise PdADMMError(f"pdADMM is full batch: set run.batch_size = 0 (got {cfg.run.batch_size})")
-            ds = load_dataset(d.dataset, d.data_dir or None, seed=d.seed)
+            ds = load_dataset(d.dataset, d.data_dir or None, seed=d.seed, path=d.path or None)
             if ds.num_classes < 2:
                 raise PdADMMError(f"pdADMM needs a classification dataset, {d.dataset!r} has none")
             X = downsample(ds.x_train, a.downsample).astype(dtype, copy=False)
@@ -176,7 +176,8 @@ class PdADMMSession(Session):
         self.state = self.algo.init(([w.astype(dtype) for w in Ws[l0:l1]], [b.astype(dtype) for b in bs[l0:l1]]),
                                     self.ec)
         self.comm, self.oracle, self.steps_per_epoch = self.gc, None, 1
-        self.expect = {"algorithm": a.name, "rank_layout": f"layers:{size}", "dims": ",".join(map(str, dims))}
+        self.expect = {"algorithm": a.name, "rank_layout": f"layers:{size}", "dims": ",".join(map(str, dims)),
+                       **provenance(cfg)}
         self.dtype = dtype
 
     def describe(self):

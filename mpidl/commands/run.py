@@ -16,7 +16,7 @@ def main(comm, args):
     import logging
 
     from mpidl import config
-    from mpidl.driver import train
+    from mpidl.driver import headline, train
 
     overrides = list(args.overrides)
     if args.resume is not None:
@@ -28,7 +28,7 @@ def main(comm, args):
         head = f"finished ({result['stop']}) at step {result['step']}/{result['steps']}"
         if result.get("evaluated"):
             more = f", {result['summary']}" if result.get("summary") else ""
-            lg.info("%s: test acc %.4f%s, %.1f s, results in %s", head, result["test_acc"], more,
+            lg.info("%s: %s%s, %.1f s, results in %s", head, headline(result), more,
                     result["time"], result["out"])
         else:
             lg.info("%s: no evaluation in this invocation (see %s/results.h5 for earlier ones), %.1f s",

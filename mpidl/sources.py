@@ -1,0 +1,400 @@
+"""Users' data: array files (``.npz``), HDF5 read lazily, CIFAR-10/100 folders, in-memory arrays.
+
+One contract for every source (:class:`ArrayData`): labels/targets in memory
+(the partition schemes need them), inputs as something a consumer indexes by
+rows: a NumPy array, or a :class:`Rows` view of an HDF5 dataset that reads
+only the rows asked for.  A rank therefore holds its batch, its evaluation
+slices and the HDF5 chunk cache, never the whole training set.
+
+``[data] path`` names a file (``.npz``, ``.h5``/``.hdf5``) or, from Python,
+an in-memory set registered with :func:`register_arrays` (``memory:<key>``).
+Both file kinds hold four arrays: ``x_train, y_train, x_test, y_test``
+(integer ``y``: classification with ``num_classes = max label + 1``, or the
+optional scalar ``num_classes`` key / HDF5 root attribute; float ``y``:
+regression).  ``x`` may have any trailing shape (vectors, ``N, C, H, W``
+images); it is used as float32.
+
+CIFAR-10/100 (:func:`read_cifar`) read the python-version folders of
+https://www.cs.toronto.edu/~kriz/cifar.html: pickled dicts with ``b'data'``
+(uint8, N x 3072, channel-major) and ``b'labels'`` (CIFAR-10) or
+``b'fine_labels'`` (CIFAR-100); images are normalised per channel with the
+training set's mean and standard deviation.
+
+This module imports NumPy and (lazily) h5py only, never torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pickle
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mpidl.errors import MpidlError
+
+__all__ = ["ArrayData", "Rows", "open_path", "read_cifar", "register_arrays", "unregister_arrays",
+           "fingerprint", "augment_batch", "SourceError", "CIFAR"]
+
+KEYS = ("x_train", "y_train", "x_test", "y_test")
+_CHECK_ROWS = 4096          # rows per read when a lazy source is scanned for NaN/inf
+
+
+class SourceError(MpidlError, ValueError):
+    """A data file or in-memory set that cannot be used."""
+
+
+class Rows:
+    """Local. A view of some rows of a 2+-D HDF5 dataset, read on demand as float32.
+
+    ``rows[int array]`` reads those rows (any order, repeats allowed) and
+    returns an ndarray; ``rows[slice]`` returns a narrower view without
+    reading; ``np.asarray(rows)`` reads the whole view.  The file is opened
+    once per process (read-only, with a chunk cache of ``cache_bytes``).
+    """
+
+    def __init__(self, path, name, index=None, *, cache_bytes: int = 4 << 20, _file=None):
+        self.path, self.name = os.fspath(path), name
+        self._f = _file if _file is not None else _h5_open(self.path, cache_bytes)
+        dset = self._f[name]
+        self._dset = dset
+        self.index = np.arange(dset.shape[0], dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        self.shape = (len(self.index),) + tuple(dset.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return len(self.index)
+
+    def view(self, index) -> "Rows":
+        """Local. The rows ``index`` (positions in this view) as a new lazy view."""
+        return Rows(self.path, self.name, self.index[index], _file=self._f)
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.view(key)
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0]
+        return self.read(np.asarray(key))
+
+    def read(self, pos) -> np.ndarray:
+        """Local. Rows at positions ``pos`` of this view, in that order (float32 ndarray)."""
+        rows = self.index[np.asarray(pos, dtype=np.int64)]
+        if rows.size == 0:
+            return np.empty((0,) + self.shape[1:], np.float32)
+        uniq, inv = np.unique(rows, return_inverse=True)   # h5py wants increasing, distinct indices
+        lo, hi = int(uniq[0]), int(uniq[-1]) + 1
+        if hi - lo == len(uniq):                            # one contiguous block: a hyperslab read
+            block = self._dset[lo:hi]
+        else:
+            block = self._dset[uniq]
+        return np.asarray(block, dtype=np.float32)[inv.reshape(-1)]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"Rows({self.path}:{self.name}, {len(self)} of {self._dset.shape[0]} rows)"
+
+
+@dataclass
+class ArrayData:
+    """Local. A data set from a user's source; ``x_*`` are ndarrays or :class:`Rows`."""
+
+    name: str
+    x_train: object
+    y_train: np.ndarray
+    x_test: object
+    y_test: np.ndarray
+    num_classes: int            # 0 = regression
+    input_shape: tuple
+    provenance: dict = field(default_factory=dict)
+
+
+# -- in-memory sets (the Python API) -------------------------------------------
+_MEMORY: dict = {}
+_MEMORY_LOCK = threading.Lock()
+
+
+def register_arrays(x_train, y_train, x_test, y_test, num_classes: int | None = None) -> str:
+    """Local. Register in-memory arrays as a data source; returns the ``[data] path`` value.
+
+    The value, ``memory:<key>``, is valid in this process only; the key is
+    a hash of the arrays, so every rank that registers the same arrays gets
+    the same value (and the same config).
+    """
+    arrs = [np.asarray(a) for a in (x_train, y_train, x_test, y_test)]
+    h = hashlib.sha256()
+    for a in arrs:
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(np.ascontiguousarray(a).view(np.uint8).reshape(-1)[: 1 << 20].tobytes())
+    key = h.hexdigest()[:16]
+    with _MEMORY_LOCK:
+        _MEMORY[key] = (arrs, num_classes)
+    return f"memory:{key}"
+
+
+def unregister_arrays(path: str) -> None:
+    """Local. Forget a set registered with :func:`register_arrays`."""
+    with _MEMORY_LOCK:
+        _MEMORY.pop(path.split(":", 1)[1], None)
+
+
+# -- opening a path ------------------------------------------------------------
+def _h5_open(path, cache_bytes=4 << 20):
+    import h5py
+    try:
+        return h5py.File(path, "r", rdcc_nbytes=int(cache_bytes))
+    except OSError as e:
+        raise SourceError(f"cannot read HDF5 file {path}: {e}") from None
+
+
+def fingerprint(path) -> dict:
+    """Local. ``{"data_file", "data_bytes", "data_sha256_head"}``: path, size and the SHA-256 of
+    the first MiB (header plus first chunk), recorded with results and checkpoints."""
+    p = os.fspath(path)
+    if p.startswith("memory:"):
+        return {"data_file": p}
+    try:
+        size = os.path.getsize(p)
+        with open(p, "rb") as f:
+            head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+    except OSError as e:
+        raise SourceError(f"cannot read data file {p}: {e}") from None
+    return {"data_file": os.path.abspath(p), "data_bytes": int(size), "data_sha256_head": head}
+
+
+def open_path(path, *, check: bool = True) -> ArrayData:
+    """Local. Open ``[data] path``: ``.npz``, ``.h5``/``.hdf5``/``.hdf`` or ``memory:<key>``.
+
+    ``check`` validates the labels and that the (in-memory) inputs are finite;
+    lazy HDF5 inputs are scanned by :func:`check_finite_rows` on the rows a
+    rank serves.
+    """
+    p = os.fspath(path)
+    if p.startswith("memory:"):
+        with _MEMORY_LOCK:
+            entry = _MEMORY.get(p.split(":", 1)[1])
+        if entry is None:
+            raise SourceError(f"data path {p!r}: no such in-memory set in this process "
+                              "(register it with mpidl.sources.register_arrays on every rank)")
+        arrs, ncls = entry
+        return _validate(p, dict(zip(KEYS, arrs)), ncls, p, check, {"data_file": p})
+    if not os.path.exists(p):
+        raise SourceError(f"data file {p} not found")
+    ext = Path(p).suffix.lower()
+    if ext == ".npz":
+        return _open_npz(p, check)
+    if ext in (".h5", ".hdf5", ".hdf"):
+        return _open_h5(p, check)
+    raise SourceError(f"data file {p}: unknown kind {ext!r}; use .npz (numpy.savez) or .h5 (HDF5) "
+                      f"holding {', '.join(KEYS)}")
+
+
+def _open_npz(p, check):
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            names = set(z.files)
+            missing = [k for k in KEYS if k not in names]
+            if missing:
+                raise SourceError(f"data file {p} has no array {missing[0]!r} (it holds "
+                                  f"{', '.join(sorted(names)) or 'nothing'}; needs {', '.join(KEYS)})")
+            arrs = {k: z[k] for k in KEYS}
+            ncls = int(z["num_classes"]) if "num_classes" in names else None
+    except SourceError:
+        raise
+    except (OSError, ValueError, EOFError) as e:
+        raise SourceError(f"cannot read data file {p}: {e}") from None
+    return _validate(p, arrs, ncls, Path(p).stem, check, fingerprint(p))
+
+
+def _open_h5(p, check):
+    f = _h5_open(p)
+    missing = [k for k in KEYS if k not in f]
+    if missing:
+        names = ", ".join(sorted(f.keys())) or "nothing"
+        f.close()
+        raise SourceError(f"data file {p} has no dataset {missing[0]!r} (it holds {names}; "
+                          f"needs {', '.join(KEYS)})")
+    try:
+        ys = {k: f[k][...] for k in ("y_train", "y_test")}
+        ncls = int(f.attrs["num_classes"]) if "num_classes" in f.attrs else None
+    except OSError as e:
+        raise SourceError(f"cannot read data file {p}: {e}") from None
+    arrs = {"x_train": Rows(p, "x_train", _file=f), "x_test": Rows(p, "x_test", _file=f), **ys}
+    return _validate(p, arrs, ncls, Path(p).stem, check, fingerprint(p))
+
+
+def _validate(where, a, ncls, name, check, prov) -> ArrayData:
+    for split in ("train", "test"):
+        x, y = a[f"x_{split}"], a[f"y_{split}"]
+        if len(x.shape) < 2:
+            raise SourceError(f"{where}: x_{split} must have one row per sample (N, ...), got shape {tuple(x.shape)}")
+        if y.ndim not in (1, 2):
+            raise SourceError(f"{where}: y_{split} must be 1-D labels/targets (or N x d targets), "
+                              f"got shape {y.shape}")
+        if x.shape[0] != y.shape[0]:
+            raise SourceError(f"{where}: x_{split} has {x.shape[0]} rows but y_{split} has {y.shape[0]}")
+        if x.shape[0] == 0:
+            raise SourceError(f"{where}: the {split} set is empty")
+        if not (np.issubdtype(y.dtype, np.number) or y.dtype == bool):
+            raise SourceError(f"{where}: y_{split} has dtype {y.dtype}, not numbers")
+    if a["x_train"].shape[1:] != a["x_test"].shape[1:]:
+        raise SourceError(f"{where}: x_train rows have shape {a['x_train'].shape[1:]} but x_test rows "
+                          f"{a['x_test'].shape[1:]}")
+    ytr, yte = a["y_train"], a["y_test"]
+    classify = np.issubdtype(ytr.dtype, np.integer) or ytr.dtype == bool
+    if classify != (np.issubdtype(yte.dtype, np.integer) or yte.dtype == bool):
+        raise SourceError(f"{where}: y_train is {ytr.dtype} but y_test is {yte.dtype}; use integer labels "
+                          "in both (classification) or floats in both (regression)")
+    if classify:
+        if ytr.ndim != 1 or yte.ndim != 1:
+            raise SourceError(f"{where}: class labels must be 1-D")
+        ytr, yte = ytr.astype(np.int64), yte.astype(np.int64)
+        lo = min(int(ytr.min()), int(yte.min()))
+        hi = max(int(ytr.max()), int(yte.max()))
+        k = hi + 1 if ncls is None else int(ncls)
+        if lo < 0 or hi >= k:
+            bad = lo if lo < 0 else hi
+            raise SourceError(f"{where}: label {bad} is outside 0..{k - 1}"
+                              + (f" (num_classes = {k})" if ncls is not None else ""))
+        if k < 2:
+            raise SourceError(f"{where}: classification needs at least 2 classes, the labels give {k}")
+    else:
+        ytr, yte = ytr.astype(np.float32), yte.astype(np.float32)
+        k = 0
+        for split, y in (("train", ytr), ("test", yte)):
+            if not np.all(np.isfinite(y)):
+                raise SourceError(f"{where}: y_{split} holds NaN or inf")
+    xs = {}
+    for split in ("train", "test"):
+        x = a[f"x_{split}"]
+        if not isinstance(x, Rows):
+            if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+                raise SourceError(f"{where}: x_{split} has dtype {x.dtype}, not numbers")
+            x = np.asarray(x, dtype=np.float32)
+            if check and not np.all(np.isfinite(x)):
+                raise SourceError(f"{where}: x_{split} holds NaN or inf")
+        xs[split] = x
+    return ArrayData(name=str(name), x_train=xs["train"], y_train=ytr, x_test=xs["test"], y_test=yte,
+                     num_classes=k, input_shape=tuple(int(s) for s in a["x_train"].shape[1:]), provenance=prov)
+
+
+def check_finite_rows(x, where: str, what: str) -> None:
+    """Local. Raise :class:`SourceError` when the rows of ``x`` (ndarray or :class:`Rows`) hold NaN/inf.
+
+    Lazy rows are read in blocks of a few thousand, so memory stays bounded.
+    """
+    n = len(x)
+    for a in range(0, n, _CHECK_ROWS):
+        block = x.read(np.arange(a, min(n, a + _CHECK_ROWS))) if isinstance(x, Rows) else x[a:a + _CHECK_ROWS]
+        if not np.all(np.isfinite(block)):
+            raise SourceError(f"{where}: {what} holds NaN or inf")
+
+
+# -- CIFAR ---------------------------------------------------------------------
+CIFAR = {
+    "cifar10": {"folders": ("cifar-10-batches-py", "cifar10", "cifar-10"),
+                "train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",),
+                "label": b"labels", "classes": 10,
+                "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"},
+    "cifar100": {"folders": ("cifar-100-python", "cifar100", "cifar-100"),
+                 "train": ("train",), "test": ("test",), "label": b"fine_labels", "classes": 100,
+                 "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"},
+}
+
+
+def _cifar_folder(name, data_dir):
+    spec = CIFAR[name]
+    base = data_dir or os.environ.get("MPIDL_DATA") or "/usr/share/datasets"
+    cands = [Path(base) / f for f in spec["folders"]] + [Path(base)]
+    need = spec["train"] + spec["test"]
+    for d in cands:
+        if all((d / f).is_file() for f in need):
+            return d
+    files = ", ".join(need)
+    raise SourceError(f"{name}: the files {files} were not found in any of "
+                      f"{', '.join(str(c) for c in cands)}. mpidl downloads nothing: fetch {spec['url']}, "
+                      f"unpack it (tar xzf) into a folder DIR so that DIR/{spec['folders'][0]}/{need[0]} "
+                      f"exists, then set [data] data_dir = \"DIR\" or MPIDL_DATA=DIR")
+
+
+def _read_cifar_file(path, label_key):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], dtype=np.uint8)
+        y = np.asarray(d[label_key], dtype=np.int64)
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as e:
+        raise SourceError(f"cannot read CIFAR file {path}: {type(e).__name__}: {e} (expected a pickled dict "
+                          f"with b'data' (uint8, N x 3072) and {label_key!r})") from None
+    if x.ndim != 2 or x.shape[1] != 3072 or len(x) != len(y):
+        raise SourceError(f"CIFAR file {path}: b'data' has shape {x.shape} and the labels {y.shape}; "
+                          "expected N x 3072 and N")
+    return x, y
+
+
+def read_cifar(name: str, data_dir=None):
+    """Local. ``(u8_train, y_train, u8_test, y_test, mean, std, folder)`` of CIFAR-10/100.
+
+    Images are uint8 ``N x 3 x 32 x 32``; ``mean``/``std`` are the per-channel
+    statistics of the training images in [0, 1] (float32, shape ``(3,)``).
+    """
+    spec = CIFAR[name]
+    folder = _cifar_folder(name, data_dir)
+    parts = {}
+    for split in ("train", "test"):
+        xs, ys = zip(*(_read_cifar_file(folder / f, spec["label"]) for f in spec[split]))
+        parts[split] = (np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys))
+    ytr, yte = parts["train"][1], parts["test"][1]
+    k = spec["classes"]
+    for y, split in ((ytr, "train"), (yte, "test")):
+        if y.size and (y.min() < 0 or y.max() >= k):
+            raise SourceError(f"{name}: a {split} label lies outside 0..{k - 1} in {folder}")
+    u8 = parts["train"][0]
+    s1 = np.zeros(3)
+    s2 = np.zeros(3)
+    for a in range(0, len(u8), 5000):       # bounded float64 temporaries
+        blk = u8[a:a + 5000].astype(np.float64) / 255.0
+        s1 += blk.sum(axis=(0, 2, 3))
+        s2 += (blk ** 2).sum(axis=(0, 2, 3))
+    m = len(u8) * 32 * 32
+    mean = s1 / m
+    std = np.sqrt(np.maximum(s2 / m - mean ** 2, 1e-12))
+    return u8, ytr, parts["test"][0], yte, mean.astype(np.float32), std.astype(np.float32), folder
+
+
+def cifar_float(u8, mean, std) -> np.ndarray:
+    """Local. uint8 N x 3 x 32 x 32 -> float32 normalised per channel: (x / 255 - mean) / std."""
+    x = u8.astype(np.float32)
+    x /= np.float32(255.0)
+    x -= mean.reshape(1, 3, 1, 1)
+    x /= std.reshape(1, 3, 1, 1)
+    return x
+
+
+# -- augmentation ----------------------------------------------------------------
+def augment_batch(x: np.ndarray, rng: np.random.Generator, pad: int = 4) -> np.ndarray:
+    """Local. Random crop (zero padding ``pad``) and horizontal flip of an N x C x H x W batch.
+
+    Draws, in this order, the N row offsets, the N column offsets (each
+    uniform in 0..2*pad) and the N flip bits from ``rng``; the same ``rng``
+    state gives the same batch.
+    """
+    x = np.asarray(x)
+    if x.ndim != 4:
+        raise SourceError(f"augment needs image batches N x C x H x W, got shape {x.shape}")
+    n, _, h, w = x.shape
+    dy = rng.integers(0, 2 * pad + 1, n)
+    dx = rng.integers(0, 2 * pad + 1, n)
+    flip = rng.integers(0, 2, n).astype(bool)
+    padded = np.zeros((n, x.shape[1], h + 2 * pad, w + 2 * pad), dtype=x.dtype)
+    padded[:, :, pad:pad + h, pad:pad + w] = x
+    out = np.empty_like(x)
+    for i in range(n):
+        crop = padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w]
+        out[i] = crop[:, :, ::-1] if flip[i] else crop
+    return out
