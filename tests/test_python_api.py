@@ -59,7 +59,7 @@ def test_train_rejects_a_non_config():
 
 def test_import_mpidl_and_public_names_stay_light():
     code = ("import sys, mpidl\n"
-            "mpidl.Config, mpidl.train\n"
+            "mpidl.Config, mpidl.train, mpidl.fit, mpidl.FitResult\n"
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'mpi4py')]\n"
             "assert not bad, bad\n"
             "assert callable(mpidl.optim.Consensus) and 'torch' in sys.modules\n"
