@@ -257,13 +257,6 @@ class _Distributed:
     def param_groups(self):
         return self.optimizer.param_groups
 
-    def state_dict(self):
-        """Local. The wrapped optimizer's state_dict plus the algorithm state (NumPy arrays, copied)."""
-        from mpidl.algorithms.base import state_to_dict
-        algo = {} if self.state is None else {k: (v.copy() if isinstance(v, np.ndarray) else v)
-                                             for k, v in state_to_dict(self.state).items() if k != "x"}
-        return {"optimizer": self.optimizer.state_dict(), "algorithm": algo, "k": self.k}
-
     def bytes_sent(self) -> int:
         """Local. Bytes this rank handed to MPI for the algorithm so far (as the driver counts them)."""
         return int(self.gc.bytes_sent)
