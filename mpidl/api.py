@@ -51,8 +51,13 @@ def train(cfg, comm=None) -> dict:
     if not isinstance(cfg, C.Config):
         raise TypeError(f"mpidl.train needs an mpidl.Config (Config.from_toml(path), Config.from_dict(d)), "
                         f"got {type(cfg).__name__}")
+    import logging
     from mpidl.driver import train as run
-    return run(cfg, _world(comm))
+    world = _world(comm)
+    if not logging.getLogger("mpidl").handlers:     # the CLI's output, unless the user set up logging
+        from mpidl.log import setup
+        setup(world.Get_rank())
+    return run(cfg, world)
 
 
 @dataclasses.dataclass
@@ -278,7 +283,7 @@ def fit(model, train, test=None, *, algorithm: str = "cdmsgd", topology: str = "
     try:
         metrics = train_cfg(cfg, base)
         out_dir = metrics.get("out") or str(Path(cfg.run.out) / cfg.run_name)
-        trained, params = _final_model(cfg, base, out_dir, model)
+        trained, params = _final_model(cfg, base, out_dir, int(metrics.get("step", 0)), model)
     finally:
         if path is not None:
             from mpidl.sources import unregister_arrays
@@ -315,17 +320,18 @@ def _agree_config(base, err, cfg):
                              "per-rank shards)")
 
 
-def _final_model(cfg, base, out_dir, model):
-    """Collective. This rank's trained model from the run's final checkpoint: ``(module or None, flat x)``."""
+def _final_model(cfg, base, out_dir, step, model):
+    """Collective. This rank's trained model from the checkpoint of the run's last ``step``:
+    ``(module or None, flat x)`` (the driver checkpoints the last step of every invocation)."""
     from mpidl import topology as T
     from mpidl.checkpoint import CheckpointStore
     from mpidl.comm import GraphComm
     from mpidl.layouts import CONVEX_MODELS, setup_agents, setup_for
     with GraphComm(base, T.ring(base.Get_size())) as gc:
         store = CheckpointStore(Path(out_dir) / "checkpoints", gc)
-        if store.latest() is None:
+        if step not in store.steps():
             return None, None
-        state, _ = store.load(store.latest())
+        state, _ = store.load(step)
     if setup_for(cfg) is not setup_agents:      # layer / stage layouts: no whole model per rank
         return None, None
     from mpidl.algorithms.base import state_from_dict

@@ -117,3 +117,14 @@ def test_bad_input_is_one_error_on_every_rank(shared_tmp):
         other = build_model("mlp", (1, 8, 8), 10, (16 if R == 0 else 17,), seed=0)
         assert_raises_all(ValueError, mpidl.fit, other, TRAIN, out=out, match="different")
     assert_all(not os.path.exists(out), "bad input wrote under out")
+
+
+def test_rerun_into_the_same_folder_returns_this_runs_model(shared_tmp):
+    """A shorter rerun under the same run name (resume="no") returns its own last step, not the older
+    run's newer checkpoint."""
+    kw = dict(algorithm="cdsgd", lr=0.1, batch_size=16, out=shared_tmp, eval_samples=50)
+    mpidl.fit("mlp", TRAIN, TEST, hidden=[8], steps=10, run_name="same", **kw)
+    short = mpidl.fit("mlp", TRAIN, TEST, hidden=[8], steps=5, run_name="same", **kw)
+    fresh = mpidl.fit("mlp", TRAIN, TEST, hidden=[8], steps=5, run_name="fresh", **kw)
+    assert_all(short.metrics["step"] == 5 and np.array_equal(short.params, fresh.params),
+               "the rerun returned another run's parameters")
