@@ -46,10 +46,12 @@ import numpy as np
 
 from mpidl.errors import MpidlError
 from mpidl.shards import Shard, read_shard, shard_info, write_shards  # noqa: F401  (re-exported)
+from mpidl.sources import register_arrays, unregister_arrays  # noqa: F401  (re-exported)
 
 __all__ = [
     "Dataset", "Shard", "DATASETS", "SCHEMES", "load_dataset", "partition", "class_histogram",
-    "write_shards", "read_shard", "shard_info", "load_agent_data", "resolve_data_dir",
+    "write_shards", "read_shard", "shard_info", "load_agent_data", "resolve_data_dir", "register_arrays",
+    "unregister_arrays",
 ]
 
 log = logging.getLogger("mpidl.data")

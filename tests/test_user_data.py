@@ -282,22 +282,48 @@ FACTORY_CASES = [
 ]
 
 
-def test_every_bad_input_is_one_line_and_exit_2(tmp_path):
+def _setup_error(tmp_path, sets, monkeypatch):
+    """The error that building the run's session raises at 1 rank (in-process)."""
+    from mpi4py import MPI
+
+    from mpidl.layouts import setup_for
+    monkeypatch.chdir(tmp_path)
+    cfg = C.load(None, sets + ["run.batch_size=16"])
+    with pytest.raises(MpidlError) as e:
+        setup_for(cfg)(cfg, MPI.COMM_SELF).close()
+    return str(e.value)
+
+
+def test_every_bad_input_is_one_clear_error(tmp_path, monkeypatch):
     cases = _bad_files(tmp_path)
     runs = [([f"data.path={f}", "model.factory=m.py:make"], m) for f, m in cases.values()]
     runs += [(["data.path=good.npz", f"model.factory={spec}"], m) for spec, m in FACTORY_CASES]
-    out_dir = tmp_path / "out"
     for sets, match in runs:
-        args = ["run"] + [x for s in sets for x in ("--set", s)] + ["--set", f'run.out="{out_dir}"',
-                                                                   "--set", "run.batch_size=16"]
-        n = 2
-        rcs, err, out = _cli(tmp_path, n, *args)
-        assert rcs == {r: "2" for r in range(n)}, (sets, rcs, err)
-        lines = [ln for ln in err[0].splitlines() if ln.strip()]
-        assert len(lines) == 1 and "error:" in lines[0] and match in lines[0], (sets, err[0][-2000:])
-        assert all(not err[r].strip() for r in range(1, n)), (sets, err)
-        assert not any("Traceback" in out[r] for r in range(n))
-        assert not out_dir.exists(), f"{sets}: {out_dir} was created"
+        msg = _setup_error(tmp_path, sets, monkeypatch)
+        assert match in msg and "\n" not in msg, (sets, msg)
+
+
+@pytest.mark.parametrize("case", ["inf in h5 (last row)", "factory raises", "label >= classes"])
+def test_bad_input_through_the_cli_is_one_line_and_exit_2(tmp_path, case):
+    """At 3 ranks: one line from rank 0, exit 2 everywhere, nothing under run.out.  The inf sits in
+    the last training row, which only one rank's shard holds (the error is agreed)."""
+    cases = _bad_files(tmp_path)
+    sets = {"inf in h5 (last row)": (["data.path=inf.h5", "model.factory=m.py:make",
+                                      "data.partition=contiguous"], cases["inf in h5 (last row)"][1]),
+            "factory raises": (["data.path=good.npz", "model.factory=m.py:boom"], FACTORY_CASES[2][1]),
+            "label >= classes": (["data.path=big.npz", "algorithm.name=fdg", "algorithm.stages=3",
+                                  "model.factory=m.py:make"], cases["label >= classes"][1])}[case]
+    out_dir = tmp_path / "out"
+    args = ["run"] + [x for s in sets[0] for x in ("--set", s)] + ["--set", f'run.out="{out_dir}"',
+                                                                  "--set", "run.batch_size=16"]
+    n = 3
+    rcs, err, out = _cli(tmp_path, n, *args)
+    assert rcs == {r: "2" for r in range(n)}, (rcs, err)
+    lines = [ln for ln in err[0].splitlines() if ln.strip()]
+    assert len(lines) == 1 and "error:" in lines[0] and sets[1] in lines[0], err[0][-2000:]
+    assert all(not err[r].strip() for r in range(1, n)), err
+    assert not any("Traceback" in out[r] for r in range(n))
+    assert not out_dir.exists(), f"{out_dir} was created"
 
 
 def test_resume_with_another_data_file_is_an_error(tmp_path):
@@ -350,3 +376,49 @@ def test_docs_worked_example(tmp_path):
     # 4 classes: chance is about 0.25; each family learns the problem
     assert all(a > 0.6 for a in accs.values()), accs
     assert (tmp_path / "runs" / "cdmsgd_ring" / "results.h5").is_file()
+
+
+@pytest.mark.parametrize("method", ["cdmsgd", "fdg", "lsgd"])
+def test_shipped_cifar10_configs_train_on_a_cifar_format_folder(tmp_path, method):
+    """jobs/configs/cifar10_resnet20_*.toml run two steps on a small CIFAR-format folder (1 rank)."""
+    from mpi4py import MPI
+
+    from mpidl.driver import train
+    write_cifar(tmp_path / "data", per_file=8)
+    cfg = C.load(ROOT / "jobs" / "configs" / f"cifar10_resnet20_{method}.toml",
+                 [f'data.data_dir="{tmp_path / "data"}"', "run.batch_size=8", "run.steps=2",
+                  f'run.out="{tmp_path / "out"}"', "data.eval_samples=8"]
+                 + (["algorithm.stages=1"] if method == "fdg" else []))
+    assert cfg.data.augment and cfg.model.name == "resnet20"
+    res = train(cfg, MPI.COMM_SELF)
+    assert res["step"] == 2 and 0.0 <= res["test_acc"] <= 1.0
+
+
+@pytest.mark.parametrize("algo,sets", [
+    ("pdadmm", ["model.hidden=[16]", "run.batch_size=0", "algorithm.name=pdadmm"]),
+    ("next", ["model.name=convex-lsq", "run.batch_size=0", "algorithm.name=next"]),
+])
+def test_pdadmm_and_next_read_a_data_file(tmp_path, algo, sets):
+    from mpi4py import MPI
+
+    from mpidl.driver import train
+    rng = np.random.default_rng(0)
+    if algo == "pdadmm":
+        y = rng.integers(0, 3, 250)                 # well separated classes, 2 x 3 x 3 "images"
+        x = (3.0 * rng.standard_normal((3, 18))[y] + 0.3 * rng.standard_normal((250, 18))).astype(np.float32)
+        x = x.reshape(250, 2, 3, 3)
+        a = dict(x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    else:
+        x = rng.standard_normal((250, 5)).astype(np.float32)
+        y = (x @ np.arange(1.0, 6.0) + 0.01 * rng.standard_normal(250)).astype(np.float32)
+        a = dict(x_train=x[:200], y_train=y[:200], x_test=x[200:], y_test=y[200:])
+    np.savez(tmp_path / "d.npz", **a)
+    cfg = C.load(None, sets + [f"data.path={tmp_path / 'd.npz'}", "run.steps=30", f'run.out="{tmp_path}"'])
+    res = train(cfg, MPI.COMM_SELF)
+    if algo == "pdadmm":
+        assert res["test_acc"] > 0.6, res       # 3 classes: chance is about 1/3
+        from mpidl.checkpoint import CheckpointStore
+        assert CheckpointStore(tmp_path / "pdadmm_ring" / "checkpoints", None).manifest(30)["meta"]["dims"] \
+            == "18,16,3"                        # the MLP reads the flattened rows
+    else:
+        assert res["test_mse"] < 0.1 * float(np.var(a["y_test"])), res    # fits the planted linear model
