@@ -38,7 +38,7 @@ class DataConfig:
     path: str = ""                      # a user's .npz / .h5 file (x_train, y_train, x_test, y_test); overrides dataset
     augment: bool = False               # random crop (pad 4) + horizontal flip of image batches
     shards: str = ""                    # an HDF5 shard file from `mpidl shard`; overrides partition
-    partition: str = "iid"              # iid | contiguous | by-class | dirichlet | given (each rank's own [data] path)
+    partition: str = "iid"              # iid | contiguous | by-class | dirichlet | given (mpidl.fit: each rank passes its own set)
     alpha: float = 0.5                  # Dirichlet concentration
     seed: int = 0                       # partition seed
     eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
