@@ -69,7 +69,8 @@ def test_fit_with_a_factory_learns(shared_tmp):
     def factory(input_shape, num_classes, width=32):
         return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(int(np.prod(input_shape)), width),
                                    torch.nn.ReLU(), torch.nn.Linear(width, num_classes))
-    res = mpidl.fit(factory, TRAIN, TEST, algorithm="cdmsgd", lr=0.05, steps=60, batch_size=16, width=24,
+    tensors = (torch.from_numpy(DS.x_train), torch.from_numpy(DS.y_train))     # tensors work as arrays do
+    res = mpidl.fit(factory, tensors, TEST, algorithm="cdmsgd", lr=0.05, steps=60, batch_size=16, width=24,
                     out=shared_tmp, eval_samples=200)
     assert_all(res.metrics["test_acc"] > 0.6, f"test_acc {res.metrics['test_acc']}")
     assert_all(res.model[1].out_features == 24, "factory keyword not passed")
