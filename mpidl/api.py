@@ -275,12 +275,12 @@ def fit(model, train, test=None, *, algorithm: str = "cdmsgd", topology: str = "
             cfg = cfg.replace(run={"name": str(run_name)})
     except (TypeError, ValueError, MpidlError) as e:
         err = e if isinstance(e, (TypeError, ValueError)) else ValueError(f"mpidl.fit: {e}")
-    _agree_config(base, err, cfg)
-    import torch
-    if isinstance(model, torch.nn.Module):
-        from mpidl.optim import broadcast_parameters
-        broadcast_parameters(model, root=0, comm=base)      # all agents start from rank 0's weights
     try:
+        _agree_config(base, err, cfg)
+        import torch
+        if isinstance(model, torch.nn.Module):
+            from mpidl.optim import broadcast_parameters
+            broadcast_parameters(model, root=0, comm=base)      # all agents start from rank 0's weights
         metrics = train_cfg(cfg, base)
         out_dir = metrics.get("out") or str(Path(cfg.run.out) / cfg.run_name)
         trained, params = _final_model(cfg, base, out_dir, int(metrics.get("step", 0)), model)
