@@ -164,7 +164,8 @@ def _model_section(model):
         if not any(p.requires_grad for p in model.parameters()):
             raise ValueError("mpidl.fit: the model has no trainable parameters")
         if any(t.device.type != "cpu" for t in list(model.parameters()) + list(model.buffers())):
-            raise ValueError("mpidl.fit: pass the model on the CPU (model.cpu()); mpidl moves nothing to a GPU")
+            raise ValueError("mpidl.fit: pass the model on the CPU (model.cpu()) and choose the device with "
+                             "device=\"cuda\" (or \"auto\"): every rank then moves its copy to its own GPU")
         template = model
 
         def from_module(input_shape, num_classes):
