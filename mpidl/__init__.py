@@ -14,11 +14,19 @@ from mpidl.errors import MpidlError  # noqa: E402
 from mpidl.topology import Topology, TopologyError  # noqa: E402
 from mpidl import topology  # noqa: E402
 
-__all__ = ["__version__", "MpidlError", "Topology", "TopologyError", "topology", "GraphComm"]
+__all__ = ["__version__", "MpidlError", "Topology", "TopologyError", "topology", "GraphComm",
+           "Config", "train", "fit", "FitResult", "optim", "broadcast_parameters", "average_parameters"]
+
+# lazy: keep mpi4py and torch out of ``import mpidl`` (name -> module that defines it)
+_LAZY = {"GraphComm": "mpidl.comm", "Config": "mpidl.config", "train": "mpidl.api", "fit": "mpidl.api",
+         "FitResult": "mpidl.api", "broadcast_parameters": "mpidl.optim", "average_parameters": "mpidl.optim"}
 
 
-def __getattr__(name):  # lazy: keep mpi4py out of ``import mpidl``
-    if name == "GraphComm":
-        from mpidl.comm import GraphComm
-        return GraphComm
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "optim":
+        import importlib
+        return importlib.import_module("mpidl.optim")
     raise AttributeError(f"module 'mpidl' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Command line: ``python -m mpidl {run,shard,topo,bench,ckpt,report} ...``.
+"""Command line: ``python -m mpidl {run,compare,shard,topo,bench,ckpt,report} ...``.
 
 Each command lives in ``mpidl/commands/<name>.py`` and defines ``HELP``,
 ``NEEDS_MPI``, ``add_arguments(parser)`` and ``main(comm, args) -> int``
@@ -22,6 +22,7 @@ from mpidl.errors import MpidlError
 
 COMMANDS = {
     "run": "mpidl.commands.run",
+    "compare": "mpidl.commands.compare",
     "shard": "mpidl.commands.shard",
     "topo": "mpidl.commands.topo",
     "bench": "mpidl.commands.bench",

@@ -28,7 +28,7 @@ from mpidl.errors import MpidlError
 
 __all__ = ["Config", "DataConfig", "ModelConfig", "TopologyConfig", "RunConfig",
            "LRConfig", "register_algorithm", "algorithm_registry", "algorithm_layout", "load", "load_collective",
-           "from_dict", "to_dict", "parse_overrides", "check_paths", "ConfigError"]
+           "from_dict", "to_dict", "to_toml", "parse_overrides", "check_paths", "ConfigError"]
 
 
 class ConfigError(MpidlError):
@@ -95,7 +95,7 @@ class DataConfig:
     path: str = ""                      # a user's .npz / .h5 file (x_train, y_train, x_test, y_test); overrides dataset
     augment: bool = False               # random crop (pad 4) + horizontal flip of image batches
     shards: str = ""                    # an HDF5 shard file from `mpidl shard`; overrides partition
-    partition: str = "iid"              # iid | contiguous | by-class | dirichlet
+    partition: str = "iid"              # iid | contiguous | by-class | dirichlet | given (mpidl.fit: each rank passes its own set)
     alpha: float = 0.5                  # Dirichlet concentration
     seed: int = 0                       # partition seed
     eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
@@ -103,7 +103,7 @@ class DataConfig:
     def validate(self):
         from mpidl.data import DATASETS, SCHEMES
         check_choice(self, "dataset", DATASETS)
-        check_choice(self, "partition", SCHEMES)
+        check_choice(self, "partition", SCHEMES + ("given",))   # given: mpidl.fit, each rank its own set
         check_float(self, "alpha", lo=0, lo_open=True)
         check_int(self, "seed", lo=0)
         check_int(self, "eval_samples", lo=0)
@@ -193,7 +193,7 @@ class RunConfig:
 
     def validate(self):
         n = self.name
-        if "/" in n or "\\" in n or "\0" in n or n in (".", ".."):
+        if "/" in n or "\0" in n or n in (".", ".."):
             _fail("name", "be a plain folder name (no '/', not '.' or '..')", n)
         check_float(self, "epochs", lo=0)
         check_int(self, "steps", lo=0)
@@ -291,6 +291,34 @@ class Config:
     @property
     def run_name(self) -> str:
         return self.run.name or f"{self.algorithm.name}_{self.topology.name}"
+
+    # -- public API (docs/python-api.md) --------------------------------------
+    @classmethod
+    def from_toml(cls, path) -> "Config":
+        """Local. Read and validate a TOML file (the ``python -m mpidl run --config`` format)."""
+        return load(path)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        """Local. Validate ``{"section": {"key": value}}`` (as a TOML file reads) into a Config."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"Config.from_dict needs a dict of sections, got {type(d).__name__}")
+        return from_dict(d)
+
+    def replace(self, changes=None, /, **sections) -> "Config":
+        """Local. A new, re-validated Config with some keys changed; ``self`` is unchanged.
+
+        Section-wise, ``cfg.replace(run={"epochs": 2}, algorithm={"lr": 0.1})``,
+        or by dotted keys, ``cfg.replace({"run.epochs": 2, "algorithm.lr": 0.1})``
+        (both may be combined).  Only the named keys change.  Naming a new
+        ``algorithm.name`` starts that section from the new algorithm's
+        defaults, since the old algorithm's keys need not exist there.
+        """
+        return from_dict(_merge(to_dict(self), changes, sections))
+
+    def to_toml(self) -> str:
+        """Local. The resolved config as TOML text: ``Config.from_toml`` of it gives ``self`` back."""
+        return to_toml(self)
 
 
 _SECTIONS = {"data": DataConfig, "model": ModelConfig, "topology": TopologyConfig, "run": RunConfig}
@@ -524,3 +552,54 @@ def load_collective(comm, path=None, overrides=()) -> Config:
 def dumps(cfg: Config) -> str:
     """Local. The resolved config as JSON (stored with results and checkpoints)."""
     return json.dumps(to_dict(cfg), sort_keys=True)
+
+
+def _merge(d: dict, changes, sections: dict) -> dict:
+    """``to_dict`` output with dotted ``changes`` and per-section ``sections`` applied."""
+    flat = []
+    for key, value in dict(changes or {}).items():
+        parts = str(key).split(".")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"replace: key must be section.key, got {key!r}")
+        flat.append((parts[0], parts[1], value))
+    for sec, values in sections.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"replace: {sec}= must be a dict of keys, got {values!r}")
+        flat.extend((sec, k, v) for k, v in values.items())
+    for sec, key, _ in flat:
+        if sec not in d:
+            raise ConfigError(f"unknown section {sec!r}; valid: {', '.join(d)}")
+    new_algo = [v for sec, key, v in flat if sec == "algorithm" and key == "name"]
+    if new_algo and new_algo[-1] != d["algorithm"].get("name"):
+        d["algorithm"] = {}
+    for sec, key, value in flat:
+        d[sec][key] = list(value) if isinstance(value, tuple) else value
+    return d
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        if v in (float("inf"), float("-inf")):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)            # a JSON string is a valid TOML basic string
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise ConfigError(f"cannot write {v!r} ({type(v).__name__}) as TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """Local. ``cfg`` as TOML text with every key written (round-trips through :func:`load`)."""
+    lines = []
+    for sec, values in to_dict(cfg).items():
+        lines.append(f"[{sec}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in values.items())
+        lines.append("")
+    return "\n".join(lines)

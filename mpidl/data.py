@@ -441,7 +441,10 @@ def _file_part(path, scheme, alpha, seed, rank, world_size):
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside a world of {world_size}")
     src = open_path(path)
-    idx = partition(src.y_train, world_size, scheme, seed=seed, alpha=alpha)[rank]
+    if scheme == "given":                        # mpidl.fit(partition="given"): each rank's set is its shard
+        idx = np.arange(len(src.y_train))
+    else:
+        idx = partition(src.y_train, world_size, scheme, seed=seed, alpha=alpha)[rank]
     if isinstance(src.x_train, Rows):            # lazy rows: scan what this rank serves for NaN/inf
         x = src.x_train.view(idx)
         check_finite_rows(x, str(path), "x_train")

@@ -57,13 +57,21 @@ def headline(ev: dict) -> str:
     return f"test acc {ev['test_acc']:.4f}"
 
 
-def train(cfg: C.Config, world, *, max_steps=None) -> dict:
+def train(cfg: C.Config, world, *, max_steps=None, should_stop=None) -> dict:
     """Collective. Run one training job described by ``cfg``; return the final metrics (every rank).
 
     The family's layout (:mod:`mpidl.layouts`) builds the session: its
     communicators, data, models, algorithm and state.  ``max_steps`` stops
     early after that many steps of this invocation (tests use it to simulate
     an interrupted run).
+
+    ``should_stop(k, row)`` (Local, optional; used by ``mpidl compare`` for
+    wall-time and byte budgets) is asked after every ``train`` row, with the
+    row just logged (``train_loss``, ``bytes_sent`` of all ranks, ``wall``,
+    ``epoch``).  The ranks' answers are combined by one scalar max-reduction,
+    so the run stops on every rank at the same step once any rank says True:
+    it evaluates and checkpoints that step (unless it just did) and returns
+    with ``stop = "budget"``.  Without the hook the loop makes no extra call.
     """
     if cfg.model.name in CONVEX_MODELS and cfg.run.device == "cpu":   # NumPy + Numba only: no torch
         session = setup_for(cfg)(cfg, world)
@@ -74,7 +82,7 @@ def train(cfg: C.Config, world, *, max_steps=None) -> dict:
         setup = setup_for(cfg)
         session = setup(cfg, world) if device.type == "cpu" else setup(cfg, world, device=device)
     try:
-        return _loop(cfg, session, max_steps)
+        return _loop(cfg, session, max_steps, should_stop)
     finally:
         session.close()
 
@@ -106,7 +114,7 @@ def _resume(cfg, session, store, counters):
     return int(step)
 
 
-def _loop(cfg, session, max_steps):
+def _loop(cfg, session, max_steps, should_stop=None):
     r, mc, algo = cfg.run, session.mc, session.algo
     rank, spe = mc.rank, session.steps_per_epoch
     total = r.steps if r.steps > 0 else max(1, int(math.ceil(r.epochs * spe)))
@@ -174,6 +182,7 @@ def _loop(cfg, session, max_steps):
     k = start
     with PreemptionGuard(mc) as guard:
         while k < total:
+            budget_spent = False
             session.before_step(k)
             session.state, m = algo.step(k, session.state, session.oracle, session.comm)
             loss, acc = m.get("loss"), m.get("acc")
@@ -200,7 +209,9 @@ def _loop(cfg, session, max_steps):
                 last.update(row)
                 rec.log("train", k, **row)
                 win[:] = 0.0
-            if k % eval_every == 0 or k == total:
+                if should_stop is not None:  # one agreed answer: every rank stops at the same step
+                    budget_spent = mc.allreduce(1.0 if should_stop(k, dict(row)) else 0.0, op="max") > 0
+            if k % eval_every == 0 or k == total or budget_spent:
                 check_finite()
                 ev, per = session.evaluate(session.state)
                 evaluated = True
@@ -212,8 +223,11 @@ def _loop(cfg, session, max_steps):
                     more = session.summary(ev)
                     log.info("step %d (epoch %.2f): %s, train loss %.4f%s", k, k / spe, headline(ev),
                              last.get("train_loss", float("nan")), f", {more}" if more else "")
-            if k % ckpt_every == 0 or k == total:
+            if k % ckpt_every == 0 or k == total or budget_spent:
                 save(k)
+            if budget_spent:
+                stop_reason = "budget"
+                break
             if max_steps is not None and k - start >= max_steps:
                 stop_reason = "max_steps"
                 break

@@ -81,10 +81,22 @@ class FlatModel:
         grads = self.dgrads
         grads.zero_()
         loss.backward()
+        self.collect_grads()
+
+    def collect_grads(self):
+        """Local. Make every ``.grad`` a view of the gradient buffer again.
+
+        A gradient autograd replaced (after ``zero_grad(set_to_none=True)``,
+        for instance) is copied into the buffer; a parameter without one gets
+        zeros there.  On a device, the gradient is then copied to the host
+        buffer (``g``) in one transfer.
+        """
+        grads = self.dgrads
         base = grads.data_ptr()
         itemsize = grads.element_size()
         for p, shape, a, b in zip(self.params_list, self.shapes, self.offsets[:-1], self.offsets[1:]):
             if p.grad is None:
+                grads[a:b].zero_()
                 p.grad = grads[a:b].view(shape)
             elif p.grad.data_ptr() != base + int(a) * itemsize:
                 grads[a:b].copy_(p.grad.reshape(-1))

@@ -215,10 +215,14 @@ class FedAvg(_Base):
         x, lr = state.x, self.lr(k)
         loss, g = self._grad(oracle, x, k)
         x -= lr * g
+        self.average(k, x, comm)
+        return state, {"loss": loss}
+
+    def average(self, k, x, comm):
+        """Collective every E-th step: x <- sum_j n_j x_j / sum_j n_j (in place); a no-op otherwise."""
         if (k + 1) % self.E == 0:
             x *= self.weight
             comm.allreduce(x, op="sum", out=x)
-        return state, {"loss": loss}
 
 
 register_algorithm("cdsgd", CDSGDConfig, CDSGD)

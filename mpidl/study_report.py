@@ -1,0 +1,226 @@
+"""The report of a study (:mod:`mpidl.study`): ``report.md``, three PNG plots, ``study.json``.
+
+Everything is read back from the runs' results files (``<out>/<method>/seed<s>/results.h5``,
+the driver's ``eval`` series), never from memory, so ``mpidl compare --report-only``
+rewrites the same report.  Per run:
+
+* at the budget: the run's last ``eval`` row (the driver evaluates the step
+  where the budget stopped it): ``test_acc``, ``wall`` (seconds, the results
+  file's clock: training plus the driver's evaluations and checkpoints),
+  ``bytes_sent`` (all ranks together) and ``epoch``;
+* best: the highest ``test_acc`` of any eval row and the first row reaching it
+  (its ``epoch`` and ``wall``).
+
+Per method, each quantity is the mean and the sample standard deviation
+(ddof = 1; 0 for a single seed) over the seeds with results.  Curves: for
+each x in (wall, bytes_sent, epoch) every seed's ``test_acc`` is linearly
+interpolated (``numpy.interp``) onto a common grid of 100 points from the
+largest first x to the smallest last x over the seeds (no extrapolation;
+geometric spacing for bytes), and the plots draw the mean with a mean +- std band.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import numpy as np
+
+from mpidl.errors import MpidlError
+
+__all__ = ["write_report", "run_numbers", "method_stats", "GRID_POINTS"]
+
+GRID_POINTS = 100
+_AXES = (("wall", "wall time [s]", "wall"), ("bytes_sent", "bytes sent (all ranks)", "bytes"),
+         ("epoch", "epochs", "epoch"))
+_COLS = ("step", "epoch", "wall", "bytes_sent", "test_acc")
+
+
+def run_numbers(path) -> dict | None:
+    """Local. The eval curve, final and best numbers of one results file (None: no eval row yet)."""
+    from mpidl.metrics import load_results
+    res = load_results(path)
+    ev = res["series"].get("eval")
+    if not ev or not len(ev["step"]) or "test_acc" not in ev:
+        return None
+    cur = {c: np.asarray(ev[c], dtype=np.float64) for c in _COLS if c in ev}
+    acc = cur["test_acc"]
+    ok = np.isfinite(acc)
+    if not ok.any():
+        return None
+    cur = {c: v[ok] for c, v in cur.items()}
+    acc = cur["test_acc"]
+    j = int(np.argmax(acc))  # the first row reaching the best accuracy
+    final = {c: float(v[-1]) for c, v in cur.items()}
+    best = {"test_acc": float(acc[j]), "epoch": float(cur["epoch"][j]), "wall": float(cur["wall"][j]),
+            "step": float(cur["step"][j])}
+    return {"curve": {c: v.tolist() for c, v in cur.items()}, "final": final, "best": best,
+            "world_size": int(res["attrs"].get("world_size", 0))}
+
+
+def _ms(values):
+    a = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    if not a.size:
+        return {"mean": None, "std": None, "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+def method_stats(per_seed: dict) -> dict:
+    """Local. Mean and std over seeds of the final and best numbers (``per_seed``: seed -> run_numbers)."""
+    rs = [r for r in per_seed.values() if r is not None]
+    out = {f"final_{c}": _ms([r["final"][c] for r in rs]) for c in ("test_acc", "wall", "bytes_sent", "epoch")}
+    out.update({f"best_{c}": _ms([r["best"][c] for r in rs]) for c in ("test_acc", "epoch", "wall")})
+    return out
+
+
+def _grid(curves, x):
+    """Mean and std of test_acc on a common grid of x (None when no seed has two points)."""
+    cs = [(np.asarray(c[x]), np.asarray(c["test_acc"])) for c in curves if len(c[x])]
+    if not cs:
+        return None
+    lo, hi = max(float(c[0][0]) for c in cs), min(float(c[0][-1]) for c in cs)
+    if not hi > lo:
+        g = np.array([hi])
+    elif x == "bytes_sent" and lo > 0:
+        g = np.geomspace(lo, hi, GRID_POINTS)
+    else:
+        g = np.linspace(lo, hi, GRID_POINTS)
+    ys = np.stack([np.interp(g, cx, cy) for cx, cy in cs])
+    return {"x": g.tolist(), "mean": ys.mean(0).tolist(),
+            "std": (ys.std(0, ddof=1) if len(cs) > 1 else np.zeros(len(g))).tolist(), "seeds": len(cs)}
+
+
+def _fmt(st, fmt, scale=1.0):
+    if st["mean"] is None:
+        return "-"
+    return f"{st['mean'] / scale:{fmt}} ± {st['std'] / scale:{fmt}}"
+
+
+def _markdown(plan, methods, missing) -> str:
+    b = plan["budget"]
+    unit = {"epochs": "epochs", "wall_seconds": "s of wall time", "bytes": "bytes sent"}[b["kind"]]
+    lines = [f"# Study {plan['title']}", "",
+             f"Budget: {b['value']:g} {unit} per run; seeds {plan['seeds']}; {plan['world_size']} MPI ranks; "
+             f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
+             "Values are mean ± std (sample std over seeds) at the budget, from each run's last `eval` row; "
+             "best = the highest test accuracy of any evaluation and when it was first reached.", "",
+             "| method | algorithm | seeds | test acc | wall [s] | bytes sent [MB] | epochs | best test acc "
+             "| best at epoch | best at wall [s] | stops |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        s = m["summary"]
+        stops = ", ".join(f"{k} {v}" for k, v in sorted(m["stops"].items())) or "-"
+        lines.append(f"| {name} | {m['algorithm']} | {s['final_test_acc']['n']} | {_fmt(s['final_test_acc'], '.4f')} "
+                     f"| {_fmt(s['final_wall'], '.1f')} | {_fmt(s['final_bytes_sent'], '.4g', 1e6)} "
+                     f"| {_fmt(s['final_epoch'], '.2f')} | {_fmt(s['best_test_acc'], '.4f')} "
+                     f"| {_fmt(s['best_epoch'], '.2f')} | {_fmt(s['best_wall'], '.1f')} | {stops} |")
+    lines += ["", "## Every run", "", "| method | seed | test acc | wall [s] | bytes sent [MB] | epochs | steps "
+              "| best test acc | stop |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in methods.items():
+        for seed, r in m["runs"].items():
+            if r is None:
+                continue
+            f = r["final"]
+            lines.append(f"| {name} | {seed} | {f['test_acc']:.4f} | {f['wall']:.1f} | {f['bytes_sent'] / 1e6:.4g} "
+                         f"| {f['epoch']:.2f} | {int(f['step'])} | {r['best']['test_acc']:.4f} | {r['stop']} |")
+    if missing:
+        lines += ["", "Runs without results (not run yet, or no evaluation): " + ", ".join(missing) + "."]
+    lines += ["", "Test accuracy against wall time, bytes sent and epochs (mean, band = mean ± std over seeds):", ""]
+    lines += [f"![test accuracy vs {lab}](test_acc_vs_{tag}.png)" for _, lab, tag in _AXES]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(methods, x, xlabel, path, title):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    logx = x == "bytes_sent"
+    for name, m in methods.items():
+        g = m["grid"].get(x)
+        if g is None:
+            continue
+        gx, mu, sd = (np.asarray(g[k]) for k in ("x", "mean", "std"))
+        keep = gx > 0 if logx else np.ones(len(gx), bool)
+        if not keep.any():
+            logx = False
+            keep = np.ones(len(gx), bool)
+        line, = ax.plot(gx[keep], mu[keep], lw=1.6, label=f"{name} ({g['seeds']} seeds)",
+                        marker="o" if keep.sum() == 1 else None)
+        ax.fill_between(gx[keep], (mu - sd)[keep], (mu + sd)[keep], color=line.get_color(), alpha=0.2, lw=0)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    ax.set_title(title)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
+
+
+def write_report(plan) -> dict:
+    """Local. Read every run's results and write report.md, study.json and the PNGs into ``plan["out"]``.
+
+    Returns the per-method summary ``{method: stats}`` (see :func:`method_stats`).
+    """
+    from mpidl.study import _write_json
+    methods, missing = {}, []
+    for m in plan["methods"]:
+        methods[m["name"]] = {"algorithm": m["algorithm"], "runs": {}, "stops": {}}
+    for run in plan["runs"]:
+        path = os.path.join(run["dir"], "results.h5")
+        done = os.path.join(run["dir"], "done.json")
+        r = None
+        if os.path.exists(path) or os.path.exists(path + ".tmp"):
+            r = run_numbers(path)
+        stop = None
+        if os.path.exists(done):
+            with open(done) as f:
+                stop = json.load(f).get("stop")
+        m = methods[run["method"]]
+        if r is None:
+            missing.append(f"{run['method']} seed {run['seed']}")
+            m["runs"][str(run["seed"])] = None
+            continue
+        r["stop"] = stop or "unfinished"
+        m["runs"][str(run["seed"])] = r
+        m["stops"][r["stop"]] = m["stops"].get(r["stop"], 0) + 1
+    for m in methods.values():
+        m["summary"] = method_stats({s: r for s, r in m["runs"].items()})
+        curves = [r["curve"] for r in m["runs"].values() if r is not None]
+        m["grid"] = {x: _grid(curves, x) for x, _, _ in _AXES}
+    sizes = sorted({r["world_size"] for m in methods.values() for r in m["runs"].values() if r is not None})
+    plan = dict(plan, world_size=(sizes[0] if len(sizes) == 1 else sizes) if sizes else None)  # the runs' own
+    out = plan["out"]
+    os.makedirs(out, exist_ok=True)
+    doc = {"format": "mpidl-study", "format_version": 1, "title": plan["title"], "budget": plan["budget"],
+           "seeds": plan["seeds"], "world_size": plan["world_size"], "missing": missing,
+           "methods": methods}
+    _write_json(os.path.join(out, "study.json"), _finite(doc))
+    md = os.path.join(out, "report.md")
+    with open(md + ".tmp", "w") as f:
+        f.write(_markdown(plan, methods, missing))
+    os.replace(md + ".tmp", md)
+    try:
+        for x, xlabel, tag in _AXES:
+            _plot(methods, x, xlabel, os.path.join(out, f"test_acc_vs_{tag}.png"),
+                  f"{plan['title']}: test accuracy vs {xlabel.split(' [')[0]}")
+    except ImportError:
+        raise MpidlError("compare: the plots need matplotlib (pip install mpidl[plot]); "
+                         f"report.md and study.json are in {out}") from None
+    return {name: m["summary"] for name, m in methods.items()}
+
+
+def _finite(o):
+    """NaN/inf -> None so study.json is strict JSON."""
+    if isinstance(o, float):
+        return o if math.isfinite(o) else None
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    return o
