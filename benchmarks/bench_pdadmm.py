@@ -38,6 +38,8 @@ def _cfg(args):
             f"algorithm.downsample={2 if args.features == 196 else 1}",
             f"algorithm.threads_per_rank={args.threads}", "algorithm.rho=1e-4", "algorithm.nu=1e-4", "algorithm.tau0=1.0",
             "data.eval_samples=1000", f'data.dataset="{args.dataset}"']
+    if getattr(args, "poll_us", None) is not None:
+        over.append(f"algorithm.wait_poll_us={args.poll_us}")
     if args.quantize:
         over.append("algorithm.quantize_p=true")
     return config.load(None, over)
@@ -340,31 +342,47 @@ def cmd_scale(args):
     import subprocess
     import tempfile
     confs = [(L, P) for L in args.L for P in args.ranks if P <= L]
-    runs = {f"L{L}_P{P}": [] for L, P in confs}
+    if args.poll_us:                        # A/B of the wait: every multi-rank configuration with each value
+        confs = [(L, P, w) for L, P in confs for w in (args.poll_us if P > 1 else [None])]
+    else:
+        confs = [(L, P, None) for L, P in confs]
+
+    def key(L, P, w=None):
+        return f"L{L}_P{P}" + ("" if w is None else f"_poll{w:g}")
+    runs = {key(*c): [] for c in confs}
     log = []
     tmp = tempfile.mkdtemp(prefix="pdadmm_scale_")
+    if args.from_dir:                       # the per-run JSONs of an interrupted run (complete rounds only)
+        import glob
+        n = min(len(glob.glob(os.path.join(args.from_dir, key(*c) + "_*.json"))) for c in confs)
+        for rnd in range(n):
+            for c in confs:
+                runs[key(*c)].append(json.load(open(os.path.join(args.from_dir, f"{key(*c)}_{rnd}.json"))))
+        args.rounds = 0
     for rnd in range(args.rounds):
         order = confs if rnd % 2 == 0 else confs[::-1]
-        for L, P in order:
-            out = os.path.join(tmp, f"L{L}_P{P}_{rnd}.json")
+        for L, P, w in order:
+            out = os.path.join(tmp, f"{key(L, P, w)}_{rnd}.json")
             cmd = ["mpiexec", "-n", str(P), sys.executable, os.path.abspath(__file__), "iter", "--layers", str(L),
                    "--iters", str(args.iters), "--no-floor", "--width", str(args.width), "--out", out]
             if args.quantize:
                 cmd.append("--quantize")
+            if w is not None:
+                cmd += ["--poll-us", str(w)]
             before = _uptime()
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
             after = _uptime()
             d = json.load(open(out))
-            runs[f"L{L}_P{P}"].append(d)
-            log.append({"round": rnd, "L": L, "P": P, "median_iter_s": d["median_iter_s"],
+            runs[key(L, P, w)].append(d)
+            log.append({"round": rnd, "L": L, "P": P, "poll_us": w, "median_iter_s": d["median_iter_s"],
                         "uptime_before": before, "uptime_after": after})
-            print(f"round {rnd} L={L} P={P}: {d['median_iter_s']:.3f} s/iter  ({after})", file=sys.stderr)
+            print(f"round {rnd} {key(L, P, w)}: {d['median_iter_s']:.3f} s/iter  ({after})", file=sys.stderr)
     med = statistics.median
     table = []
-    for L, P in confs:
-        rs = runs[f"L{L}_P{P}"]
-        one = runs.get(f"L{L}_P1")
-        row = {"L": L, "P": P, "iter_s": [r["median_iter_s"] for r in rs],
+    for L, P, w in confs:
+        rs = runs[key(L, P, w)]
+        one = runs.get(key(L, 1))
+        row = {"L": L, "P": P, "poll_us": w, "iter_s": [r["median_iter_s"] for r in rs],
                "median_iter_s": med([r["median_iter_s"] for r in rs]),
                "ranks": [{"rank": i, "block": rs[0]["ranks"][i]["block"],
                           "iter_cpu_s": med([r["ranks"][i]["median_iter_cpu_s"] for r in rs]),
@@ -378,6 +396,9 @@ def cmd_scale(args):
         if one:
             lt = [med([r["ranks"][0]["layer_s"][j] for r in one]) for j in range(L)]
             row["speedup"] = med([r["median_iter_s"] for r in one]) / row["median_iter_s"]
+            # CPU time: the 1-rank run's over the busiest rank's (the work, without the load's share)
+            row["cpu_speedup"] = med([r["ranks"][0]["median_iter_cpu_s"] for r in one]) / \
+                max(x["iter_cpu_s"] for x in row["ranks"])
             # the model: a rank's time = the sum of its layers' 1-rank times; the slowest rank sets
             # the pace; + one message time when P > 1 (the q message is not overlapped)
             blocks = [r["block"] for r in row["ranks"]]
@@ -386,15 +407,16 @@ def cmd_scale(args):
             row["model_parallel_s"] = par
             row["model_speedup"] = sum(lt) / par
         table.append(row)
-    res = {"rows": table, "log": log, "rounds": args.rounds, "iters": args.iters, "cores": os.cpu_count(),
+    res = {"rows": table, "log": log, "rounds": len(next(iter(runs.values()))), "iters": args.iters, "cores": os.cpu_count(),
            "msg_s": args.msg_s, "argv": sys.argv[1:]}
     _write(args.out, res)
-    print("| net (L) | ranks | s/iter (median of rounds) | speed-up | model | per rank: compute / wait / CPU s |",
-          file=sys.stderr)
+    print("| net (L) | ranks | poll us | s/iter (median of rounds) | speed-up | CPU speed-up | model | "
+          "per rank: compute / wait / CPU s |", file=sys.stderr)
     for r in table:
         pr = "; ".join(f"r{x['rank']} {x['compute_s']:.2f}/{x['wait_s']:.2f}/{x['iter_cpu_s']:.2f}" for x in r["ranks"])
-        print(f"| {r['L']} | {r['P']} | {r['median_iter_s']:.2f} | {r.get('speedup', float('nan')):.2f} | "
-              f"{r.get('model_speedup', float('nan')):.2f} | {pr} |", file=sys.stderr)
+        print(f"| {r['L']} | {r['P']} | {r['poll_us']} | {r['median_iter_s']:.2f} | {r.get('speedup', float('nan')):.2f} | "
+              f"{r.get('cpu_speedup', float('nan')):.2f} | {r.get('model_speedup', float('nan')):.2f} | {pr} |",
+              file=sys.stderr)
 
 
 def _maxrss_kib(text):
@@ -482,6 +504,7 @@ def main(argv=None):
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--iters", type=int, default=3)
     q.add_argument("--quantize", action="store_true")
+    q.add_argument("--poll-us", type=float, default=None, help="algorithm.wait_poll_us (0: MPI's blocking wait)")
     q.add_argument("--no-floor", dest="floor", action="store_false")
     q.add_argument("--out", default="")
     q = sub.add_parser("msg")
@@ -524,6 +547,9 @@ def main(argv=None):
     q.add_argument("--width", type=int, default=500)
     q.add_argument("--quantize", action="store_true")
     q.add_argument("--msg-s", type=float, default=0.0163, help="one N x 500 float32 message (pdadmm_msg.json)")
+    q.add_argument("--from-dir", default="", help="aggregate the per-run JSONs left in this folder")
+    q.add_argument("--poll-us", type=float, nargs="*", default=[],
+                   help="A/B of algorithm.wait_poll_us: run every multi-rank configuration with each value")
     q.add_argument("--out", default="")
     q = sub.add_parser("mem")
     q.add_argument("--algos", nargs="+", default=["pdadmm", "pdadmm-q"])

@@ -422,3 +422,36 @@ def test_steps_on_a_restored_state_equal_reference(opts):
     out = _run(cfg, dims, 2, 4, X, y, Ws, bs, restore_at=2)
     S, costs, _ = ref.run(X, y, Ws, bs, ref.hyper(cfg), 4)
     _check_against_reference(cfg, dims, 2, out, S, costs)
+
+
+# ---- waiting for messages ------------------------------------------------------------------------
+class _FakeExchange:
+    """test() is False ``n`` times, then True; records the calls."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, []
+
+    def test(self):
+        self.calls.append("test")
+        self.n -= 1
+        return self.n < 0
+
+    def wait(self):
+        self.calls.append("wait")
+
+
+def test_wait_polls_and_sleeps_between_tests(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(mod.time, "sleep", sleeps.append)
+    ex = _FakeExchange(3)
+    mod._wait(ex, 250.0)
+    assert ex.calls == ["test"] * 4 + ["wait"] and sleeps == [250e-6] * 3
+    ex = _FakeExchange(3)
+    mod._wait(ex, 0.0)                          # 0: MPI's blocking wait, no polling
+    assert ex.calls == ["wait"] and len(sleeps) == 3
+
+
+def test_wait_poll_us_is_validated():
+    with pytest.raises(ValueError, match="wait_poll_us must be >= 0"):
+        PdADMMConfig(wait_poll_us=-1.0).validate()
+    PdADMMConfig(wait_poll_us=0.0).validate()

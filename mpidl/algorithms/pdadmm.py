@@ -40,7 +40,8 @@ R is recomputed by one GEMM after the step; narrow layers keep S = G W^T / p G^T
 (N x n_out, small) and update R += S / t (the p step then takes two passes over
 row blocks).
 
-Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
+Layer parallelism: ranks own contiguous blocks of layers on a path (waits sleep
+between tests of the messages, ``wait_poll_us``, instead of spinning on a core).  Per
 iteration a rank sends p of its first layer to the previous rank (started right
 after the p update, so it overlaps the W/b/z updates) and q of its last layer
 to the next rank.  u_l is NOT sent: the right-hand neighbour of a boundary applies
@@ -102,6 +103,8 @@ class PdADMMConfig:
     init_std: float = 0.1
     downsample: int = 1                 # average-pool images by this factor (2: 28x28 -> 14x14)
     threads_per_rank: int = 1           # Numba and BLAS threads of each layer rank
+    wait_poll_us: float = 100.0         # wait for messages by testing every this many microseconds and
+                                        # sleeping in between (0: MPI's blocking wait, which spins in MPICH)
 
     def validate(self):
         for key in ("rho", "nu", "tau0", "fista_step", "rho_factor", "rho_max", "init_std"):
@@ -111,6 +114,8 @@ class PdADMMConfig:
             raise ValueError("mu, fista_tol and rho_tol must be >= 0")
         if self.fista_step > 2:
             raise ValueError(f"fista_step must be <= 2 (softmax-CE curvature <= 1/2), got {self.fista_step}")
+        if not self.wait_poll_us >= 0:
+            raise ValueError(f"wait_poll_us must be >= 0, got {self.wait_poll_us}")
         if self.max_doublings < 0 or self.fista_iters < 0:
             raise ValueError("max_doublings and fista_iters must be >= 0")
         if self.threads_per_rank < 1 or self.downsample < 1:
@@ -377,7 +382,7 @@ class PdADMM:
                 np.subtract(lay.z, a, out=lay.R)
                 state.loss = float(np.sum(ce) / self.N)
             t = _tick(T, "z", t, LT, j)
-        ex.wait()
+        _wait(ex, c.wait_poll_us)
         t = _tick(T, "wait", t)
         for j, lay in enumerate(layers):
             if lay.q is None:
@@ -405,7 +410,7 @@ class PdADMM:
             send[rank + 1] = layers[-1].q                   # grid indices when quantising
         if self.l0 > 0:
             recv[rank - 1] = self.q_in
-        comm.start_exchange(send, recv, tag=_TAG_Q).wait()
+        _wait(comm.start_exchange(send, recv, tag=_TAG_Q), c.wait_poll_us)
         t = _tick(T, "wait", t)
         if self.l0 > 0:
             if self.grid is not None:
@@ -580,6 +585,23 @@ def _copy_stored(src, dst, grid):
 def _gram_dot(A, B):
     """Local. <A, B> (sum of the elementwise product) in float64."""
     return float(np.vdot(np.asarray(A, np.float64), np.asarray(B, np.float64)))
+
+
+def _wait(ex, poll_us):
+    """Local. Complete exchange ``ex``: test it every ``poll_us`` microseconds and sleep in between.
+
+    MPICH's blocking wait spins on a core: with more ranks than free cores (L = 3 ranks
+    on 2 cores, or a loaded node) a waiting rank takes CPU time from the ranks that
+    compute.  A sleeping rank leaves it to them; each test drives MPI's progress
+    engine, so the messages still move (measured: benchmarks/bench_pdadmm.py scale).
+    """
+    if poll_us <= 0 or not hasattr(ex, "test"):
+        ex.wait()
+        return
+    dt = poll_us * 1e-6
+    while not ex.test():
+        time.sleep(dt)
+    ex.wait()
 
 
 def _tick(times, key, t, per_layer=None, j=0):
