@@ -263,7 +263,8 @@ def test_init_is_the_forward_pass_on_every_block(dims, P, quantize):
         # scratch: S holds the largest narrow layer (l >= 1, n_out < n_in), B a row block of any p
         narrow = [dims[l + 1] for l in ls if l >= 1 and dims[l + 1] < dims[l]]
         assert algo._S.size == N * max(narrow, default=0)
-        assert algo._B.size == mod._ROWS * max([dims[l] for l in ls if l >= 1], default=0)
+        rb = min(mod._ROWS, mod._QROWS) if quantize else mod._ROWS           # rows per block
+        assert algo._rb == rb and algo._B.size == rb * max([dims[l] for l in ls if l >= 1], default=0)
         if l1 == L or quantize:                     # quantize_p: p arrives as indices only
             assert algo._p_recv is None
         else:
@@ -279,8 +280,8 @@ def test_init_is_the_forward_pass_on_every_block(dims, P, quantize):
             it = np.uint16
             a = algo._pidx_recv
             assert (a is None) if l1 == L else (a.shape == (N, dims[l1]) and a.dtype == it), r
-            wmax = max(dims[l0:l1 + 1])
-            assert algo._Fp.size == algo._Fq.size == mod._ROWS * wmax and algo._Fp.dtype == np.float64
+            wmax = max(dims[max(l0, 1):l1 + 1])                 # widths of the stored p and q (not X's)
+            assert algo._Fp.size == algo._Fq.size == rb * wmax and algo._Fp.dtype == np.float64
             assert not any(hasattr(algo, k) for k in ("_qidx", "_pidx", "_qidx_send", "_qidx_recv",
                                                        "_pidx_send"))
         else:

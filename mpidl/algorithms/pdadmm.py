@@ -54,7 +54,7 @@ Quantised storage: q_l (and p_l with ``quantize_p``) live on the grid, so the
 state holds them as grid indices (uint16 for 1000 points: half the bytes of
 float32), and the messages are views of the state.  Wherever a float value is
 needed (GEMMs, elementwise kernels) the rows are dequantised block by block
-(``_ROWS`` rows) into small buffers; no N x width float copy of q or p exists.
+(``_QROWS`` rows) into small buffers; no N x width float copy of q or p exists.
 The elementwise results are bitwise those of the float storage; the reductions
 over samples with an indexed p (R^T p, p^T p) are summed block by block, so
 they differ from one full GEMM by rounding (checked against the reference).  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
@@ -246,7 +246,9 @@ class PdADMM:
         ls = range(self.l0, self.l1)
         narrow = [d[l + 1] for l in ls if l > 0 and d[l + 1] < d[l]]
         self._S = np.empty(N * max(narrow, default=0), dt)              # G W^T / p G^T of narrow layers
-        self._B = np.empty(_ROWS * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
+        # rows per block: quantised runs take smaller blocks (their dequantised p/q blocks are extra memory)
+        self._rb = _ROWS if self.grid is None else min(_ROWS, _QROWS)
+        self._B = np.empty(self._rb * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
         self._gram0 = None
         if self.l0 == 0:                                                 # X^T X: X never changes
             self._gram0 = np.matmul(self.X.T, self.X).astype(np.float64)
@@ -257,9 +259,12 @@ class PdADMM:
         self._pidx_recv = np.empty((N, last_w), self.idx_dtype) if self.l1 < self.L and pq else None
         self._Fp = self._Fq = None
         if self.grid is not None:                       # row blocks of dequantised p and q
-            wmax = max(d[self.l0:self.l1 + 1])
-            self._Fp = np.empty(_ROWS * wmax, dt)
-            self._Fq = np.empty(_ROWS * wmax, dt)
+            wmax = max(d[max(self.l0, 1):self.l1 + 1])         # the stored p/q widths (X is float)
+            self._Fp = np.empty(self._rb * wmax, dt)
+            self._Fq = np.empty(self._rb * wmax, dt)
+
+    def _blocks(self, n):
+        return [(r0, min(n, r0 + self._rb)) for r0 in range(0, n, self._rb)]
 
     def as_float(self, a):
         """Local. The values of a stored p/q array: ``a`` itself, or the grid values of its indices."""
@@ -278,7 +283,7 @@ class PdADMM:
         """Local. ``out = p W^T`` (row blocks when p is stored as grid indices)."""
         if p.dtype.kind == "f":
             return np.matmul(p, W.T, out=out)
-        for r0, r1 in _row_blocks(len(p)):
+        for r0, r1 in self._blocks(len(p)):
             np.matmul(self._rows(p, r0, r1, self._Fp), W.T, out=out[r0:r1])
         return out
 
@@ -288,7 +293,7 @@ class PdADMM:
             return np.matmul(A.T, p)
         out = np.zeros((A.shape[1], p.shape[1]), self.dtype)
         tmp = np.empty_like(out)
-        for r0, r1 in _row_blocks(len(p)):
+        for r0, r1 in self._blocks(len(p)):
             pf = self._rows(p, r0, r1, self._Fp)
             out += np.matmul((pf if A is p else A[r0:r1]).T, pf, out=tmp)
         return out
@@ -333,7 +338,7 @@ class PdADMM:
                 if self.grid is None:
                     np.maximum(lay.z, 0, out=lay.q)
                 else:                                   # q = the grid point nearest to relu(z)
-                    for r0, r1 in _row_blocks(self.N):
+                    for r0, r1 in self._blocks(self.N):
                         f = self._Fq[:(r1 - r0) * lay.q.shape[1]].reshape(r1 - r0, -1)
                         np.maximum(lay.z[r0:r1], 0, out=f)
                         KQ.quantize(f, *self.grid, out_idx=lay.q[r0:r1])
@@ -373,7 +378,7 @@ class PdADMM:
             if lay.q is not None and self.implicit_u:
                 KA.z_step_dual(lay.z, lay.R, lay.q, nu)         # q's buffer now holds u_old
             elif lay.q is not None:                         # quantised: q stored as indices
-                for r0, r1 in _row_blocks(self.N):
+                for r0, r1 in self._blocks(self.N):
                     KA.z_step(lay.z[r0:r1], lay.R[r0:r1], self._rows(lay.q, r0, r1, self._Fq))
             else:
                 a = lay.z - lay.R
@@ -390,7 +395,7 @@ class PdADMM:
             p_next = layers[j + 1].p if j + 1 < len(layers) else (
                 self._pidx_recv if c.quantize_p else self._p_recv)
             if self.grid is not None:                       # q (indices) and u in one sweep of row blocks
-                for r0, r1 in _row_blocks(self.N):
+                for r0, r1 in self._blocks(self.N):
                     pn = self._rows(p_next, r0, r1, self._Fp)
                     qf = self._Fq[:(r1 - r0) * lay.q.shape[1]].reshape(r1 - r0, -1)
                     KQ.q_update_quantized(lay.z[r0:r1], pn, lay.u[r0:r1], nu, rho, *self.grid,
@@ -414,7 +419,7 @@ class PdADMM:
         t = _tick(T, "wait", t)
         if self.l0 > 0:
             if self.grid is not None:
-                for r0, r1 in _row_blocks(self.N):
+                for r0, r1 in self._blocks(self.N):
                     KA.u_update(self.u_in[r0:r1], self._rows(layers[0].p, r0, r1, self._Fp),
                                 self._rows(self.q_in, r0, r1, self._Fq), rho)
             else:
@@ -449,9 +454,9 @@ class PdADMM:
                 KA.p_grad(g, pf, self._rows(q_prev, r0, r1, self._Fq), u_prev[r0:r1], nu, rho)
 
         if n_in <= n_out:
-            G = _matmul_over(lay.R, lay.W, self._B)
+            G = _matmul_over(lay.R, lay.W, self._B, self._rb)
             if stored:
-                for r0, r1 in _row_blocks(N):
+                for r0, r1 in self._blocks(N):
                     grad(G[r0:r1], r0, r1, self._rows(lay.p, r0, r1, self._Fp))
             else:
                 grad(G, 0, N, lay.p)
@@ -460,7 +465,7 @@ class PdADMM:
         else:
             S = self._S[:N * n_out].reshape(N, n_out)
             gg = 0.0
-            for r0, r1 in _row_blocks(N):
+            for r0, r1 in self._blocks(N):
                 g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
                 np.matmul(lay.R[r0:r1], lay.W, out=g)
                 grad(g, r0, r1, self._rows(lay.p, r0, r1, self._Fp))
@@ -474,12 +479,12 @@ class PdADMM:
         elif n_in <= n_out and not pq:
             KA.axpy(lay.p, G, -1.0 / t)
         elif n_in <= n_out:                                 # p_new = the grid point nearest to p - G/t
-            for r0, r1 in _row_blocks(N):
+            for r0, r1 in self._blocks(N):
                 pf = self._rows(lay.p, r0, r1, self._Fp)
                 KA.axpy(pf, G[r0:r1], -1.0 / t)
                 KQ.quantize(pf, *self.grid, out_idx=lay.p[r0:r1])
         else:
-            for r0, r1 in _row_blocks(N):
+            for r0, r1 in self._blocks(N):
                 g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
                 np.matmul(lay.R[r0:r1], lay.W, out=g)
                 pf = self._rows(lay.p, r0, r1, self._Fp)
@@ -553,13 +558,15 @@ class PdADMM:
 
 _ROWS = 4096
 """Rows per block of the blocked GEMMs (a block of G is _ROWS x n_in)."""
+_QROWS = 1024
+"""Rows per block in quantised runs (dequantised p/q blocks of _QROWS x width, 2 MB at width 500)."""
 
 
 def _row_blocks(n):
     return [(r0, min(n, r0 + _ROWS)) for r0 in range(0, n, _ROWS)]
 
 
-def _matmul_over(R, W, buf):
+def _matmul_over(R, W, buf, rows=None):
     """Local. G = R W (N x n_in, n_in <= n_out) written over R's own storage; returns that view.
 
     Row block [r0, r1) of G lands on flat elements [r0 n_in, r1 n_in), which lie
@@ -567,7 +574,7 @@ def _matmul_over(R, W, buf):
     """
     n, n_in = R.shape[0], W.shape[1]
     flat = R.reshape(-1)
-    for r0, r1 in _row_blocks(n):
+    for r0, r1 in (_row_blocks(n) if rows is None else [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]):
         blk = buf[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
         np.matmul(R[r0:r1], W, out=blk)
         flat[r0 * n_in:r1 * n_in] = blk.reshape(-1)
