@@ -10,6 +10,12 @@ Timing commands (run each under ``flock -x /work/bench.lock``; record ``uptime``
     python benchmarks/bench_pdadmm.py model --iter benchmarks/results/pdadmm_iter_t1.json \
         --msg benchmarks/results/pdadmm_msg.json --out benchmarks/results/pdadmm_model.json
 
+Issue 24 (memory and measured layer parallelism; medians over interleaved rounds)::
+
+    python benchmarks/bench_pdadmm.py scale --L 2 3 --ranks 1 2 3 --rounds 3 --out benchmarks/results/pdadmm_scale.json
+    python benchmarks/bench_pdadmm.py scale --L 3 --ranks 1 3 --poll-us 0 100 --rounds 2 --out ..._wait_L3.json
+    python benchmarks/bench_pdadmm.py mem --steps 1 --features 196 784 [--tree EXPORT_OF_MAIN]
+
 Accuracy (shared lock): the curves come from ``mpidl run jobs/configs/pdadmm_fmnist.toml``
 (results.h5; ``curves`` collects them into one JSON), and ``sgd`` trains the same MLP with
 minibatch SGD for a wall-time budget (exclusive lock: 50 x the measured s/iteration)::
