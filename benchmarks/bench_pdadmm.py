@@ -10,6 +10,12 @@ Timing commands (run each under ``flock -x /work/bench.lock``; record ``uptime``
     python benchmarks/bench_pdadmm.py model --iter benchmarks/results/pdadmm_iter_t1.json \
         --msg benchmarks/results/pdadmm_msg.json --out benchmarks/results/pdadmm_model.json
 
+Issue 24 (memory and measured layer parallelism; medians over interleaved rounds)::
+
+    python benchmarks/bench_pdadmm.py scale --L 2 3 --ranks 1 2 3 --rounds 3 --out benchmarks/results/pdadmm_scale.json
+    python benchmarks/bench_pdadmm.py scale --L 3 --ranks 1 3 --poll-us 0 100 --rounds 2 --out ..._wait_L3.json
+    python benchmarks/bench_pdadmm.py mem --steps 1 --features 196 784 [--tree EXPORT_OF_MAIN]
+
 Accuracy (shared lock): the curves come from ``mpidl run jobs/configs/pdadmm_fmnist.toml``
 (results.h5; ``curves`` collects them into one JSON), and ``sgd`` trains the same MLP with
 minibatch SGD for a wall-time budget (exclusive lock: 50 x the measured s/iteration)::
@@ -38,6 +44,8 @@ def _cfg(args):
             f"algorithm.downsample={2 if args.features == 196 else 1}",
             f"algorithm.threads_per_rank={args.threads}", "algorithm.rho=1e-4", "algorithm.nu=1e-4", "algorithm.tau0=1.0",
             "data.eval_samples=1000", f'data.dataset="{args.dataset}"']
+    if getattr(args, "poll_us", None) is not None:
+        over.append(f"algorithm.wait_poll_us={args.poll_us}")
     if args.quantize:
         over.append("algorithm.quantize_p=true")
     return config.load(None, over)
@@ -321,6 +329,167 @@ def cmd_tables(args):
         print("msg:", {k: (g[k]["bytes"], round(g[k]["median_s"], 4)) for k in ("float32", "uint16")})
 
 
+
+def _uptime():
+    import subprocess
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def cmd_scale(args):
+    """Measured layer parallelism: one iteration of the same net at 1 rank and at P ranks, side by side.
+
+    For every net depth L in ``--L`` and every rank count P in ``--ranks`` (P <= L), each round
+    starts ``mpiexec -n P bench_pdadmm.py iter --layers L`` once; the rounds interleave the
+    configurations (round 1: all of them, round 2: all of them, ...), so that a change of the
+    machine's load hits every configuration alike.  Per configuration: the medians over rounds of
+    the median iteration wall time (slowest rank), each rank's waits and CPU time, and the
+    model's prediction (``cmd_model``'s formula) from the 1-rank run's per-layer times.
+    """
+    import subprocess
+    import tempfile
+    confs = [(L, P) for L in args.L for P in args.ranks if P <= L]
+    if args.poll_us:                        # A/B of the wait: every multi-rank configuration with each value
+        confs = [(L, P, w) for L, P in confs for w in (args.poll_us if P > 1 else [None])]
+    else:
+        confs = [(L, P, None) for L, P in confs]
+
+    def key(L, P, w=None):
+        return f"L{L}_P{P}" + ("" if w is None else f"_poll{w:g}")
+    runs = {key(*c): [] for c in confs}
+    log = []
+    tmp = tempfile.mkdtemp(prefix="pdadmm_scale_")
+    if args.from_dir:                       # the per-run JSONs of an interrupted run (complete rounds only)
+        import glob
+        n = min(len(glob.glob(os.path.join(args.from_dir, key(*c) + "_*.json"))) for c in confs)
+        for rnd in range(n):
+            for c in confs:
+                runs[key(*c)].append(json.load(open(os.path.join(args.from_dir, f"{key(*c)}_{rnd}.json"))))
+        args.rounds = 0
+    for rnd in range(args.rounds):
+        order = confs if rnd % 2 == 0 else confs[::-1]
+        for L, P, w in order:
+            out = os.path.join(tmp, f"{key(L, P, w)}_{rnd}.json")
+            cmd = ["mpiexec", "-n", str(P), sys.executable, os.path.abspath(__file__), "iter", "--layers", str(L),
+                   "--iters", str(args.iters), "--no-floor", "--width", str(args.width), "--out", out]
+            if args.quantize:
+                cmd.append("--quantize")
+            if w is not None:
+                cmd += ["--poll-us", str(w)]
+            before = _uptime()
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            after = _uptime()
+            d = json.load(open(out))
+            runs[key(L, P, w)].append(d)
+            log.append({"round": rnd, "L": L, "P": P, "poll_us": w, "median_iter_s": d["median_iter_s"],
+                        "uptime_before": before, "uptime_after": after})
+            print(f"round {rnd} {key(L, P, w)}: {d['median_iter_s']:.3f} s/iter  ({after})", file=sys.stderr)
+    med = statistics.median
+    table = []
+    for L, P, w in confs:
+        rs = runs[key(L, P, w)]
+        one = runs.get(key(L, 1))
+        row = {"L": L, "P": P, "poll_us": w, "iter_s": [r["median_iter_s"] for r in rs],
+               "median_iter_s": med([r["median_iter_s"] for r in rs]),
+               "ranks": [{"rank": i, "block": rs[0]["ranks"][i]["block"],
+                          "iter_cpu_s": med([r["ranks"][i]["median_iter_cpu_s"] for r in rs]),
+                          "wait_s": med([r["ranks"][i]["update_s"]["wait"] for r in rs]),
+                          "compute_s": med([sum(v for k, v in r["ranks"][i]["update_s"].items() if k != "wait")
+                                            for r in rs]),
+                          "layer_s": [med([r["ranks"][i]["layer_s"][j] for r in rs])
+                                      for j in range(len(rs[0]["ranks"][i]["layer_s"]))],
+                          "bytes_per_iter": rs[0]["ranks"][i]["bytes_per_iter"],
+                          "peak_rss_mb": max(r["ranks"][i]["peak_rss_mb"] for r in rs)} for i in range(P)]}
+        if one:
+            lt = [med([r["ranks"][0]["layer_s"][j] for r in one]) for j in range(L)]
+            row["speedup"] = med([r["median_iter_s"] for r in one]) / row["median_iter_s"]
+            # CPU time: the 1-rank run's over the busiest rank's (the work, without the load's share)
+            row["cpu_speedup"] = med([r["ranks"][0]["median_iter_cpu_s"] for r in one]) / \
+                max(x["iter_cpu_s"] for x in row["ranks"])
+            # the model: a rank's time = the sum of its layers' 1-rank times; the slowest rank sets
+            # the pace; + one message time when P > 1 (the q message is not overlapped)
+            blocks = [r["block"] for r in row["ranks"]]
+            par = max(sum(lt[a:b]) for a, b in blocks) + (args.msg_s if P > 1 else 0.0)
+            row["model_serial_s"] = sum(lt)
+            row["model_parallel_s"] = par
+            row["model_speedup"] = sum(lt) / par
+        table.append(row)
+    res = {"rows": table, "log": log, "rounds": len(next(iter(runs.values()))), "iters": args.iters, "cores": os.cpu_count(),
+           "msg_s": args.msg_s, "argv": sys.argv[1:]}
+    _write(args.out, res)
+    print("| net (L) | ranks | poll us | s/iter (median of rounds) | speed-up | CPU speed-up | model | "
+          "per rank: compute / wait / CPU s |", file=sys.stderr)
+    for r in table:
+        pr = "; ".join(f"r{x['rank']} {x['compute_s']:.2f}/{x['wait_s']:.2f}/{x['iter_cpu_s']:.2f}" for x in r["ranks"])
+        print(f"| {r['L']} | {r['P']} | {r['poll_us']} | {r['median_iter_s']:.2f} | {r.get('speedup', float('nan')):.2f} | "
+              f"{r.get('cpu_speedup', float('nan')):.2f} | {r.get('model_speedup', float('nan')):.2f} | {pr} |",
+              file=sys.stderr)
+
+
+def _maxrss_kib(text):
+    for line in text.splitlines():
+        if "Maximum resident set size" in line:
+            return int(line.split(":")[1])
+    raise RuntimeError("no 'Maximum resident set size' in /usr/bin/time -v output")
+
+
+def cmd_mem(args):
+    """Peak RSS per rank of ``mpidl run`` (``/usr/bin/time -v``): pdadmm vs pdadmm-q, and resume vs straight.
+
+    One invocation runs every case, interleaved over ``--rounds``: the shipped Fashion-MNIST configs with
+    ``run.steps = --steps`` and a checkpoint at the end; the resume case first runs ``--steps`` steps,
+    then resumes to ``2 --steps`` (``--resume auto``) and is compared with a straight run of
+    ``2 --steps`` steps.  ``--tree DIR`` runs the same cases with the code of DIR first on PYTHONPATH
+    (an export of another commit) for a before/after table.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+    root = tempfile.mkdtemp(prefix="pdadmm_mem_")
+    cfgdir = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "jobs", "configs")
+    n = args.steps
+    cases = []
+    for feat in args.features:
+        for algo in args.algos:
+            cfg = os.path.join(cfgdir, "pdadmm_q_fmnist.toml" if algo == "pdadmm-q" else "pdadmm_fmnist.toml")
+            base = [f"algorithm.downsample={2 if feat == 196 else 1}", f"run.checkpoint_every={n}",
+                    f"run.eval_every={n}", f"run.log_every={n}"]
+            cases.append((f"{algo} {feat}: straight {2 * n} steps", cfg, base + [f"run.steps={2 * n}"], None))
+            cases.append((f"{algo} {feat}: first leg {n} steps + resumed leg to {2 * n}", cfg,
+                          base + [f"run.steps={n}"], base + [f"run.steps={2 * n}"]))
+    trees = [("this", None)] + ([("before", args.tree)] if args.tree else [])
+    rows, serial = {}, 0
+    for rnd in range(args.rounds):
+        for tname, tree in (trees if rnd % 2 == 0 else trees[::-1]):
+            env = dict(os.environ, OMP_NUM_THREADS="1")
+            if tree:
+                env["PYTHONPATH"] = os.path.abspath(tree) + os.pathsep + env.get("PYTHONPATH", "")
+            for label, cfg, sets, resume_sets in cases:
+                if tree and not any(label.split(":")[0].endswith(f" {f}") for f in args.tree_features):
+                    continue
+                serial += 1
+                out = os.path.join(root, f"r{rnd}_{tname}_{serial}")
+                legs = [sets] + ([resume_sets] if resume_sets else [])
+                kib = []
+                for i, leg in enumerate(legs):
+                    cmd = ["mpiexec", "-n", str(args.ranks), "/usr/bin/time", "-v", sys.executable, "-m", "mpidl",
+                           "run", cfg, "--set", f'run.out="{out}"'] + \
+                          [a for s in leg for a in ("--set", s)] + (["--resume", "auto"] if i else [])
+                    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                    if p.returncode:
+                        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+                    per_rank = [int(l.split(":")[1]) for l in p.stderr.splitlines()
+                                if "Maximum resident set size" in l]
+                    kib.append(max(per_rank))
+                shutil.rmtree(out, ignore_errors=True)
+                key = f"{tname}: {label}"
+                rows.setdefault(key, []).append(kib)
+                print(f"round {rnd} {key}: {kib} KiB (max over ranks)  {_uptime()}", file=sys.stderr)
+    res = {"rows": {k: {"kib": v, "max_kib": [max(x[i] for x in v) for i in range(len(v[0]))]}
+                    for k, v in rows.items()},
+           "ranks": args.ranks, "steps": n, "rounds": args.rounds, "load": os.getloadavg(), "argv": sys.argv[1:]}
+    _write(args.out, res)
+
+
 def _write(path, obj):
     text = json.dumps(obj, indent=1)
     if path:
@@ -341,6 +510,7 @@ def main(argv=None):
     q.add_argument("--threads", type=int, default=1)
     q.add_argument("--iters", type=int, default=3)
     q.add_argument("--quantize", action="store_true")
+    q.add_argument("--poll-us", type=float, default=None, help="algorithm.wait_poll_us (0: MPI's blocking wait)")
     q.add_argument("--no-floor", dest="floor", action="store_false")
     q.add_argument("--out", default="")
     q = sub.add_parser("msg")
@@ -375,11 +545,32 @@ def main(argv=None):
     q.add_argument("--runs", nargs="+", required=True)
     q.add_argument("--note", default="")
     q.add_argument("--out", required=True)
+    q = sub.add_parser("scale")
+    q.add_argument("--L", type=int, nargs="+", default=[2, 3], help="net depths (layers)")
+    q.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 3])
+    q.add_argument("--rounds", type=int, default=3)
+    q.add_argument("--iters", type=int, default=3)
+    q.add_argument("--width", type=int, default=500)
+    q.add_argument("--quantize", action="store_true")
+    q.add_argument("--msg-s", type=float, default=0.0163, help="one N x 500 float32 message (pdadmm_msg.json)")
+    q.add_argument("--from-dir", default="", help="aggregate the per-run JSONs left in this folder")
+    q.add_argument("--poll-us", type=float, nargs="*", default=[],
+                   help="A/B of algorithm.wait_poll_us: run every multi-rank configuration with each value")
+    q.add_argument("--out", default="")
+    q = sub.add_parser("mem")
+    q.add_argument("--algos", nargs="+", default=["pdadmm", "pdadmm-q"])
+    q.add_argument("--features", type=int, nargs="+", default=[196, 784])
+    q.add_argument("--steps", type=int, default=2)
+    q.add_argument("--ranks", type=int, default=1)
+    q.add_argument("--rounds", type=int, default=1)
+    q.add_argument("--tree", default="", help="also run the cases with this source tree first on PYTHONPATH")
+    q.add_argument("--tree-features", type=int, nargs="+", default=[196], help="the --tree cases: these features")
+    q.add_argument("--out", default="")
     q = sub.add_parser("tables")
     q.add_argument("--dir", default="benchmarks/results")
     args = p.parse_args(argv)
     {"tables": cmd_tables, "iter": cmd_iter, "msg": cmd_msg, "model": cmd_model, "sgd": cmd_sgd, "plot": cmd_plot,
-     "curves": cmd_curves}[args.cmd](args)
+     "curves": cmd_curves, "scale": cmd_scale, "mem": cmd_mem}[args.cmd](args)
 
 
 if __name__ == "__main__":

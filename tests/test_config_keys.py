@@ -135,6 +135,7 @@ BAD = {
     "algorithm.init_std": ["0"],
     "algorithm.downsample": ["0"],
     "algorithm.threads_per_rank": ["0"],
+    "algorithm.wait_poll_us": ["-1"],
 }
 
 

@@ -76,10 +76,11 @@ def test_mlp_params_normal_draws_weights_then_biases():
 
 
 # ---- _memory_check -------------------------------------------------------------------------------
-def _allocated(dims, P, quantize, dtype):
+def _allocated(dims, P, quantize, dtype, quantize_p=False):
     """Per rank: the bytes of the state arrays and the N x width scratch that PdADMM allocates
-    (W, b, z, R, p, q, u, q_in, u_in, the received p, S), the quantities the estimate counts."""
-    cfg = PdADMMConfig(quantize=quantize)
+    (W, b, z, R, p, q, u, q_in, u_in, the received p or its indices, S), the quantities the estimate
+    counts (quantised: q, q_in and, with quantize_p, p as uint16 grid indices)."""
+    cfg = PdADMMConfig(quantize=quantize, quantize_p=quantize_p)
     X, y, Ws, bs = ref.problem(dims, n=7, seed=1)
 
     def rank(r, comm):
@@ -87,7 +88,8 @@ def _allocated(dims, P, quantize, dtype):
         l0, l1 = _blocks(len(dims) - 1, P)[r]
         st = algo.init(([w.astype(dtype) for w in Ws[l0:l1]], [b.astype(dtype) for b in bs[l0:l1]]), comm)
         arrays = [st.W, st.b, st.z, st.R, st.p, st.q, st.u, st.q_in, st.u_in, algo._S]
-        return sum(a.nbytes for a in arrays) + (0 if algo._p_recv is None else algo._p_recv.nbytes)
+        return sum(a.nbytes for a in arrays) + sum(0 if a is None else a.nbytes
+                                                   for a in (algo._p_recv, algo._pidx_recv))
     return _on_ranks(P, rank), len(X)
 
 
@@ -95,17 +97,18 @@ def _sysconf(pages, page=1):
     return lambda name: {"SC_AVPHYS_PAGES": pages, "SC_PAGE_SIZE": page}[name]
 
 
-@pytest.mark.parametrize("quantize", [False, True])
+@pytest.mark.parametrize("quantize,quantize_p", [(False, False), (True, False), (True, True)],
+                         ids=["plain", "q", "qp"])
 @pytest.mark.parametrize("dims", [[6, 5, 4, 3], [6, 4, 6, 5, 3], [6, 5, 5, 4, 7, 3]])
-def test_memory_estimate_is_the_allocated_state_plus_the_model(monkeypatch, dims, quantize):
+def test_memory_estimate_is_the_allocated_state_plus_the_model(monkeypatch, dims, quantize, quantize_p):
     L = len(dims) - 1
     model = 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(L))     # float32 torch + float64 copy
     for P in range(1, L + 1):
         for dtype in (np.float64, np.float32):
-            alloc, n = _allocated(dims, P, quantize, dtype)
+            alloc, n = _allocated(dims, P, quantize, dtype, quantize_p)
             for r, (l0, l1) in enumerate(_blocks(L, P)):
                 need = alloc[r] + model
-                args = (dims, n, l0, l1, np.dtype(dtype).itemsize, quantize)
+                args = (dims, n, l0, l1, np.dtype(dtype).itemsize, quantize, quantize_p)
                 monkeypatch.setattr(M.os, "sysconf", _sysconf(need))
                 assert M._memory_check(*args) == need, (dims, P, r, dtype)
                 monkeypatch.setattr(M.os, "sysconf", _sysconf(need - 1))

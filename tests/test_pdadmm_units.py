@@ -222,8 +222,11 @@ def test_init_is_the_forward_pass_on_every_block(dims, P, quantize):
                  "q": sum(N * dims[l + 1] for l in ls if l <= L - 2),
                  "u": sum(N * dims[l + 1] for l in ls if l <= L - 2) if quantize else 0,
                  "q_in": N * dims[l0] if r else 0, "u_in": N * dims[l0] if r else 0}
+        # quantised runs hold q, q_in and p (quantize_p) as grid indices: uint16 for 1000 points
+        idx = {"p", "q", "q_in"} if quantize else set()
         for k, n in sizes.items():
-            assert getattr(st, k).size == n and getattr(st, k).dtype == np.float64, (r, k)
+            want = np.uint16 if k in idx else np.float64
+            assert getattr(st, k).size == n and getattr(st, k).dtype == want, (r, k)
         for k in ("tau_p", "tau_W"):
             assert getattr(st, k).tolist() == [0.0] * (l1 - l0)
         assert st.rejected.shape == (l1 - l0, 2) and not st.rejected.any()
@@ -239,44 +242,50 @@ def test_init_is_the_forward_pass_on_every_block(dims, P, quantize):
             np.testing.assert_array_equal(lay.W, Ws[l])
             np.testing.assert_array_equal(lay.b, bs[l])
             np.testing.assert_allclose(lay.z, S["z"][l], rtol=1e-13, atol=1e-13)
-            np.testing.assert_allclose(lay.p, S["p"][l], rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(algo.as_float(lay.p), S["p"][l], rtol=1e-13, atol=1e-13)
             assert (lay.p is X) if l == 0 else np.shares_memory(lay.p, st.p)
             if l < L - 1:
-                np.testing.assert_allclose(lay.q, S["q"][l], rtol=1e-13, atol=1e-13)
+                np.testing.assert_allclose(algo.as_float(lay.q), S["q"][l], rtol=1e-13, atol=1e-13)
                 assert np.shares_memory(lay.q, st.q)
                 assert (lay.u is None) if not quantize else np.shares_memory(lay.u, st.u)
             else:
                 assert lay.q is None and lay.u is None
         # the block boundary: q of the previous rank's last layer arrived (as sent, bitwise)
         if r:
-            np.testing.assert_allclose(algo.q_in, S["q"][l0 - 1], rtol=1e-13, atol=1e-13)
+            np.testing.assert_allclose(algo.as_float(algo.q_in), S["q"][l0 - 1], rtol=1e-13, atol=1e-13)
             assert np.shares_memory(algo.q_in, st.q_in) and np.shares_memory(algo.u_in, st.u_in)
         else:
             assert algo.q_in is None and algo.u_in is None
-        assert nbytes == (N * dims[l1] * 8 if l1 < L else 0)
+        assert nbytes == (N * dims[l1] * (2 if quantize else 8) if l1 < L else 0)
         # the duals at the start: 0 (stored, or nu (q - relu z) with q = relu z)
         u = algo.duals(st)
         assert sorted(u) == [l for l in ls if l < L - 1] and all(not v.any() for v in u.values())
         # scratch: S holds the largest narrow layer (l >= 1, n_out < n_in), B a row block of any p
         narrow = [dims[l + 1] for l in ls if l >= 1 and dims[l + 1] < dims[l]]
         assert algo._S.size == N * max(narrow, default=0)
-        assert algo._B.size == mod._ROWS * max([dims[l] for l in ls if l >= 1], default=0)
-        assert algo._p_recv is None if l1 == L else algo._p_recv.shape == (N, dims[l1])
+        rb = min(mod._ROWS, mod._QROWS) if quantize else mod._ROWS           # rows per block
+        assert algo._rb == rb and algo._B.size == rb * max([dims[l] for l in ls if l >= 1], default=0)
+        if l1 == L or quantize:                     # quantize_p: p arrives as indices only
+            assert algo._p_recv is None
+        else:
+            assert algo._p_recv.shape == (N, dims[l1]) and algo._p_recv.dtype == np.float64
         assert algo._ce.shape == (N,)
         if l0 == 0:
             np.testing.assert_allclose(algo._gram0, X.T @ X, rtol=1e-13)
         else:
             assert algo._gram0 is None
         if quantize:
+            # no N x width float copy of q or p: the index arrays are the state (and the messages);
+            # floats exist only in row blocks of _ROWS rows
             it = np.uint16
-            assert algo._qidx.dtype == it and algo._qidx.size == N * max(dims[l + 1] for l in ls)
-            assert algo._pidx.dtype == it and algo._pidx.size == N * max(dims[l] for l in ls)
-            for name, shape in (("_qidx_send", (N, dims[l1]) if l1 < L else None),
-                                ("_pidx_recv", (N, dims[l1]) if l1 < L else None),
-                                ("_qidx_recv", (N, dims[l0]) if r else None),
-                                ("_pidx_send", (N, dims[l0]) if r else None)):
-                a = getattr(algo, name)
-                assert (a is None) if shape is None else (a.shape == shape and a.dtype == it), (r, name)
+            a = algo._pidx_recv
+            assert (a is None) if l1 == L else (a.shape == (N, dims[l1]) and a.dtype == it), r
+            wmax = max(dims[max(l0, 1):l1 + 1])                 # widths of the stored p and q (not X's)
+            assert algo._Fp.size == algo._Fq.size == rb * wmax and algo._Fp.dtype == np.float64
+            assert not any(hasattr(algo, k) for k in ("_qidx", "_pidx", "_qidx_send", "_qidx_recv",
+                                                       "_pidx_send"))
+        else:
+            assert algo._pidx_recv is None and algo._Fp is None and algo._Fq is None
 
 
 def test_duals_and_weights_read_the_state_they_are_given():
@@ -362,19 +371,20 @@ def _check_against_reference(cfg, dims, P, out, S, costs):
         scale = lambda a: max(1.0, float(np.abs(a).max()))      # noqa: E731
         for j, l in enumerate(range(l0, l1)):
             lay = algo._layers[j]
-            for key, got in (("W", wb[j][0]), ("b", wb[j][1]), ("z", lay.z), ("p", lay.p), ("q", lay.q)):
+            p, q = algo.as_float(lay.p), algo.as_float(lay.q)          # quantised: stored as grid indices
+            for key, got in (("W", wb[j][0]), ("b", wb[j][1]), ("z", lay.z), ("p", p), ("q", q)):
                 want = S[key][l] if l < len(S[key]) else None
                 if got is None or want is None:
                     continue
                 assert np.abs(got - want).max() <= 1e-10 * scale(want), (r, l, key)
             # R is the residual z - p W^T - b, kept by bookkeeping
-            resid = lay.z - lay.p @ lay.W.T - lay.b
+            resid = lay.z - p @ lay.W.T - lay.b
             assert np.abs(lay.R - resid).max() <= 1e-10 * scale(resid), (r, l, "R")
             if l < L - 1:
                 assert np.abs(duals[l] - S["u"][l]).max() <= 1e-10 * scale(S["u"][l]), (r, l, "u")
         if r:
             assert np.abs(algo.u_in - S["u"][l0 - 1]).max() <= 1e-10 * scale(S["u"][l0 - 1]), (r, "u_in")
-            assert np.abs(algo.q_in - S["q"][l0 - 1]).max() <= 1e-10 * scale(S["q"][l0 - 1]), (r, "q_in")
+            assert np.abs(algo.as_float(algo.q_in) - S["q"][l0 - 1]).max() <= 1e-10 * scale(S["q"][l0 - 1]), (r, "q_in")
         if l1 == L:
             np.testing.assert_allclose(losses, costs, rtol=1e-10, atol=0)
         else:
@@ -392,11 +402,13 @@ def test_iterations_on_every_block_equal_reference(dims, P, opts):
     _check_against_reference(cfg, dims, P, out, S, costs)
 
 
+@pytest.mark.parametrize("opts", [dict(), dict(quantize=True, quantize_p=True), dict(quantize=True)],
+                         ids=["plain", "qp", "q"])
 @pytest.mark.parametrize("rows", [5, 4096])
-def test_row_blocked_iterations_equal_reference(monkeypatch, rows):
+def test_row_blocked_iterations_equal_reference(monkeypatch, rows, opts):
     monkeypatch.setattr(mod, "_ROWS", rows)
     dims = [6, 5, 5, 4, 7, 3]
-    cfg = PdADMMConfig(**CFG)
+    cfg = PdADMMConfig(**CFG, **opts)
     X, y, Ws, bs = ref.problem(dims, n=23, seed=9)
     out = _run(cfg, dims, 3, 3, X, y, Ws, bs)
     S, costs, _ = ref.run(X, y, Ws, bs, ref.hyper(cfg), 3)
@@ -411,3 +423,36 @@ def test_steps_on_a_restored_state_equal_reference(opts):
     out = _run(cfg, dims, 2, 4, X, y, Ws, bs, restore_at=2)
     S, costs, _ = ref.run(X, y, Ws, bs, ref.hyper(cfg), 4)
     _check_against_reference(cfg, dims, 2, out, S, costs)
+
+
+# ---- waiting for messages ------------------------------------------------------------------------
+class _FakeExchange:
+    """test() is False ``n`` times, then True; records the calls."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, []
+
+    def test(self):
+        self.calls.append("test")
+        self.n -= 1
+        return self.n < 0
+
+    def wait(self):
+        self.calls.append("wait")
+
+
+def test_wait_polls_and_sleeps_between_tests(monkeypatch):
+    sleeps = []
+    monkeypatch.setattr(mod.time, "sleep", sleeps.append)
+    ex = _FakeExchange(3)
+    mod._wait(ex, 250.0)
+    assert ex.calls == ["test"] * 4 + ["wait"] and sleeps == [250e-6] * 3
+    ex = _FakeExchange(3)
+    mod._wait(ex, 0.0)                          # 0: MPI's blocking wait, no polling
+    assert ex.calls == ["wait"] and len(sleeps) == 3
+
+
+def test_wait_poll_us_is_validated():
+    with pytest.raises(ValueError, match="wait_poll_us must be >= 0"):
+        PdADMMConfig(wait_poll_us=-1.0).validate()
+    PdADMMConfig(wait_poll_us=0.0).validate()

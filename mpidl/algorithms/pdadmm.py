@@ -40,14 +40,24 @@ R is recomputed by one GEMM after the step; narrow layers keep S = G W^T / p G^T
 (N x n_out, small) and update R += S / t (the p step then takes two passes over
 row blocks).
 
-Layer parallelism: ranks own contiguous blocks of layers on a path.  Per
+Layer parallelism: ranks own contiguous blocks of layers on a path (waits sleep
+between tests of the messages, ``wait_poll_us``, instead of spinning on a core).  Per
 iteration a rank sends p of its first layer to the previous rank (started right
 after the p update, so it overlaps the W/b/z updates) and q of its last layer
 to the next rank.  u_l is NOT sent: the right-hand neighbour of a boundary applies
 ``u_update`` to p_{l+1} and q_l, which are exchanged bitwise (the left-hand rank
 does the same in quantised runs, so the copies stay bitwise equal; unquantised,
 it uses the implicit u_l, equal up to rounding).  Quantised runs send grid indices (uint16 for 1000
-points), never floats.  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
+points), never floats.
+
+Quantised storage: q_l (and p_l with ``quantize_p``) live on the grid, so the
+state holds them as grid indices (uint16 for 1000 points: half the bytes of
+float32), and the messages are views of the state.  Wherever a float value is
+needed (GEMMs, elementwise kernels) the rows are dequantised block by block
+(``_QROWS`` rows) into small buffers; no N x width float copy of q or p exists.
+The elementwise results are bitwise those of the float storage; the reductions
+over samples with an indexed p (R^T p, p^T p) are summed block by block, so
+they differ from one full GEMM by rounding (checked against the reference).  Option ``rho_raise``: rho <- min(10 rho, rho_max) when
 the mean CE(z_L) fell by < rho_tol in each of the last two iterations (the
 public code's schedule; the cost is broadcast from the last rank).
 
@@ -94,6 +104,8 @@ class PdADMMConfig:
     init_std: float = 0.1
     downsample: int = 1                 # average-pool images by this factor (2: 28x28 -> 14x14)
     threads_per_rank: int = 1           # Numba and BLAS threads of each layer rank
+    wait_poll_us: float = 100.0         # wait for messages by testing every this many microseconds and
+                                        # sleeping in between (0: MPI's blocking wait, which spins in MPICH)
 
     def validate(self):
         for key in ("rho", "nu", "tau0", "fista_step", "rho_factor", "rho_max", "init_std"):
@@ -104,6 +116,8 @@ class PdADMMConfig:
                 raise ValueError(f"{key} must be >= 0, got {getattr(self, key)}")
         if self.fista_step > 2:
             raise ValueError(f"fista_step must be <= 2 (softmax-CE curvature <= 1/2), got {self.fista_step}")
+        if not self.wait_poll_us >= 0:
+            raise ValueError(f"wait_poll_us must be >= 0, got {self.wait_poll_us}")
         for key, lo in (("max_doublings", 0), ("fista_iters", 0), ("threads_per_rank", 1), ("downsample", 1)):
             if getattr(self, key) < lo:
                 raise ValueError(f"{key} must be >= {lo}, got {getattr(self, key)}")
@@ -186,6 +200,8 @@ class PdADMM:
         self.X, self.y = X, y
         self.grid = (cfg.grid_lo, cfg.grid_hi, cfg.grid_points) if cfg.quantize else None
         self.implicit_u = not cfg.quantize          # u_l = nu (q_l - relu z_l), not stored
+        # quantised runs store q (and q_in) as grid indices, p too with quantize_p
+        self.idx_dtype = KQ.index_dtype(cfg.grid_points) if cfg.quantize else None
         self.times = {k: 0.0 for k in ("p", "W", "b", "z", "q", "u", "wait")}
         self.layer_times = np.zeros(self.l1 - self.l0)   # compute seconds per local layer
 
@@ -232,22 +248,62 @@ class PdADMM:
         ls = range(self.l0, self.l1)
         narrow = [d[l + 1] for l in ls if l > 0 and d[l + 1] < d[l]]
         self._S = np.empty(N * max(narrow, default=0), dt)              # G W^T / p G^T of narrow layers
-        self._B = np.empty(_ROWS * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
+        # rows per block: quantised runs take smaller blocks (their dequantised p/q blocks are extra memory)
+        self._rb = _ROWS if self.grid is None else min(_ROWS, _QROWS)
+        self._B = np.empty(self._rb * max((d[l] for l in ls if l > 0), default=0), dt)   # a row block of G
         self._gram0 = None
         if self.l0 == 0:                                                 # X^T X: X never changes
             self._gram0 = np.matmul(self.X.T, self.X).astype(np.float64)
         self._ce = np.empty(N)
         last_w = d[self.l1]
-        self._p_recv = np.empty((N, last_w), dt) if self.l1 < self.L else None
-        if self.grid is not None:
-            it = KQ.index_dtype(self.grid[2])
-            self._qidx = np.empty(N * max(d[l + 1] for l in ls), it)          # interior q indices
-            self._qidx_send = np.empty((N, last_w), it) if self.l1 < self.L else None
-            self._qidx_recv = np.empty((N, d[self.l0]), it) if self.l0 > 0 else None
-            if self.cfg.quantize_p:
-                self._pidx = np.empty(N * max(d[l] for l in ls), it)
-                self._pidx_send = np.empty((N, d[self.l0]), it) if self.l0 > 0 else None
-                self._pidx_recv = np.empty((N, last_w), it) if self.l1 < self.L else None
+        pq = self.cfg.quantize_p
+        self._p_recv = np.empty((N, last_w), dt) if self.l1 < self.L and not pq else None
+        self._pidx_recv = np.empty((N, last_w), self.idx_dtype) if self.l1 < self.L and pq else None
+        self._Fp = self._Fq = None
+        if self.grid is not None:                       # row blocks of dequantised p and q
+            wmax = max(d[max(self.l0, 1):self.l1 + 1])         # the stored p/q widths (X is float)
+            self._Fp = np.empty(self._rb * wmax, dt)
+            self._Fq = np.empty(self._rb * wmax, dt)
+
+    def _blocks(self, n):
+        return [(r0, min(n, r0 + self._rb)) for r0 in range(0, n, self._rb)]
+
+    def as_float(self, a):
+        """Local. The values of a stored p/q array: ``a`` itself, or the grid values of its indices."""
+        if a is None or a.dtype.kind == "f":
+            return a
+        return KQ.dequantize(a, *self.grid, dtype=self.dtype)
+
+    def _rows(self, a, r0, r1, buf):
+        """Local. Float rows [r0, r1) of a stored p/q array: a view, or its grid values in ``buf``."""
+        if a.dtype.kind == "f":
+            return a[r0:r1]
+        out = buf[:(r1 - r0) * a.shape[1]].reshape(r1 - r0, a.shape[1])
+        return KQ.dequantize(a[r0:r1], *self.grid, dtype=self.dtype, out=out)
+
+    def _p_wt(self, p, W, out):
+        """Local. ``out = p W^T`` (row blocks when p is stored as grid indices)."""
+        if p.dtype.kind == "f":
+            return np.matmul(p, W.T, out=out)
+        for r0, r1 in self._blocks(len(p)):
+            np.matmul(self._rows(p, r0, r1, self._Fp), W.T, out=out[r0:r1])
+        return out
+
+    def _at_p(self, A, p):
+        """Local. ``A^T p`` (summed over row blocks when p is stored as grid indices)."""
+        if p.dtype.kind == "f":
+            return np.matmul(A.T, p)
+        out = np.zeros((A.shape[1], p.shape[1]), self.dtype)
+        tmp = np.empty_like(out)
+        for r0, r1 in self._blocks(len(p)):
+            pf = self._rows(p, r0, r1, self._Fp)
+            out += np.matmul((pf if A is p else A[r0:r1]).T, pf, out=tmp)
+        return out
+
+    def _refresh(self, lay):
+        """Local. R_l = z_l - p_l W_l^T - b_l from a fresh GEMM."""
+        self._p_wt(lay.p, lay.W, lay.R)
+        KA.resid_refresh(lay.R, lay.z, lay.b)
 
     # -- init ----------------------------------------------------------------------
     def init(self, params, comm):
@@ -262,9 +318,11 @@ class PdADMM:
         _blas_threads(c.threads_per_rank)
         s, dt = self._sizes(), self.dtype
         nl = self.l1 - self.l0
+        qt = self.idx_dtype or dt                      # q, q_in as grid indices when quantising
+        pt = self.idx_dtype if c.quantize_p else dt
         st = PdADMMState(W=np.empty(s["W"], dt), b=np.empty(s["b"], dt), z=np.empty(s["z"], dt),
-                         R=np.zeros(s["z"], dt), p=np.empty(s["p"], dt), q=np.empty(s["q"], dt),
-                         u=np.zeros(s["u"], dt), q_in=np.empty(s["in"], dt), u_in=np.zeros(s["in"], dt),
+                         R=np.zeros(s["z"], dt), p=np.empty(s["p"], pt), q=np.empty(s["q"], qt),
+                         u=np.zeros(s["u"], dt), q_in=np.empty(s["in"], qt), u_in=np.zeros(s["in"], dt),
                          tau_p=np.zeros(nl), tau_W=np.zeros(nl), rejected=np.zeros((nl, 2), np.int64),
                          costs=np.full(3, np.nan), rho=float(c.rho))
         layers = self._bind(st)
@@ -272,19 +330,23 @@ class PdADMM:
         Ws, bs = params
         if self.l0 > 0:
             comm.start_exchange({}, {self.rank - 1: self.q_in}, tag=_TAG_INIT).wait()
-            layers[0].p[...] = self.q_in
+            _copy_stored(self.q_in, layers[0].p, self.grid)
         for j, lay in enumerate(layers):
             lay.W[...] = Ws[j]
             lay.b[...] = bs[j]
-            np.matmul(lay.p, lay.W.T, out=lay.z)
+            self._p_wt(lay.p, lay.W, lay.z)
             lay.z += lay.b
             if lay.q is not None:
-                np.maximum(lay.z, 0, out=lay.q)
-                if self.grid is not None:
-                    KQ.dequantize(KQ.quantize(lay.q, *self.grid), *self.grid, dtype=dt, out=lay.q)
+                if self.grid is None:
+                    np.maximum(lay.z, 0, out=lay.q)
+                else:                                   # q = the grid point nearest to relu(z)
+                    for r0, r1 in self._blocks(self.N):
+                        f = self._Fq[:(r1 - r0) * lay.q.shape[1]].reshape(r1 - r0, -1)
+                        np.maximum(lay.z[r0:r1], 0, out=f)
+                        KQ.quantize(f, *self.grid, out_idx=lay.q[r0:r1])
                 nxt = layers[j + 1].p if j + 1 < nl else None
                 if nxt is not None:
-                    nxt[...] = lay.q
+                    _copy_stored(lay.q, nxt, self.grid)
         if self.l1 < self.L:
             comm.start_exchange({self.rank + 1: layers[-1].q}, {}, tag=_TAG_INIT).wait()
         return st
@@ -305,7 +367,7 @@ class PdADMM:
         # p of the first layer goes to the previous rank; p of the next rank's first layer comes in
         send, recv = {}, {}
         if self.l0 > 0:
-            send[rank - 1] = self._pidx_send if c.quantize_p else layers[0].p
+            send[rank - 1] = layers[0].p                    # grid indices with quantize_p
         if self.l1 < self.L:
             recv[rank + 1] = self._pidx_recv if c.quantize_p else self._p_recv
         ex = comm.start_exchange(send, recv, tag=_TAG_P)
@@ -317,8 +379,9 @@ class PdADMM:
             t = _tick(T, "b", t, LT, j)
             if lay.q is not None and self.implicit_u:
                 KA.z_step_dual(lay.z, lay.R, lay.q, nu)         # q's buffer now holds u_old
-            elif lay.q is not None:
-                KA.z_step(lay.z, lay.R, lay.q)
+            elif lay.q is not None:                         # quantised: q stored as indices
+                for r0, r1 in self._blocks(self.N):
+                    KA.z_step(lay.z[r0:r1], lay.R[r0:r1], self._rows(lay.q, r0, r1, self._Fq))
             else:
                 a = lay.z - lay.R
                 _, ce, _ = KA.ce_prox(a, self.y, lay.z, nu, c.fista_step, c.fista_iters, c.fista_tol,
@@ -326,18 +389,22 @@ class PdADMM:
                 np.subtract(lay.z, a, out=lay.R)
                 state.loss = float(np.sum(ce) / self.N)
             t = _tick(T, "z", t, LT, j)
-        ex.wait()
-        if c.quantize_p and self.l1 < self.L:
-            KQ.dequantize(self._pidx_recv, *self.grid, dtype=self.dtype, out=self._p_recv)
+        _wait(ex, c.wait_poll_us)
         t = _tick(T, "wait", t)
         for j, lay in enumerate(layers):
             if lay.q is None:
                 continue
-            p_next = layers[j + 1].p if j + 1 < len(layers) else self._p_recv
-            if self.grid is not None:
-                boundary = j + 1 == len(layers)
-                idx = self._qidx_send if boundary else self._qidx[:lay.q.size].reshape(lay.q.shape)
-                KQ.q_update_quantized(lay.z, p_next, lay.u, nu, rho, *self.grid, out=lay.q, out_idx=idx)
+            p_next = layers[j + 1].p if j + 1 < len(layers) else (
+                self._pidx_recv if c.quantize_p else self._p_recv)
+            if self.grid is not None:                       # q (indices) and u in one sweep of row blocks
+                for r0, r1 in self._blocks(self.N):
+                    pn = self._rows(p_next, r0, r1, self._Fp)
+                    qf = self._Fq[:(r1 - r0) * lay.q.shape[1]].reshape(r1 - r0, -1)
+                    KQ.q_update_quantized(lay.z[r0:r1], pn, lay.u[r0:r1], nu, rho, *self.grid,
+                                          out=qf, out_idx=lay.q[r0:r1])
+                    KA.u_update(lay.u[r0:r1], pn, qf, rho)
+                t = _tick(T, "q", t, LT, j)
+                continue
             else:
                 KA.q_update(lay.z, p_next, lay.q if self.implicit_u else lay.u, nu, rho, out=lay.q)
             t = _tick(T, "q", t, LT, j)
@@ -347,15 +414,18 @@ class PdADMM:
         # q of the last layer goes to the next rank (for its p update at k + 1)
         send, recv = {}, {}
         if self.l1 < self.L:
-            send[rank + 1] = self._qidx_send if self.grid is not None else layers[-1].q
+            send[rank + 1] = layers[-1].q                   # grid indices when quantising
         if self.l0 > 0:
-            recv[rank - 1] = self._qidx_recv if self.grid is not None else self.q_in
-        comm.start_exchange(send, recv, tag=_TAG_Q).wait()
+            recv[rank - 1] = self.q_in
+        _wait(comm.start_exchange(send, recv, tag=_TAG_Q), c.wait_poll_us)
         t = _tick(T, "wait", t)
         if self.l0 > 0:
             if self.grid is not None:
-                KQ.dequantize(self._qidx_recv, *self.grid, dtype=self.dtype, out=self.q_in)
-            KA.u_update(self.u_in, layers[0].p, self.q_in, rho)
+                for r0, r1 in self._blocks(self.N):
+                    KA.u_update(self.u_in[r0:r1], self._rows(layers[0].p, r0, r1, self._Fp),
+                                self._rows(self.q_in, r0, r1, self._Fq), rho)
+            else:
+                KA.u_update(self.u_in, layers[0].p, self.q_in, rho)
             t = _tick(T, "u", t, LT, 0)
         if c.rho_raise:
             self._raise_rho(state, comm)
@@ -375,25 +445,32 @@ class PdADMM:
         prev = self._layers[j - 1] if j > 0 else None
         q_prev = prev.q if prev is not None else self.q_in
 
-        def grad(g, r0, r1):
+        stored = self.grid is not None                  # q (and p) as indices: float rows by blocks
+        pq = c.quantize_p
+
+        def grad(g, r0, r1, pf):
             if prev is not None and self.implicit_u:
-                KA.p_grad_dual(g, lay.p[r0:r1], q_prev[r0:r1], prev.z[r0:r1], nu, rho)
+                KA.p_grad_dual(g, pf, q_prev[r0:r1], prev.z[r0:r1], nu, rho)
             else:
                 u_prev = prev.u if prev is not None else self.u_in
-                KA.p_grad(g, lay.p[r0:r1], q_prev[r0:r1], u_prev[r0:r1], nu, rho)
+                KA.p_grad(g, pf, self._rows(q_prev, r0, r1, self._Fq), u_prev[r0:r1], nu, rho)
 
         if n_in <= n_out:
-            G = _matmul_over(lay.R, lay.W, self._B)
-            grad(G, 0, N)
+            G = _matmul_over(lay.R, lay.W, self._B, self._rb)
+            if stored:
+                for r0, r1 in self._blocks(N):
+                    grad(G[r0:r1], r0, r1, self._rows(lay.p, r0, r1, self._Fp))
+            else:
+                grad(G, 0, N, lay.p)
             gg = KA.sumsq(G)
             ghg = nu * _gram_dot(np.matmul(G.T, G), np.matmul(lay.W.T, lay.W)) + rho * gg
         else:
             S = self._S[:N * n_out].reshape(N, n_out)
             gg = 0.0
-            for r0, r1 in _row_blocks(N):
+            for r0, r1 in self._blocks(N):
                 g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
                 np.matmul(lay.R[r0:r1], lay.W, out=g)
-                grad(g, r0, r1)
+                grad(g, r0, r1, self._rows(lay.p, r0, r1, self._Fp))
                 gg += KA.sumsq(g)
                 np.matmul(g, lay.W.T, out=S[r0:r1])
             ghg = nu * KA.sumsq(S) + rho * gg
@@ -401,21 +478,24 @@ class PdADMM:
         state.tau_p[j] = t
         if not ok:
             state.rejected[j, 0] += 1
-        elif n_in <= n_out:
+        elif n_in <= n_out and not pq:
             KA.axpy(lay.p, G, -1.0 / t)
+        elif n_in <= n_out:                                 # p_new = the grid point nearest to p - G/t
+            for r0, r1 in self._blocks(N):
+                pf = self._rows(lay.p, r0, r1, self._Fp)
+                KA.axpy(pf, G[r0:r1], -1.0 / t)
+                KQ.quantize(pf, *self.grid, out_idx=lay.p[r0:r1])
         else:
-            for r0, r1 in _row_blocks(N):
+            for r0, r1 in self._blocks(N):
                 g = self._B[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
                 np.matmul(lay.R[r0:r1], lay.W, out=g)
-                grad(g, r0, r1)
-                KA.axpy(lay.p[r0:r1], g, -1.0 / t)
-        if c.quantize_p:
-            idx = self._pidx_send if j == 0 else self._pidx[:lay.p.size].reshape(lay.p.shape)
-            KQ.quantize(lay.p, *self.grid, out_idx=idx)
-            if ok:
-                KQ.dequantize(idx, *self.grid, dtype=self.dtype, out=lay.p)
-        if n_in <= n_out or (ok and c.quantize_p):
-            _refresh_resid(lay)                             # R = z - p W^T - b (fresh)
+                pf = self._rows(lay.p, r0, r1, self._Fp)
+                grad(g, r0, r1, pf)
+                KA.axpy(pf, g, -1.0 / t)
+                if pq:
+                    KQ.quantize(pf, *self.grid, out_idx=lay.p[r0:r1])
+        if n_in <= n_out or (ok and pq):
+            self._refresh(lay)                              # R = z - p W^T - b (fresh)
         elif ok:
             KA.axpy(lay.R, S, 1.0 / t)
 
@@ -428,7 +508,7 @@ class PdADMM:
         """
         c, nu, N = self.cfg, self.cfg.nu, self.N
         n_in, n_out = lay.p.shape[1], lay.R.shape[1]
-        G = np.matmul(lay.R.T, lay.p)
+        G = self._at_p(lay.R, lay.p)
         G *= -nu
         if c.mu > 0:
             G += c.mu * lay.W
@@ -436,10 +516,10 @@ class PdADMM:
         narrow = lay.l > 0 and n_out < n_in
         if narrow:
             S = self._S[:N * n_out].reshape(N, n_out)
-            np.matmul(lay.p, G.T, out=S)
+            self._p_wt(lay.p, G, S)
             pg = KA.sumsq(S)
         else:
-            gram = self._gram0 if lay.l == 0 else np.matmul(lay.p.T, lay.p)
+            gram = self._gram0 if lay.l == 0 else self._at_p(lay.p, lay.p)
             pg = _gram_dot(np.matmul(G, gram), G)
         t, _, ok = KA.backtrack(gg, nu * pg + c.mu * gg, c.tau0, c.max_doublings)
         state.tau_W[j] = t
@@ -450,7 +530,7 @@ class PdADMM:
         if narrow:
             KA.axpy(lay.R, S, 1.0 / t)
         else:
-            _refresh_resid(lay)
+            self._refresh(lay)
 
     def _raise_rho(self, state, comm):
         cost = np.array([state.loss if self.l1 == self.L else 0.0])
@@ -480,13 +560,15 @@ class PdADMM:
 
 _ROWS = 4096
 """Rows per block of the blocked GEMMs (a block of G is _ROWS x n_in)."""
+_QROWS = 1024
+"""Rows per block in quantised runs (dequantised p/q blocks of _QROWS x width, 2 MB at width 500)."""
 
 
 def _row_blocks(n):
     return [(r0, min(n, r0 + _ROWS)) for r0 in range(0, n, _ROWS)]
 
 
-def _matmul_over(R, W, buf):
+def _matmul_over(R, W, buf, rows=None):
     """Local. G = R W (N x n_in, n_in <= n_out) written over R's own storage; returns that view.
 
     Row block [r0, r1) of G lands on flat elements [r0 n_in, r1 n_in), which lie
@@ -494,22 +576,41 @@ def _matmul_over(R, W, buf):
     """
     n, n_in = R.shape[0], W.shape[1]
     flat = R.reshape(-1)
-    for r0, r1 in _row_blocks(n):
+    for r0, r1 in (_row_blocks(n) if rows is None else [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)]):
         blk = buf[:(r1 - r0) * n_in].reshape(r1 - r0, n_in)
         np.matmul(R[r0:r1], W, out=blk)
         flat[r0 * n_in:r1 * n_in] = blk.reshape(-1)
     return flat[:n * n_in].reshape(n, n_in)
 
 
-def _refresh_resid(lay):
-    """Local. R_l = z_l - p_l W_l^T - b_l from a fresh GEMM."""
-    np.matmul(lay.p, lay.W.T, out=lay.R)
-    KA.resid_refresh(lay.R, lay.z, lay.b)
+def _copy_stored(src, dst, grid):
+    """Local. ``dst[...] = src`` between stored p/q arrays (grid indices -> floats by dequantising)."""
+    if src.dtype == dst.dtype:
+        dst[...] = src
+    else:
+        KQ.dequantize(src, *grid, dtype=dst.dtype, out=dst)
 
 
 def _gram_dot(A, B):
     """Local. <A, B> (sum of the elementwise product) in float64."""
     return float(np.vdot(np.asarray(A, np.float64), np.asarray(B, np.float64)))
+
+
+def _wait(ex, poll_us):
+    """Local. Complete exchange ``ex``: test it every ``poll_us`` microseconds and sleep in between.
+
+    MPICH's blocking wait spins on a core: with more ranks than free cores (L = 3 ranks
+    on 2 cores, or a loaded node) a waiting rank takes CPU time from the ranks that
+    compute.  A sleeping rank leaves it to them; each test drives MPI's progress
+    engine, so the messages still move (measured: benchmarks/bench_pdadmm.py scale).
+    """
+    if poll_us <= 0 or not hasattr(ex, "test"):
+        ex.wait()
+        return
+    dt = poll_us * 1e-6
+    while not ex.test():
+        time.sleep(dt)
+    ex.wait()
 
 
 def _tick(times, key, t, per_layer=None, j=0):

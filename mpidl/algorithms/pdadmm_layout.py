@@ -27,6 +27,7 @@ import numpy as np
 
 from mpidl import config as C
 from mpidl import topology as T
+from mpidl.kernels import quantize as KQ
 from mpidl.algorithms.pdadmm import PdADMM, PdADMMConfig, PdADMMQConfig, layer_blocks
 from mpidl.errors import MpidlError
 from mpidl.layouts import Session, provenance
@@ -83,22 +84,27 @@ def _mlp_params(cfg, dims):
     return [l.weight.detach().double().numpy() for l in lins], [l.bias.detach().double().numpy() for l in lins]
 
 
-def _memory_check(dims, n, l0, l1, itemsize, quantize):
-    """Raise when this rank's state + scratch would not fit in the available memory."""
+def _memory_check(dims, n, l0, l1, itemsize, quantize, quantize_p=False, idx_size=2):
+    """Raise when this rank's state + scratch would not fit in the available memory.
+
+    Quantised runs hold q (and q_in; p and the received p with ``quantize_p``) as grid
+    indices of ``idx_size`` bytes, and u in floats.
+    """
     L = len(dims) - 1
-    elems = 0
+    qb = idx_size if quantize else itemsize                                        # bytes of a q value
+    pb = idx_size if quantize_p else itemsize                                      # bytes of a p value
+    need = 0
     for l in range(l0, l1):
-        elems += dims[l + 1] * dims[l] + dims[l + 1] + 2 * n * dims[l + 1]       # W, b, z, R
-        elems += n * dims[l] if l > 0 else 0                                       # p
+        need += (dims[l + 1] * dims[l] + dims[l + 1] + 2 * n * dims[l + 1]) * itemsize   # W, b, z, R
+        need += n * dims[l] * pb if l > 0 else 0                                   # p
         if l < L - 1:
-            elems += (2 if quantize else 1) * n * dims[l + 1]                      # q (and u when quantised)
+            need += n * dims[l + 1] * (qb + (itemsize if quantize else 0))          # q (and u when quantised)
     if l0 > 0:
-        elems += 2 * n * dims[l0]                                                  # q_in, u_in
+        need += n * dims[l0] * (qb + itemsize)                                     # q_in, u_in
     if l1 < L:
-        elems += n * dims[l1]                                                      # p received
+        need += n * dims[l1] * pb                                                  # p received
     narrow = [dims[l + 1] for l in range(max(l0, 1), l1) if dims[l + 1] < dims[l]]
-    elems += n * max(narrow, default=0)                                            # S of narrow layers
-    need = elems * itemsize
+    need += n * max(narrow, default=0) * itemsize                                  # S of narrow layers
     # every rank builds the whole seeded model once (float32 torch + a float64 copy)
     need += 12 * sum(dims[l + 1] * (dims[l] + 1) for l in range(L))
     try:
@@ -149,7 +155,8 @@ class PdADMMSession(Session):
                 raise PdADMMError(f"pdADMM needs at most one rank per layer: {size} ranks for the "
                                   f"{L} layers of MLP {dims}; start fewer ranks or add hidden layers")
             l0, l1 = layer_blocks(L, size)[rank]
-            _memory_check(dims, len(X), l0, l1, np.dtype(dtype).itemsize, a.quantize)
+            _memory_check(dims, len(X), l0, l1, np.dtype(dtype).itemsize, a.quantize, a.quantize_p,
+                          KQ.index_dtype(a.grid_points).itemsize)
         except (MpidlError, ValueError) as e:
             err = e
         try:

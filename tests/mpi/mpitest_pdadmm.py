@@ -43,8 +43,8 @@ def _gather(algo, state):
     algo.weights(state)
     u = algo.duals(state)
     mine = {lay.l: {"W": lay.W.copy(), "b": lay.b.copy(), "z": lay.z.copy(),
-                    "p": None if lay.l == 0 else lay.p.copy(),
-                    "q": None if lay.q is None else lay.q.copy(),
+                    "p": None if lay.l == 0 else np.array(algo.as_float(lay.p)),   # quantised: stored
+                    "q": None if lay.q is None else np.array(algo.as_float(lay.q)),   # as grid indices
                     "u": u.get(lay.l)} for lay in algo._layers}
     if algo.u_in is not None:
         mine["u_in"] = (algo.l0 - 1, algo.u_in.copy())
