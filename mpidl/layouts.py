@@ -331,12 +331,32 @@ class AgentSession(Session):
         s = self.mc.allreduce(np.array([tl * nt, ta * nt, nt], dtype=np.float64))
         return float(s[0] / s[2]), float(s[1] / s[2])
 
+    def _average_buffers(self):
+        """Collective. The evaluation model's floating buffers (BatchNorm running statistics) := the
+        mean of the agents' own, so the average model is scored with averaged statistics (one
+        allreduce; a model without such buffers makes no call)."""
+        if self.fm is None:
+            return
+        own = [b for b in self.fm.model.buffers() if b.is_floating_point()]
+        if not own:
+            return
+        flat = np.concatenate([b.detach().cpu().double().numpy().ravel() for b in own])
+        mean = self.mc.allreduce(flat, op="mean")
+        dst = [b for b in self.oracle_eval.fm.model.buffers() if b.is_floating_point()]
+        import torch
+        a = 0
+        for b in dst:
+            n = b.numel()
+            b.copy_(torch.from_numpy(mean[a:a + n]).reshape(b.shape).to(b.dtype))
+            a += n
+
     def evaluate(self, state):
         mc, x = self.mc, state.x
         xbar = mc.allreduce(x, op="mean")
         cons = math.sqrt(mc.allreduce(float(np.sum((x.astype(np.float64) - xbar) ** 2)), op="mean"))
         # average model: test set split across ranks; train accuracy on each agent's shard
         self.xbuf[...] = xbar
+        self._average_buffers()
         tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
         rl, ra = self.oracle_eval.evaluate(self.xbuf, self.xtr, self.ytr)
         nt, nr = len(self.yte_slice), len(self.ytr)

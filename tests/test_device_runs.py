@@ -22,6 +22,7 @@ from mpidl import flat
 from mpidl.algorithms import fdg_grid
 from mpidl.checkpoint import CheckpointStore
 from mpidl.driver import train
+from test_device import _Catch
 from test_fdg_units import _cfg as _fdg_cfg
 from test_fdg_units import _grid, _one_model_at_a_time, _steps  # noqa: F401 (autouse fixture)
 
@@ -98,15 +99,6 @@ def test_fdg_staging_is_bitwise_the_plain_grid(monkeypatch, M, K):
 
 
 # -- checkpoint portability ------------------------------------------------------------------
-class _Catch(logging.Handler):
-    def __init__(self):
-        super().__init__(logging.DEBUG)
-        self.lines = []
-
-    def emit(self, record):
-        self.lines.append((record.levelname, record.getMessage()))
-
-
 @pytest.fixture
 def ckpt_log():
     h = _Catch()

@@ -422,3 +422,27 @@ def test_pdadmm_and_next_read_a_data_file(tmp_path, algo, sets):
             == "18,16,3"                        # the MLP reads the flattened rows
     else:
         assert res["test_mse"] < 0.1 * float(np.var(a["y_test"])), res    # fits the planted linear model
+
+
+def test_average_model_is_scored_with_averaged_batchnorm_statistics(tmp_path):
+    """At 1 rank the average model is the agent's own model: with BatchNorm its test accuracy must
+    equal the agent's own (it did not while the evaluation copy kept its initial running stats)."""
+    from mpi4py import MPI
+
+    from mpidl.driver import train
+    (tmp_path / "bn.py").write_text(
+        "from torch import nn\nimport math\n"
+        "def make(input_shape, num_classes):\n"
+        "    d = math.prod(input_shape)\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(d, 16), nn.BatchNorm1d(16), nn.ReLU(),\n"
+        "                         nn.Linear(16, num_classes))\n")
+    a = _arrays(n=400, nt=200)
+    a["x_train"] = a["x_train"] * 3.0 + 2.0     # far from BatchNorm's initial statistics
+    a["x_test"] = a["x_test"] * 3.0 + 2.0
+    np.savez(tmp_path / "d.npz", **a)
+    cfg = C.load(None, [f"data.path={tmp_path / 'd.npz'}", f"model.factory={tmp_path / 'bn.py'}:make",
+                        "algorithm.name=centralized", "algorithm.lr=0.1", "run.batch_size=32", "run.steps=40",
+                        "data.eval_samples=0", f'run.out="{tmp_path / "out"}"'])
+    res = train(cfg, MPI.COMM_SELF)
+    assert res["test_acc"] == res["agent_acc_mean"], res
+    assert res["test_acc"] > 0.6, res
