@@ -179,12 +179,15 @@ def test_errors_on_every_rank():
     assert_raises_all(MpidlError, setup_grid, _cfg(0, N + 1), W, match="does not fit")
     if N >= 2:
         assert_raises_all(MpidlError, setup_grid, _cfg(1, N, ["model.name=linear"]), W, match="cuttable units")
-    cfg = config.load(None, BASE + ["algorithm.stages=1", "algorithm.cuts=[2]"])
-    assert_raises_all(MpidlError, setup_grid, cfg, W, match="does not fit")
+    # a cut list of the wrong length or order is a config error (before any setup)
+    assert_raises_all(MpidlError, config.load, None, BASE + ["algorithm.stages=1", "algorithm.cuts=[2]"],
+                      match="cuts must list stages - 1 = 0")
+    assert_raises_all(MpidlError, config.load, None, BASE + ["algorithm.stages=3", "algorithm.cuts=[2, 1]"],
+                      match="cuts must be increasing")
     for beta in ("0.0", "1.5", "-1"):
         assert_raises_all(MpidlError, config.load, None, BASE + [f"algorithm.beta={beta}"], match="beta")
     if N >= 2:
-        cfg = _cfg(1, N, [f"algorithm.cuts={list(range(N - 1, 0, -1))}" if N > 2 else "algorithm.cuts=[9]"])
+        cfg = _cfg(1, N, [f"algorithm.cuts={list(range(9, 9 + N - 1))}"])   # valid form, past the 4 units
         assert_raises_all(MpidlError, setup_grid, cfg, W, match="does not fit")
 
 
