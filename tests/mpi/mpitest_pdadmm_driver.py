@@ -178,8 +178,10 @@ def test_session_on_binary_and_regression_data():
                           WORLD, match="needs a classification dataset")
     finally:
         D.load_dataset = real
-    # the configured data folder is the one searched (the error names it)
+    # the configured data folder is the one searched (the error names it); config.load checks the
+    # folder exists, so the layout's own search is reached with paths=False
     missing = "/nonexistent/mpidl-pdadmm-data"
-    assert_raises_all(MpidlError, setup_layers, config.load(None, base + ["data.dataset=fashion-mnist",
-                                                                           f'data.data_dir="{missing}"']),
-                      WORLD, match=f"file {missing}/")
+    sets = base + ["data.dataset=fashion-mnist", f'data.data_dir="{missing}"']
+    assert_raises_all(MpidlError, config.load, None, sets, match=f"data_dir '{missing}' is not a folder")
+    assert_raises_all(MpidlError, setup_layers, config.load(None, sets, paths=False), WORLD,
+                      match=f"file {missing}/")
