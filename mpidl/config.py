@@ -214,6 +214,14 @@ class RunConfig:
         check_int(self, "threads", lo=0)     # 0 runs one thread (the driver takes max(1, threads))
 
 
+@dataclass(frozen=True)
+class CommConfig:
+    cuda_aware: str = "auto"            # auto | true | false: hand device tensors to MPI (see mpidl.device)
+
+    def validate(self):
+        check_choice(self, "cuda_aware", ("auto", "true", "false"))
+
+
 _ALGOS: dict = {}
 _LAYOUTS: dict = {}
 
@@ -287,6 +295,7 @@ class Config:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     algorithm: typing.Any = None        # the algorithm's own frozen config (has .name)
     run: RunConfig = field(default_factory=RunConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
 
     @property
     def run_name(self) -> str:
@@ -321,7 +330,8 @@ class Config:
         return to_toml(self)
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "topology": TopologyConfig, "run": RunConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "topology": TopologyConfig, "run": RunConfig,
+             "comm": CommConfig}
 
 
 class _Override(str):
@@ -389,6 +399,8 @@ def _build(section: str, cls, values: dict):
         raise ConfigError(f"[{section}] must be a table, got {values!r}")
     if section == "model":
         values = _model_values(values)
+    if section == "comm" and isinstance(values.get("cuda_aware"), bool):   # TOML true / false
+        values = dict(values, cuda_aware="true" if values["cuda_aware"] else "false")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(fields))
     if unknown:
@@ -434,7 +446,7 @@ def from_dict(d: dict) -> Config:
 def to_dict(cfg: Config) -> dict:
     """Local. The resolved config as a plain (TOML/JSON-able) dict."""
     out = {}
-    for name in ("data", "model", "topology", "algorithm", "run"):
+    for name in ("data", "model", "topology", "algorithm", "run", "comm"):
         sec = dataclasses.asdict(getattr(cfg, name))
         out[name] = {k: (list(v) if isinstance(v, tuple) else v) for k, v in sec.items()}
     m = cfg.model

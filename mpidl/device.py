@@ -22,12 +22,14 @@ choice, so all ranks agree, logs which rank uses which device on which host
 (rank 0), and raises the same :class:`~mpidl.errors.MpidlError` on every rank
 when ``device = "cuda"`` and some rank has no CUDA device.
 
-What a device means for the algorithms (design choice, see docs/clusters.md):
-the algorithms keep their flat state on the host as NumPy arrays, exactly as
-on the CPU; :class:`~mpidl.flat.FlatModel` keeps the module, the batches and
-the autograd graph on the device and stages parameters and gradients through
-one contiguous pinned host buffer each way per step.  The comm layer only
-ever sees host buffers.
+What a device means for the algorithms (see docs/clusters.md): the model's
+flat parameter and gradient buffers (:class:`~mpidl.flat.FlatModel`) live on
+the device, every array of the algorithm's state is made like them
+(:mod:`mpidl.xp`), so the update runs there as torch operations, written once
+for NumPy and torch.  The communicators stage a device buffer through a
+pinned host mirror (one copy each way per collective) or, when the MPI library
+is CUDA-aware (``[comm] cuda_aware``, :func:`resolve_cuda_aware`), hand the
+device memory to MPI and combine a mix on the device.
 
 Families that have no torch device path (NEXT, pdADMM and the convex Numba
 oracles) run on the CPU: ``device = "cuda"`` there logs one warning saying so
@@ -46,7 +48,8 @@ from mpidl.errors import MpidlError
 log = logging.getLogger("mpidl.device")
 
 __all__ = ["DEVICES", "DeviceChoice", "DeviceError", "node_local_rank", "select_device", "shared_devices",
-           "cpu_only_reason", "resolve_device"]
+           "cpu_only_reason", "resolve_device", "CUDA_AWARE", "cuda_aware_support", "decide_cuda_aware",
+           "resolve_cuda_aware"]
 
 DEVICES = ("cpu", "cuda", "auto")
 
@@ -223,3 +226,101 @@ def resolve_device(cfg, world):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     return dev
+
+
+# -- CUDA-aware MPI ------------------------------------------------------------------------
+CUDA_AWARE = ("auto", "true", "false")
+
+
+def _libmpi_path() -> str | None:
+    """The MPI library this process loaded (mpi4py's), from the process's memory map (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1] if len(line.split()) >= 6 else ""
+                name = os.path.basename(path)
+                if name.startswith(("libmpi.so", "libmpi_cray.so", "libmpich.so")):
+                    return path
+    except OSError:
+        pass
+    import ctypes.util
+    return ctypes.util.find_library("mpi")
+
+
+def cuda_aware_support() -> bool | None:
+    """Local. Whether the loaded MPI library says it can move CUDA device memory (None: it has no query).
+
+    Asks ``MPIX_Query_cuda_support()`` (Open MPI's extension, also in MPICH >= 4.1) and
+    otherwise ``MPIX_GPU_query_support(MPIX_GPU_SUPPORT_CUDA, &flag)`` (MPICH, Cray MPICH).
+    Both answer at run time: Open MPI built with CUDA, MPICH configured with CUDA and a GPU
+    present (``MPIR_CVAR_ENABLE_GPU``), Cray MPICH with ``MPICH_GPU_SUPPORT_ENABLED=1``.
+    Call it after MPI is initialised.
+    """
+    import ctypes
+    path = _libmpi_path()
+    if not path:
+        return None
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError:
+        return None
+    if hasattr(lib, "MPIX_Query_cuda_support"):
+        fn = lib.MPIX_Query_cuda_support
+        fn.restype, fn.argtypes = ctypes.c_int, []
+        return bool(fn())
+    if hasattr(lib, "MPIX_GPU_query_support"):
+        fn = lib.MPIX_GPU_query_support
+        fn.restype, fn.argtypes = ctypes.c_int, [ctypes.c_int, ctypes.POINTER(ctypes.c_int)]
+        flag = ctypes.c_int(0)
+        return fn(0, ctypes.byref(flag)) == 0 and bool(flag.value)    # 0 = MPIX_GPU_SUPPORT_CUDA
+    return None
+
+
+def decide_cuda_aware(setting: str, device_type: str, supports: list) -> tuple:
+    """Local (pure). ``(use, message)`` for ``[comm] cuda_aware`` given this run's device type and
+    every rank's :func:`cuda_aware_support` answer (True, False or None).
+
+    ``false`` or a CPU run: staging (a CPU run has nothing to hand over; ``true`` there is
+    said in the message).  ``auto``: direct only when every rank's MPI says yes.
+    ``true``: direct; the message warns when some rank's MPI says no (it may crash).
+    """
+    if setting not in CUDA_AWARE:
+        raise DeviceError(f"[comm] cuda_aware must be auto, true or false, got {setting!r}")
+    if device_type == "cpu":
+        return False, ("[comm] cuda_aware = true has no effect: this run's tensors are on the CPU"
+                       if setting == "true" else "")
+    if setting == "false":
+        return False, "comm: device buffers staged through pinned host memory ([comm] cuda_aware = false)"
+    if setting == "auto":
+        if supports and all(s is True for s in supports):
+            return True, "comm: the MPI library is CUDA-aware: device buffers go to MPI directly"
+        why = ("it reports no CUDA support" if any(s is False for s in supports)
+               else "it offers no CUDA-support query")
+        return False, f"comm: device buffers staged through pinned host memory (MPI: {why}; " \
+                      "[comm] cuda_aware = true forces the direct path)"
+    bad = [r for r, s in enumerate(supports) if s is False]
+    if bad:
+        return True, (f"[comm] cuda_aware = true but the MPI library of rank(s) {bad[:8]} reports no CUDA "
+                      "support: passing device memory to it may crash; set cuda_aware = auto")
+    return True, "comm: device buffers go to MPI directly ([comm] cuda_aware = true)"
+
+
+def resolve_cuda_aware(cfg, world, device) -> bool:
+    """Collective over ``world`` when the run is on a GPU (a CPU run makes no call).
+
+    Every rank asks its MPI library (:func:`cuda_aware_support`), the answers are
+    gathered, and :func:`decide_cuda_aware` gives one decision for all ranks; rank 0
+    logs it (a warning when ``true`` overrides a "no").
+    """
+    setting = cfg.comm.cuda_aware
+    if device.type == "cpu":
+        use, msg = decide_cuda_aware(setting, "cpu", [])
+        if msg and world.Get_rank() == 0:
+            log.warning(msg)
+        return use
+    from mpidl.comm.core import allgather_objects
+    supports = allgather_objects(world, cuda_aware_support())
+    use, msg = decide_cuda_aware(setting, device.type, supports)
+    if world.Get_rank() == 0 and msg:
+        (log.warning if "may crash" in msg else log.info)(msg)
+    return use

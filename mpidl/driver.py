@@ -33,7 +33,7 @@ import numpy as np
 from mpidl import config as C
 from mpidl.algorithms.base import state_from_dict, state_to_dict
 from mpidl.checkpoint import CheckpointStore, PreemptionGuard, rng_state, set_rng_state
-from mpidl.device import resolve_device
+from mpidl.device import resolve_cuda_aware, resolve_device
 from mpidl.errors import MpidlError
 from mpidl.layouts import CONVEX_MODELS, build_topology, setup_for
 from mpidl.metrics import Progress, Recorder
@@ -79,8 +79,10 @@ def train(cfg: C.Config, world, *, max_steps=None, should_stop=None) -> dict:
         import torch
         torch.set_num_threads(max(1, cfg.run.threads))
         device = resolve_device(cfg, world)   # once per rank; "cpu" makes no call at all
+        aware = resolve_cuda_aware(cfg, world, device)   # a CPU run: False, no call
         setup = setup_for(cfg)
-        session = setup(cfg, world) if device.type == "cpu" else setup(cfg, world, device=device)
+        session = (setup(cfg, world) if device.type == "cpu" and not aware
+                   else setup(cfg, world, device=device, cuda_aware=aware))
     try:
         return _loop(cfg, session, max_steps, should_stop)
     finally:

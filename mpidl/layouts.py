@@ -42,6 +42,7 @@ import numpy as np
 
 from mpidl import config as C
 from mpidl import topology as T
+from mpidl import xp
 from mpidl.errors import MpidlError
 
 __all__ = ["Session", "AgentSession", "setup_agents", "build_topology", "setup_for", "CONVEX_MODELS",
@@ -244,9 +245,10 @@ class AgentSession(Session):
     ``social_metrics``).
     """
 
-    def __init__(self, cfg: C.Config, world, device=None):
+    def __init__(self, cfg: C.Config, world, device=None, cuda_aware=False):
         rank, size = world.Get_rank(), world.Get_size()
         self.device = device
+        self.cuda_aware = bool(cuda_aware)
         topo, schedule = build_topology(cfg.topology, size)
         self.topology = topo
         self.gc = self.mc = self._sched = None
@@ -259,9 +261,9 @@ class AgentSession(Session):
     def _build(self, cfg, world, topo, schedule, rank, size):
         from mpidl.comm import GraphComm, ScheduledGraphComm
 
-        self.gc = GraphComm(world, topo)
-        self.mc = GraphComm(world, topo)  # control traffic, kept off the algorithm's counters
-        self._sched = None if schedule is None else ScheduledGraphComm(world, schedule)
+        self.gc = GraphComm(world, topo, cuda_aware=self.cuda_aware)
+        self.mc = GraphComm(world, topo)  # control traffic (host arrays), kept off the algorithm's counters
+        self._sched = None if schedule is None else ScheduledGraphComm(world, schedule, cuda_aware=self.cuda_aware)
         self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
         d, r = cfg.data, cfg.run
         shard = load_shard(cfg, self.mc, rank, size)
@@ -325,7 +327,7 @@ class AgentSession(Session):
 
         The test set is split over the ranks; one allreduce combines the parts.
         """
-        self.xbuf[...] = x
+        xp.assign(self.xbuf, x)
         tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
         nt = len(self.yte_slice)
         s = self.mc.allreduce(np.array([tl * nt, ta * nt, nt], dtype=np.float64))
@@ -352,10 +354,11 @@ class AgentSession(Session):
 
     def evaluate(self, state):
         mc, x = self.mc, state.x
-        xbar = mc.allreduce(x, op="mean")
-        cons = math.sqrt(mc.allreduce(float(np.sum((x.astype(np.float64) - xbar) ** 2)), op="mean"))
+        xh = xp.to_numpy(x)              # host values (a copy only when the state is on a device)
+        xbar = mc.allreduce(xh, op="mean")
+        cons = math.sqrt(mc.allreduce(float(np.sum((xh.astype(np.float64) - xbar) ** 2)), op="mean"))
         # average model: test set split across ranks; train accuracy on each agent's shard
-        self.xbuf[...] = xbar
+        xp.assign(self.xbuf, xbar)
         self._average_buffers()
         tl, ta = self.oracle_eval.evaluate(self.xbuf, self.xte_slice, self.yte_slice)
         rl, ra = self.oracle_eval.evaluate(self.xbuf, self.xtr, self.ytr)
@@ -398,10 +401,12 @@ class AgentSession(Session):
                 c.close()
 
 
-def setup_agents(cfg: C.Config, world, device=None) -> AgentSession:
+def setup_agents(cfg: C.Config, world, device=None, cuda_aware=False) -> AgentSession:
     """Collective. The agent layout: one rank = one agent on ``cfg.topology``.
 
     ``device`` (a torch device, from :func:`mpidl.device.resolve_device`) holds the torch
-    model and batches; the algorithm's state stays in host arrays (see :mod:`mpidl.flat`).
+    model, the batches and the algorithm's state (see :mod:`mpidl.flat`); ``cuda_aware``
+    (:func:`mpidl.device.resolve_cuda_aware`) hands the algorithm's device buffers to MPI
+    directly instead of staging them through host memory.
     """
-    return AgentSession(cfg, world, device)
+    return AgentSession(cfg, world, device, cuda_aware)

@@ -104,7 +104,8 @@ class TorchOracle:
         self.fm.load(x)
         self.fm.model.train()
         total = 0.0
-        g = np.zeros(self.dim, dtype=self.fm.g.dtype)
+        from mpidl import xp
+        g = xp.zeros_like(self.fm.g)
         for a in range(0, self.n, batch):
             xb, yb = self.fm.to_device(self.x.rows(a, a + batch)), self.fm.to_device(self.y[a:a + batch])
             loss = self._loss(self.fm.model(xb), yb) * (yb.shape[0] / self.n)

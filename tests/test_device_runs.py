@@ -2,10 +2,11 @@
 
 * ``run.device = "cpu"`` (and ``auto`` on a machine without CUDA) gives bitwise the run
   without the key;
-* the staging path (FlatModel(stage=True): separate "device" buffers and the host <-> device
-  copies a GPU run makes, here in host memory) gives bitwise the CPU run, for the agent
-  layout (cdmsgd, easgd) and the fdg grid; so the GPU path differs from the CPU path only
-  by where torch computes;
+* the device-resident path (FlatModel(resident=True): the parameter and gradient buffers,
+  and so every array of the algorithm's state, are torch tensors and the updates run as
+  torch operations, exactly the code a GPU run executes, here on CPU tensors) gives bitwise
+  the NumPy run, for the agent layout (every family) and the fdg grid; so the GPU path
+  differs from the CPU path only by where torch computes;
 * a checkpoint carrying CUDA RNG states (as a GPU run writes) resumes on the CPU with one
   warning, bitwise equal to the straight run.
 """
@@ -53,27 +54,30 @@ def _same_tree(a, b, path=""):
         assert a == b, path
 
 
-class _Staged(flat.FlatModel):
+class _Resident(flat.FlatModel):
     made = []
 
-    def __init__(self, model, dtype=torch.float32, device=None, stage=False):
-        super().__init__(model, dtype, device, stage=True)
-        assert self.dparams.data_ptr() != self.params.data_ptr()      # really two buffers
-        _Staged.made.append(self)
+    def __init__(self, model, dtype=torch.float32, device=None, resident=None):
+        super().__init__(model, dtype, device, resident=True)
+        assert isinstance(self.x, torch.Tensor) and isinstance(self.g, torch.Tensor)
+        _Resident.made.append(self)
 
 
-@pytest.mark.parametrize("algo", ["cdmsgd", "easgd"])
-def test_cpu_key_auto_and_staging_are_bitwise_the_plain_run(tmp_path, monkeypatch, algo):
-    extra = ["algorithm.momentum=0.5"] if algo == "easgd" else []
+@pytest.mark.parametrize("algo,extra", [
+    ("cdsgd", []), ("cdsgd", ["algorithm.form=atc"]), ("cdmsgd", []), ("cdmsgd", ["algorithm.momentum_form=heavy-ball"]),
+    ("centralized", ["algorithm.momentum=0.9", "algorithm.nesterov=true", "algorithm.weight_decay=1e-3"]),
+    ("fedavg", ["algorithm.local_steps=3"]), ("easgd", ["algorithm.momentum=0.5"]),
+    ("lsgd", ["algorithm.momentum=0.5", "algorithm.tau_G=3"])])
+def test_cpu_key_auto_and_resident_are_bitwise_the_plain_run(tmp_path, monkeypatch, algo, extra):
     plain = train(_cfg(tmp_path, "plain", algo, *extra), WORLD)
     cpu = train(_cfg(tmp_path, "cpu", algo, "run.device=cpu", *extra), WORLD)
     runs = {"cpu": cpu}
     if not HAVE_CUDA:
         runs["auto"] = train(_cfg(tmp_path, "auto", algo, "run.device=auto", *extra), WORLD)
-    _Staged.made = []
-    monkeypatch.setattr(flat, "FlatModel", _Staged)
-    runs["staged"] = train(_cfg(tmp_path, "staged", algo, *extra), WORLD)
-    assert len(_Staged.made) == 2                       # the training and the evaluation model
+    _Resident.made = []
+    monkeypatch.setattr(flat, "FlatModel", _Resident)
+    runs["resident"] = train(_cfg(tmp_path, "resident", algo, *extra), WORLD)
+    assert len(_Resident.made) == 2                     # the training and the evaluation model
     want = _final(tmp_path, "plain")
     for name, res in runs.items():
         _same_tree(want["algo"], _final(tmp_path, name)["algo"])
@@ -81,9 +85,9 @@ def test_cpu_key_auto_and_staging_are_bitwise_the_plain_run(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("M,K", [(2, 2), (1, 3)])
-def test_fdg_staging_is_bitwise_the_plain_grid(monkeypatch, M, K):
-    """Stashed weights and inputs staged to the "device", gradients and messages staged back,
-    evaluation after loading the host weights into the module: bitwise the CPU grid."""
+def test_fdg_resident_is_bitwise_the_plain_grid(monkeypatch, M, K):
+    """Stage weights, momentum, stashes and message buffers as torch tensors (the device form):
+    bitwise the NumPy grid."""
     cfg = _fdg_cfg(M, K, "algorithm.lr=0.1", f"algorithm.cuts={list(range(1, K))}", "run.steps=9",
                    "algorithm.momentum=0.9")
 
@@ -91,11 +95,11 @@ def test_fdg_staging_is_bitwise_the_plain_grid(monkeypatch, M, K):
         sess, state = _steps(9)(sess)
         return sess.evaluate(state)[0], {k: np.copy(v) for k, v in vars(state).items()}
     plain = _grid(cfg, M, K, work)
-    monkeypatch.setattr(fdg_grid, "FlatModel", _Staged)
-    staged = _grid(cfg, M, K, work)
+    monkeypatch.setattr(fdg_grid, "FlatModel", _Resident)
+    resident = _grid(cfg, M, K, work)
     for key in plain:
-        assert plain[key][0] == staged[key][0], key
-        _same_tree(plain[key][1], staged[key][1])
+        assert plain[key][0] == resident[key][0], key
+        _same_tree(plain[key][1], resident[key][1])
 
 
 # -- checkpoint portability ------------------------------------------------------------------

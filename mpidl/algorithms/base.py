@@ -9,9 +9,12 @@ methods::
 * ``x0`` is this agent's flat float parameter vector (NumPy, float32 or
   float64).  Every agent starts from the same ``x0`` unless an algorithm says
   otherwise.
-* ``state`` is a dataclass whose fields are NumPy arrays and Python scalars
-  only, so :mod:`mpidl.checkpoint` can save and restore any algorithm
-  generically (:func:`state_to_dict` / :func:`state_from_dict`).  The agent's
+* ``state`` is a dataclass whose fields are arrays and Python scalars only, so
+  :mod:`mpidl.checkpoint` can save and restore any algorithm generically
+  (:func:`state_to_dict` / :func:`state_from_dict`).  The arrays are NumPy, or
+  torch tensors on the rank's device when the model is device-resident (every
+  array is made like ``x0``, :mod:`mpidl.xp`); checkpoints hold NumPy either way,
+  so a state saved on a GPU resumes on the CPU and the reverse.  The agent's
   current model is ``state.x``.
 * ``oracle`` does local math and never communicates (:class:`Oracle`).
 * ``comm`` is a :class:`mpidl.comm.GraphComm`.  Whether a step calls a
@@ -51,13 +54,21 @@ class Algorithm(Protocol):
 
 
 def state_to_dict(state) -> dict:
-    """Local. Dataclass state -> {field: array or scalar} (arrays not copied)."""
+    """Local. Dataclass state -> {field: NumPy array or scalar}.
+
+    NumPy arrays and CPU tensors are not copied (a tensor becomes its NumPy
+    view); a device tensor is copied to the host, so what a checkpoint holds
+    does not depend on the device.
+    """
+    from mpidl import xp
     out = {}
     for f in dataclasses.fields(state):
         v = getattr(state, f.name)
-        if not (isinstance(v, (np.ndarray, int, float, bool, str)) or v is None):
+        if xp.is_tensor(v):
+            v = xp.to_numpy(v)
+        elif not (isinstance(v, (np.ndarray, int, float, bool, str)) or v is None):
             raise TypeError(f"state field {f.name!r} has type {type(v).__name__}; "
-                            "states hold NumPy arrays and Python scalars only")
+                            "states hold arrays (NumPy or torch) and Python scalars only")
         out[f.name] = v
     return out
 
@@ -66,19 +77,25 @@ def state_from_dict(cls, d: dict, like=None):
     """Local. Rebuild a state dataclass; with ``like``, arrays are copied into its buffers.
 
     Copying into ``like``'s arrays keeps zero-copy links (for example ``x``
-    being a view of a torch model's flat parameter buffer) intact on resume.
+    being a view of a torch model's flat parameter buffer) intact on resume; a
+    ``like`` field that is a tensor (on any device) gets the saved values copied
+    to it.
     """
+    from mpidl import xp
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name not in d:
             raise KeyError(f"checkpointed state lacks field {f.name!r}")
         v = d[f.name]
-        if like is not None and isinstance(getattr(like, f.name), np.ndarray):
-            buf = getattr(like, f.name)
+        buf = getattr(like, f.name) if like is not None else None
+        if isinstance(buf, np.ndarray) or xp.is_tensor(buf):
             arr = np.asarray(v)
-            if arr.shape != buf.shape:
-                raise ValueError(f"state field {f.name!r}: shape {arr.shape} != {buf.shape}")
-            if arr is not buf:      # a checkpoint read in place already filled buf
+            if tuple(arr.shape) != tuple(buf.shape):
+                raise ValueError(f"state field {f.name!r}: shape {arr.shape} != {tuple(buf.shape)}")
+            if xp.is_tensor(buf):
+                if not (buf.device.type == "cpu" and np.shares_memory(arr, buf.detach().numpy())):
+                    xp.assign(buf, arr)
+            elif arr is not buf:      # a checkpoint read in place already filled buf
                 buf[...] = arr
             v = buf
         kwargs[f.name] = v

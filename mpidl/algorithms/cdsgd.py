@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpidl import xp
 from mpidl.algorithms.base import check_lr, lr_at
 from mpidl.config import LRConfig, register_algorithm
 
@@ -107,8 +108,11 @@ class MomentumState:
 
 
 class _Base:
+    """Shared parts.  The state is made like ``x0`` (:mod:`mpidl.xp`): NumPy on the CPU, torch tensors
+    on the model's device when it is device-resident; the update lines serve both."""
+
     state_cls = SGDState
-    torch_device = True                 # a torch model may live on a GPU (mpidl.device); state stays on the host
+    torch_device = True                 # a torch model and this state may live on a GPU (mpidl.device)
 
     def __init__(self, cfg, *, steps_per_epoch=1, num_samples=1, **_):
         self.cfg = cfg
@@ -129,7 +133,7 @@ class _Base:
 class CDSGD(_Base):
     def init(self, x0, comm):
         """Local. State x = x0 (used in place: x0 may be a model's parameter buffer)."""
-        self._buf = np.empty_like(x0)
+        self._buf = xp.empty_like(x0)
         return SGDState(x=x0)
 
     def step(self, k, state, oracle, comm):
@@ -145,7 +149,7 @@ class CDSGD(_Base):
         loss, g = self._grad(oracle, x, k)
         g *= lr
         if pending is not None:
-            np.subtract(pending.wait(), g, out=x)
+            xp.subtract(pending.wait(), g, out=x)
         else:
             x -= g
         return state, {"loss": loss}
@@ -155,8 +159,8 @@ class CDMSGD(_Base):
     state_cls = MomentumState
 
     def init(self, x0, comm):
-        self._buf = np.empty_like(x0)
-        v = x0.copy() if self.cfg.momentum_form == "heavy-ball" else np.zeros_like(x0)
+        self._buf = xp.empty_like(x0)
+        v = xp.copy(x0) if self.cfg.momentum_form == "heavy-ball" else xp.zeros_like(x0)
         return MomentumState(x=x0, v=v)
 
     def step(self, k, state, oracle, comm):
@@ -169,7 +173,7 @@ class CDMSGD(_Base):
         if self.cfg.momentum_form == "nesterov":
             v *= mu
             v -= g
-            np.subtract(mixed, g, out=mixed)
+            xp.subtract(mixed, g, out=mixed)
             mixed += mu * v
             x[...] = mixed
         else:  # heavy-ball; v holds x^prev
@@ -184,7 +188,7 @@ class Centralized(_Base):
     state_cls = MomentumState
 
     def init(self, x0, comm):
-        return MomentumState(x=x0, v=np.zeros_like(x0))
+        return MomentumState(x=x0, v=xp.zeros_like(x0))
 
     def step(self, k, state, oracle, comm):
         """Collective (one allreduce of the gradient)."""

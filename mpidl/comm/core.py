@@ -1,6 +1,8 @@
 """Local helpers shared by the communicators: lazy MPI, the launch check, buffer conversion."""
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import numpy as np
 
 from mpidl.errors import MpidlError
@@ -131,14 +133,77 @@ def _persistent_collectives(graph) -> bool:
     return bool(graph.allreduce(ok, op=MPI.LAND))
 
 
-def _as_array(x, writable=True):
-    """Flat zero-copy NumPy view of ``x`` plus a write-back callable (or None)."""
+class _Stage:
+    """A pinned host mirror of one device tensor (flat), reused by every operation on that tensor.
+
+    ``event`` marks the last host-to-device copy out of the mirror: the mirror is
+    not written again (by a copy in, by MPI or by a combine) before it completed.
+    """
+
+    __slots__ = ("host", "array", "event")
+
+    def __init__(self, t):
+        import torch
+        self.host = torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        self.array = self.host.numpy()
+        self.event = None
+
+    def ready(self):
+        if self.event is not None:
+            self.event.synchronize()
+            self.event = None
+
+    def fill(self, t):
+        """Device -> host (blocking: the mirror is valid on return)."""
+        self.ready()
+        self.host.copy_(t.reshape(-1))
+
+    def back(self, t):
+        """Host -> device, asynchronous (pinned source; later work on t's stream is ordered after it)."""
+        import torch
+        t.copy_(self.host.view(t.shape), non_blocking=True)
+        if t.device.type == "cuda":
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+
+_STAGES = OrderedDict()
+_STAGE_CACHE = 16
+
+
+def _stage(t) -> _Stage:
+    """Local. The host mirror of device tensor ``t`` (cached by data pointer, size, dtype and device)."""
+    key = (t.data_ptr(), t.numel(), t.dtype, str(t.device))
+    st = _STAGES.get(key)
+    if st is None:
+        st = _STAGES[key] = _Stage(t)
+        while len(_STAGES) > _STAGE_CACHE:
+            _, old = _STAGES.popitem(last=False)
+            old.ready()
+    else:
+        _STAGES.move_to_end(key)
+    return st
+
+
+def _as_array(x, writable=True, fill=True):
+    """Flat zero-copy NumPy view of ``x`` plus a write-back callable (or None).
+
+    A device tensor is staged through its pinned host mirror (:class:`_Stage`): one
+    device-to-host copy here (skipped with ``fill=False``, for a buffer the caller
+    only writes) and, through the write-back, one host-to-device copy.
+    """
     mod = type(x).__module__
     if mod.startswith("torch"):
         t = x.detach()
         if t.device.type != "cpu":
-            host = t.to("cpu").contiguous()
-            return host.numpy().reshape(-1), (lambda: t.copy_(host.view_as(t), non_blocking=False))
+            if not t.is_contiguous():
+                raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
+            st = _stage(t)
+            if fill:
+                st.fill(t)
+            else:
+                st.ready()
+            return st.array, ((lambda: st.back(t)) if writable else None)
         if not t.is_contiguous():
             raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
         return t.numpy().reshape(-1), None
@@ -148,6 +213,27 @@ def _as_array(x, writable=True):
     if writable and not a.flags.writeable:
         raise ValueError("GraphComm cannot write into a read-only array")
     return a.reshape(-1), None
+
+
+def _direct(x, cuda_aware) -> bool:
+    """Local. Whether ``x`` goes to MPI as it is (a tensor, with a CUDA-aware MPI) instead of staged."""
+    return bool(cuda_aware) and type(x).__module__.startswith("torch")
+
+
+def _device_buffer(x):
+    """Local. ``x`` (a contiguous tensor) flat, ready to hand to a CUDA-aware MPI.
+
+    mpi4py takes it through ``__cuda_array_interface__`` / DLPack.  The device's
+    queued work is finished first: MPI reads and writes the memory outside
+    torch's stream order.
+    """
+    t = x.detach()
+    if not t.is_contiguous():
+        raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
+    if t.device.type == "cuda":
+        import torch
+        torch.cuda.current_stream(t.device).synchronize()
+    return t.reshape(-1)
 
 
 def _pointers(x, out):

@@ -6,7 +6,8 @@ from collections import OrderedDict
 
 import numpy as np
 
-from mpidl.comm.core import _OPS, CollectiveError, _as_array, _mpi, _persistent_collectives, _pointers
+from mpidl.comm.core import (_OPS, CollectiveError, _as_array, _device_buffer, _direct, _mpi,
+                             _persistent_collectives, _pointers)
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
@@ -47,6 +48,34 @@ class _Plan:
         self.busy = False
 
 
+class _TensorPlan:
+    """CUDA-aware mixing of one tensor: the neighbours' copies land in a receive tensor on the
+    same device and the combine runs there in torch (no host copy at all)."""
+
+    __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
+
+    def __init__(self, send, indeg, w_self, w_in):
+        import torch
+        self.send = send
+        self.recv = torch.empty((indeg, send.numel()), dtype=send.dtype, device=send.device)
+        self.w = [torch.tensor(float(w), dtype=send.dtype, device=send.device) for w in w_in]
+        self.w_self = torch.tensor(float(w_self), dtype=send.dtype, device=send.device)
+        self.request = None
+        self.busy = False
+
+
+def combine_torch(x, recv, w_self, w, out):
+    """Local. ``out = w_self x + sum_j w[j] recv[j]`` for tensors, in x's dtype and in the order of the
+    Numba kernel (:func:`mpidl.kernels.mixing.combine`): ``w_self x + w0 r0 + w1 r1``, then the other
+    rows one by one.  ``w_self`` and ``w[j]`` are 0-d tensors of x's dtype; ``out`` may be ``x``."""
+    import torch
+    acc = torch.mul(x, w_self)
+    for j in range(recv.shape[0]):
+        acc.add_(torch.mul(recv[j], w[j]))
+    out.copy_(acc)
+    return out
+
+
 class GraphComm:
     """Collective. Consensus communicator for one agent (= this MPI rank).
 
@@ -54,9 +83,15 @@ class GraphComm:
     with the same topology; a size or topology mismatch raises
     :class:`~mpidl.topology.TopologyError` on every rank.  Close it with
     :meth:`close` or use it as a context manager.
+
+    ``cuda_aware=True`` hands torch tensors to MPI as they are (device memory to a
+    CUDA-aware MPI; see :func:`mpidl.device.cuda_aware_support`) and combines a mix
+    on their device; otherwise a device tensor is staged through a pinned host
+    mirror, one copy each way (:func:`mpidl.comm.core._as_array`).  NumPy arrays
+    always take the host path.
     """
 
-    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None):
+    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None, cuda_aware=False):
         MPI = _mpi()
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
@@ -90,6 +125,7 @@ class GraphComm:
         self._last = None  # fast path: (x, out, data pointers, plan, a, o) of the last mix
         self.bytes_sent = 0
         self.messages_sent = 0
+        self.cuda_aware = bool(cuda_aware)
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -119,15 +155,22 @@ class GraphComm:
         self.messages_sent = 0
 
     # -- consensus -------------------------------------------------------
-    def _plan_for(self, a: np.ndarray) -> _Plan:
-        if a.dtype not in (np.float32, np.float64):
-            raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
-        key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
+    def _plan_for(self, a) -> _Plan:
+        tensor = type(a).__module__.startswith("torch")
+        if tensor:
+            import torch
+            if a.dtype not in (torch.float32, torch.float64):
+                raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
+            key = (a.data_ptr(), a.numel(), str(a.dtype), str(a.device))
+        else:
+            if a.dtype not in (np.float32, np.float64):
+                raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
+            key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = _Plan(a, len(self.in_neighbors), self._w_self, self._w_in)
+        plan = (_TensorPlan if tensor else _Plan)(a, len(self.in_neighbors), self._w_self, self._w_in)
         if self.persistent:
             plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
         self._plans[key] = plan
@@ -151,7 +194,9 @@ class GraphComm:
             if plan.busy:
                 raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
             return self._launch(plan, a, o, out, None)
-        a, staged = _as_array(x)
+        if _direct(x, self.cuda_aware):
+            return self._start_direct(x, out)
+        a, staged = _as_array(x, writable=False)
         if out is None:
             o, wb = np.empty_like(a), None
             if type(x).__module__.startswith("torch"):
@@ -162,17 +207,36 @@ class GraphComm:
             else:
                 result = o.reshape(np.shape(x))
         else:
-            o, wb = _as_array(out)
+            o, wb = _as_array(out, fill=False)   # written by the combine only: no copy in
             if o.size != a.size or o.dtype != a.dtype:
                 raise ValueError("mix: out must match x in size and dtype")
             result = out
         plan = self._plan_for(a)
         if plan.busy:
             raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
-        if out is not None and wb is None and staged is None:  # CPU buffers only
+        if out is not None and wb is None and not (type(x).__module__.startswith("torch")
+                                                   and x.device.type != "cpu"):  # CPU buffers only
             torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
             self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
         return self._launch(plan, a, o, result, wb)
+
+    def _start_direct(self, x, out):
+        import torch
+        a = _device_buffer(x)
+        if out is None:
+            result = torch.empty_like(x)
+            o = result.reshape(-1)
+        else:
+            if not type(out).__module__.startswith("torch") or out.device != x.device:
+                raise ValueError("mix: with cuda_aware, out must be a tensor on x's device")
+            o = out.detach().reshape(-1)
+            result = out
+        if o.numel() != a.numel() or o.dtype != a.dtype:
+            raise ValueError("mix: out must match x in size and dtype")
+        plan = self._plan_for(a)
+        if plan.busy:
+            raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+        return self._launch(plan, a, o, result, None)
 
     def _launch(self, plan, a, o, result, wb):
         if plan.request is not None:
@@ -181,11 +245,15 @@ class GraphComm:
         else:
             request = self.graph.Ineighbor_allgather(plan.send, plan.recv)
         plan.busy = True
-        self.bytes_sent += a.nbytes * len(self.out_neighbors)
+        self.bytes_sent += (a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()) \
+            * len(self.out_neighbors)
         self.messages_sent += len(self.out_neighbors)
         return plan, a, o, result, wb, request
 
     def _combine(self, plan, a, o, writeback):
+        if isinstance(plan, _TensorPlan):
+            combine_torch(a, plan.recv, plan.w_self, plan.w, o)
+            return
         combine_prepared(a, plan.recv, plan.w_self, plan.w, o)
         if writeback is not None:
             writeback()
@@ -280,11 +348,13 @@ class GraphComm:
             v = self.base.allreduce(x.item() if isinstance(x, np.generic) else x, op=mop)
             self._charge_allreduce(8)
             return v / n if op == "mean" else v
+        if _direct(x, self.cuda_aware) and (out is None or _direct(out, True)):
+            return self._allreduce_direct(x, op, mop, out)
         a, _ = _as_array(x, writable=False)
         if out is None:
             o, wb, result = np.empty_like(a), None, None
         else:
-            o, wb = _as_array(out)
+            o, wb = _as_array(out, fill=False)   # out is x: the same mirror, filled above
             result = out
         if o.size != a.size or o.dtype != a.dtype:
             raise ValueError("allreduce: out must match x in size and dtype")
@@ -298,6 +368,26 @@ class GraphComm:
             wb()
         self._charge_allreduce(a.nbytes)
         return o.reshape(np.shape(x)) if result is None else result
+
+    def _allreduce_direct(self, x, op, mop, out):
+        MPI = _mpi()
+        a = _device_buffer(x)
+        if out is None:
+            import torch
+            result = torch.empty_like(x)
+        else:
+            result = out
+        o = _device_buffer(result)
+        if o.numel() != a.numel() or o.dtype != a.dtype:
+            raise ValueError("allreduce: out must match x in size and dtype")
+        if o.data_ptr() == a.data_ptr():
+            self.base.Allreduce(MPI.IN_PLACE, o, op=mop)
+        else:
+            self.base.Allreduce(a, o, op=mop)
+        if op == "mean":
+            o /= self.size
+        self._charge_allreduce(a.numel() * a.element_size())
+        return result
 
     def start_allreduce(self, x: np.ndarray, op="sum"):
         """Collective. Begin an elementwise reduction of the NumPy array ``x``; ``.wait()`` returns it.
@@ -328,8 +418,14 @@ class GraphComm:
 
     def bcast(self, obj, root=0):
         """Collective. Broadcast from ``root``: arrays/tensors in place, other objects pickled."""
+        if _direct(obj, self.cuda_aware):
+            a = _device_buffer(obj)
+            self.base.Bcast(a, root=root)
+            if self.rank == root:
+                self.bytes_sent += a.numel() * a.element_size() * (self.size - 1)
+            return obj
         if isinstance(obj, np.ndarray) or type(obj).__module__.startswith("torch"):
-            a, wb = _as_array(obj)
+            a, wb = _as_array(obj, fill=self.rank == root)
             self.base.Bcast(a, root=root)
             if wb is not None:
                 wb()
@@ -435,8 +531,9 @@ class ScheduledGraphComm:
     same schedule at the same step, so creation and eviction stay collective.
     """
 
-    def __init__(self, comm, schedule, *, cache=8):
+    def __init__(self, comm, schedule, *, cache=8, cuda_aware=False):
         self.comm = comm
+        self.cuda_aware = bool(cuda_aware)
         self.schedule = schedule
         self._cache: OrderedDict = OrderedDict()
         self._max = max(1, int(cache))
@@ -449,7 +546,7 @@ class ScheduledGraphComm:
         topo = self.schedule(step)
         gc = self._cache.get(topo)
         if gc is None:
-            gc = GraphComm(self.comm, topo)
+            gc = GraphComm(self.comm, topo, cuda_aware=self.cuda_aware)
             self._cache[topo] = gc
             while len(self._cache) > self._max:
                 _, old = self._cache.popitem(last=False)
