@@ -26,7 +26,7 @@ from mpidl.errors import MpidlError
 __all__ = ["train", "fit", "FitResult"]
 
 # keyword -> section, in this order of precedence for names several sections share
-_SECTION_ORDER = ("algorithm", "run", "model", "data", "topology")
+_SECTION_ORDER = ("algorithm", "run", "model", "data", "topology", "comm")
 # keys fit sets itself (its named arguments) or that belong to no keyword
 _RESERVED = {"name", "factory", "kwargs", "path", "dataset", "partition", "epochs", "batch_size", "lr", "out",
              "seed"}
@@ -217,7 +217,7 @@ def _build_config(model, train, test, algorithm, topology, epochs, batch_size, l
                 raise TypeError(f"mpidl.fit: {k}= is not a key of algorithm {algorithm!r}; its keys: "
                                 f"{', '.join(sorted(own - _RESERVED))}")
             sec = secs[0]
-        d[sec][k] = list(v) if isinstance(v, tuple) else v
+        d.setdefault(sec, {})[k] = list(v) if isinstance(v, tuple) else v
     data, path = _data_section(train, test, partition, num_classes)
     d["data"].update(data)
     try:

@@ -67,7 +67,8 @@ __all__ = ["compare", "plan_study", "StudyError", "BUDGETS"]
 log = logging.getLogger("mpidl.compare")
 
 BUDGETS = ("epochs", "wall_seconds", "bytes")
-_TOP_KEYS = ("seeds", "out", "max_epochs", "warmup", "title", "method", "data", "model", "topology", "run") + BUDGETS
+_TOP_KEYS = ("seeds", "out", "max_epochs", "warmup", "title", "method", "data", "model", "topology", "run",
+             "comm") + BUDGETS
 _SET_BY_STUDY = {"run": ("name", "out", "resume", "seed", "epochs", "steps"), "data": ("seed",)}
 _METHOD_TABLES = ("topology", "model", "run")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -179,7 +180,7 @@ def plan_study(study, size: int | None, out=None) -> dict:
     if not isinstance(warmup, bool):
         raise StudyError(f"warmup must be true or false, got {warmup!r}")
     out_dir = str(out or d.get("out") or os.path.join("studies", stem))
-    shared = {sec: _table(d, sec, "") for sec in ("data", "model", "topology", "run")}
+    shared = {sec: _table(d, sec, "") for sec in ("data", "model", "topology", "run", "comm")}
     for sec, keys in _SET_BY_STUDY.items():
         bad = [k for k in keys if k in shared[sec]]
         if bad:
@@ -219,7 +220,8 @@ def plan_study(study, size: int | None, out=None) -> dict:
                      "algorithm": {"name": algo, **m},
                      "run": {**shared["run"], **over["run"], "seed": seed, "steps": 0,
                              "epochs": float(value if kind == "epochs" else max_epochs),
-                             "out": os.path.join(out_dir, name), "name": f"seed{seed}", "resume": "auto"}}
+                             "out": os.path.join(out_dir, name), "name": f"seed{seed}", "resume": "auto"},
+                     "comm": dict(shared["comm"])}
             try:
                 cfg = C.from_dict(cfg_d)
             except MpidlError as e:

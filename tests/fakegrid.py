@@ -126,9 +126,13 @@ class FakeGrid:
         pending, self._pending = self._pending, []
         for out, key in pending:
             a = self.w.take(key)
-            if a.size > out.size:
-                raise RuntimeError(f"message of {a.size} elements truncated into {out.size} ({key})")
-            out.reshape(-1)[:a.size] = a.reshape(-1)
+            n = int(np.prod(out.shape))
+            if a.size > n:
+                raise RuntimeError(f"message of {a.size} elements truncated into {n} ({key})")
+            if torch.is_tensor(out):      # a device-resident buffer (a CPU tensor here)
+                out.reshape(-1)[:a.size].copy_(torch.from_numpy(a.reshape(-1)))
+            else:
+                out.reshape(-1)[:a.size] = a.reshape(-1)
 
     def send(self, x, direction, tag):
         self.isend(x, direction, tag)
@@ -140,10 +144,14 @@ class FakeGrid:
 
     def allreduce_stage(self, x, op="mean", out=None):
         self._n += 1
-        res = _reduce(self.w.gather(("stage", self.k, self._n), self.M, self.m, np.array(x)), op)
+        res = _reduce(self.w.gather(("stage", self.k, self._n), self.M, self.m,
+                                     x.detach().numpy().copy() if torch.is_tensor(x) else np.array(x)), op)
         if out is None:
             return res
-        out[...] = res
+        if torch.is_tensor(out):
+            out.copy_(torch.from_numpy(np.asarray(res)).reshape(out.shape))
+        else:
+            out[...] = res
         return out
 
     def close(self):

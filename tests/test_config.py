@@ -88,7 +88,7 @@ def test_lr_defaults_are_the_documented_ones():
     ([".steps=1"], r"--set key must be section.key"),
     (["run.=1"], r"--set key must be section.key"),
     (["data.nope=1", "data.zzz=2"], r"unknown key\(s\) nope, zzz in \[data\]; valid keys: dataset, data_dir"),
-    (["dat.x=1", "abc.y=2"], r"unknown section\(s\) abc, dat; valid: data, model, topology, run, algorithm"),
+    (["dat.x=1", "abc.y=2"], r"unknown section\(s\) abc, dat; valid: data, model, topology, run, comm, algorithm"),
 ])
 def test_more_bad_input(overrides, match):
     with pytest.raises(C.ConfigError, match=match):
@@ -134,7 +134,7 @@ def test_tables_files_and_saved_form(tmp_path):
     cfg = C.load(p, ["run.seed=2"])
     d = C.to_dict(cfg)
     assert d["run"]["steps"] == 4 and d["run"]["seed"] == 2 and d["model"]["hidden"] == [3]
-    assert list(d) == ["data", "model", "topology", "algorithm", "run"]
+    assert list(d) == ["data", "model", "topology", "algorithm", "run", "comm"]
     import json
     assert json.loads(C.dumps(cfg)) == d and C.dumps(cfg).index('"algorithm"') < C.dumps(cfg).index('"data"')
 

@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # section.key -> bad values (TOML text).  Algorithm keys are shared by name: every algorithm that
 # has the key must reject every value listed.
 BAD = {
+    # [comm]
+    "comm.cuda_aware": ['"yes"', "1", '""'],
     # [data]
     "data.dataset": ['"nope"', '""'],
     "data.data_dir": ['"{tmp}/missing"', '"{tmp}/afile"'],

@@ -44,6 +44,7 @@ def _final(out, name, step=20):
 
 
 def _same_tree(a, b, path=""):
+    a, b = (v.detach().numpy() if torch.is_tensor(v) else v for v in (a, b))
     if isinstance(a, dict):
         assert set(a) == set(b), path
         for k in a:
@@ -93,7 +94,7 @@ def test_fdg_resident_is_bitwise_the_plain_grid(monkeypatch, M, K):
 
     def work(sess):
         sess, state = _steps(9)(sess)
-        return sess.evaluate(state)[0], {k: np.copy(v) for k, v in vars(state).items()}
+        return sess.evaluate(state)[0], {k: (v.clone() if torch.is_tensor(v) else np.copy(v)) for k, v in vars(state).items()}
     plain = _grid(cfg, M, K, work)
     monkeypatch.setattr(fdg_grid, "FlatModel", _Resident)
     resident = _grid(cfg, M, K, work)

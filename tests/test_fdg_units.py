@@ -82,7 +82,7 @@ def _steps(T):
         sess.algo.trace, sess.before, sess.metrics = [], [], []  # weights before / metrics of each step
         state = sess.state
         for t in range(T):
-            sess.before.append(state.x.copy())
+            sess.before.append((state.x.clone() if torch.is_tensor(state.x) else state.x.copy()))
             state, metrics = sess.algo.step(t, state, sess.oracle, sess.comm)
             sess.metrics.append(metrics)
         return sess, state

@@ -46,6 +46,13 @@ exist (the input-gradient right after the backward, overlapping the step and
 forward) and ends with Waitall, so the state after step t already holds the
 messages that step t + 1 consumes (``act_in``, ``grad_in``): a checkpoint
 captures everything in flight.  Reference: tests/reference/fdg.py.
+
+Where the state lives: every array of :class:`FDGState` is made like ``x0``
+(:mod:`mpidl.xp`), NumPy on the CPU, torch tensors on the stage's device when
+its :class:`mpidl.flat.FlatModel` is device-resident.  In the device form the
+stashes, messages, gradients and the update stay on the device (the messages
+go to MPI staged through a host mirror, or directly with a CUDA-aware MPI,
+:class:`mpidl.comm.GridComm`); the NumPy form computes exactly as before.
 """
 from __future__ import annotations
 
@@ -56,6 +63,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from mpidl import xp
 from mpidl.algorithms.base import check_lr, lr_at
 from mpidl.config import LRConfig
 
@@ -146,7 +154,7 @@ class FDG:
     """
 
     state_cls = FDGState
-    torch_device = True                 # stage module and graphs on a GPU (mpidl.device); stashes on the host
+    torch_device = True                 # stage module, graphs and state on a GPU (mpidl.device)
 
     def __init__(self, cfg: FDGConfig, *, fm, k, K, batch, shapes, steps_per_epoch, total_steps,
                  loss="ce", num_classes=10):
@@ -170,15 +178,17 @@ class FDG:
 
     # -- state -------------------------------------------------------------
     def init(self, x0, comm):
-        """Local. State with w = x0 (in place: x0 is the stage model's buffer) and empty pipeline slots."""
-        npdt = x0.dtype
-        B = self.batch
+        """Local. State with w = x0 (in place: x0 is the stage model's buffer) and empty pipeline slots.
+
+        Every array is made like ``x0``: NumPy, or tensors on x0's device (a resident stage).
+        """
+        B, P = self.batch, int(x0.shape[0])
         return FDGState(
-            x=x0, v=np.zeros_like(x0),
-            w_stash=np.zeros((self.d, x0.size), npdt),
-            in_stash=np.zeros((self.d, B) + self.in_shape, npdt),
-            act_in=np.zeros((B,) + self.in_shape, npdt) if self.k > 0 else np.zeros(0, npdt),
-            grad_in=np.zeros((B,) + self.out_shape, npdt) if not self.last else np.zeros(0, npdt))
+            x=x0, v=xp.zeros_like(x0),
+            w_stash=xp.zeros((self.d, P), like=x0),
+            in_stash=xp.zeros((self.d, B) + self.in_shape, like=x0),
+            act_in=xp.zeros((B,) + self.in_shape, like=x0) if self.k > 0 else xp.zeros((0,), like=x0),
+            grad_in=xp.zeros((B,) + self.out_shape, like=x0) if not self.last else xp.zeros((0,), like=x0))
 
     def lr(self, t):
         return lr_at(self.cfg, t, self.steps_per_epoch)
@@ -187,15 +197,29 @@ class FDG:
         return 0 <= b < self.n_batches
 
     # -- local math ----------------------------------------------------------
+    def _leaf(self, a):
+        """A tensor sharing ``a``'s memory (NumPy array or tensor) that autograd may take as a leaf.
+
+        A tensor's ``.data`` has its own version counter: the stash rows a kept graph saved
+        are views of one tensor, and writing another row (or a message into ``act_in``) must
+        not count as modifying them (as NumPy writes do not).
+        """
+        return torch.from_numpy(a) if isinstance(a, np.ndarray) else a.data
+
+    def _input(self, data, b):
+        """Batch b's input for stage 0: a host array (NumPy form) or a tensor on the stage's device."""
+        h = data.inputs(b)
+        return self.fm.to_device(h) if self.fm.resident else h.numpy()
+
     def _forward(self, w_np, h_np, *, keep_buffers):
         """(output, weight leaf, input leaf) of f_k(h; w) with autograd on the given arrays.
 
-        On a device the (host) stashed weights and input are copied there first; the
-        graph then lives on the device.
+        The arrays are NumPy (the CPU form) or tensors on the stage's device (the resident
+        form: the graph then lives on the device); the leaves share their memory.
         """
         dev = self.fm.to_device
-        w = dev(torch.from_numpy(w_np)).requires_grad_(True)
-        h = dev(torch.from_numpy(h_np))
+        w = dev(self._leaf(w_np)).requires_grad_(True)
+        h = dev(self._leaf(h_np))
         if self.k > 0:
             h = h.requires_grad_(True)
         params = {n: w[a:b].view(s) for n, s, a, b in zip(self.names, self.shapes_p,
@@ -217,6 +241,8 @@ class FDG:
     def _grads(self, y, w, h, grad_out):
         wrt = [w] + ([h] if self.k > 0 else [])
         gs = torch.autograd.grad(y, wrt, grad_out)
+        if self.fm.resident:    # the gradients stay on the stage's device
+            return gs[0], (gs[1].contiguous() if self.k > 0 else None)
         return gs[0].cpu().numpy(), (gs[1].contiguous().cpu() if self.k > 0 else None)
 
     # -- one iteration ---------------------------------------------------------
@@ -228,7 +254,7 @@ class FDG:
         loss, acc, gw = None, None, None
         if self.last:
             if self._fed(b_fwd):
-                h_np = data.inputs(b_fwd).numpy() if k == 0 else state.act_in
+                h_np = self._input(data, b_fwd) if k == 0 else state.act_in
                 y, w, h = self._forward(state.x, h_np, keep_buffers=True)
                 yb = self.fm.to_device(data.labels(b_fwd))
                 L = self._loss(y, yb)
@@ -246,7 +272,7 @@ class FDG:
                 slot = b_bwd % self.d
                 y, w, h = self._graphs.pop(slot, None) or self._forward(
                     state.w_stash[slot], state.in_stash[slot], keep_buffers=False)
-                delta = self.fm.to_device(torch.from_numpy(state.grad_in))
+                delta = self._leaf(state.grad_in)
                 if cfg.beta != 1.0:
                     delta = delta * cfg.beta
                 gw, gx = self._grads(y, w, h, delta)
@@ -261,10 +287,11 @@ class FDG:
             if self._fed(b_fwd):
                 slot = b_fwd % self.d
                 state.w_stash[slot] = state.x
-                state.in_stash[slot] = data.inputs(b_fwd).numpy() if k == 0 else state.act_in
+                state.in_stash[slot] = self._input(data, b_fwd) if k == 0 else state.act_in
                 y, w, h = self._forward(state.w_stash[slot], state.in_stash[slot], keep_buffers=True)
                 self._graphs[slot] = (y, w, h)
-                self._send(grid, y.detach().contiguous().cpu(), +1, grid.TAG_ACT)
+                act = y.detach().contiguous()
+                self._send(grid, act if self.fm.resident else act.cpu(), +1, grid.TAG_ACT)
                 self._event("fwd", t, b_fwd)
             if k > 0 and self._fed(t + 1 - k):
                 grid.irecv(state.act_in, -1, grid.TAG_ACT)
@@ -274,7 +301,7 @@ class FDG:
 
     def _update(self, t, state, gw, grid):
         x, v, cfg = state.x, state.v, self.cfg
-        g = gw  # a fresh array from autograd: updated in place
+        g = gw  # a fresh array (or tensor) from autograd: updated in place
         if cfg.weight_decay:
             g += cfg.weight_decay * x
         if grid.M > 1:
@@ -300,8 +327,8 @@ class FDG:
     # -- introspection ------------------------------------------------------------
     def stash_bytes(self, state) -> dict:
         """Local. Bytes held per stage for in-flight batches: stashed weights, stashed inputs, messages."""
-        return {"w_stash": int(state.w_stash.nbytes), "in_stash": int(state.in_stash.nbytes),
-                "act_in": int(state.act_in.nbytes), "grad_in": int(state.grad_in.nbytes)}
+        return {"w_stash": xp.nbytes(state.w_stash), "in_stash": xp.nbytes(state.in_stash),
+                "act_in": xp.nbytes(state.act_in), "grad_in": xp.nbytes(state.grad_in)}
 
 
 def state_fields():

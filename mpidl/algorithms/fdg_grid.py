@@ -89,7 +89,7 @@ class GridSession(Session):
     def evaluate(self, state):
         """Collective over mc. Whole-pipeline forward on the test set (split over replicas)."""
         g, fm, k, K = self.comm, self.fm, self.comm.k, self.K
-        fm.load(state.x)   # on a device: the live weights to the module (a no-op on the CPU)
+        fm.load(state.x)   # the live weights to the module (a no-op: state.x is its buffer)
         model = fm.model
         model.eval()
         X, Y = self.test_x, self.test_y
@@ -100,12 +100,16 @@ class GridSession(Session):
             c = min(self.eval_chunk, n - a)
             if k == 0:
                 h = as_batch(X[a:a + c], dt)
+            elif fm.resident:   # the activation arrives in a tensor on the stage's device
+                h = g.recv(torch.empty((c,) + self.shapes[k], dtype=dt, device=fm.params.device),
+                           -1, g.TAG_EVAL)
             else:
                 buf = np.empty((c,) + self.shapes[k], dtype=fm.x.dtype)
                 h = torch.from_numpy(g.recv(buf, -1, g.TAG_EVAL))
             out = model(fm.to_device(h))
             if k < K - 1:
-                g.send(out.contiguous().cpu(), +1, g.TAG_EVAL)
+                out = out.contiguous()
+                g.send(out if fm.resident else out.cpu(), +1, g.TAG_EVAL)
             else:
                 yb = fm.to_device(torch.as_tensor(Y[a:a + c]))
                 yb = yb.to(dt) if self.algo.num_classes == 0 else yb.long()
@@ -159,11 +163,13 @@ def _cuts(cfg, acfg, model, units, K, sample, mc):
     return cuts, [float(sum(costs[a:b])) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def setup_grid(cfg, world, device=None):
+def setup_grid(cfg, world, device=None, cuda_aware=False):
     """Collective over ``world``. Build the grid session of the ``fdg`` algorithm (see the module doc).
 
-    ``device``: the torch device of this rank's stage (module, graphs, batches); stashes,
-    messages and the optimizer state stay in host arrays (see :mod:`mpidl.flat`).
+    ``device``: the torch device of this rank's stage.  On a GPU the stage is device-resident
+    (:mod:`mpidl.flat`): module, graphs, batches, stashes, messages and the optimizer state
+    live there; the messages and the stage allreduce go through pinned host mirrors, or
+    straight to MPI with ``cuda_aware`` (a CUDA-aware MPI, :class:`mpidl.comm.GridComm`).
     """
     from mpidl import topology as T
     acfg, d, r = cfg.algorithm, cfg.data, cfg.run
@@ -175,7 +181,7 @@ def setup_grid(cfg, world, device=None):
     torch.set_num_threads(max(1, r.threads))
     mc = GraphComm(world, T.ring(size))
     try:
-        grid = GridComm(world, M, K)
+        grid = GridComm(world, M, K, **({"cuda_aware": True} if cuda_aware else {}))
     except Exception:
         mc.close()
         raise

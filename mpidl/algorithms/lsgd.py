@@ -65,6 +65,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mpidl import xp
 from mpidl.algorithms.base import check_lr, lr_at
 from mpidl.config import LRConfig, register_algorithm
 
@@ -175,10 +176,22 @@ class EASGDState:
     c_hdr: np.ndarray                   # async, host: the center window's header [version, loss, owner, step]
 
 
-class _Worker:
-    """Shared parts: SGD/momentum step, straggler emulation, async rounds, windows, close."""
+def _numel(x0) -> int:
+    """Values in the flat vector ``x0`` (a NumPy array or a torch tensor)."""
+    return int(np.prod(tuple(x0.shape), dtype=np.int64))
 
-    torch_device = True                 # a torch model may live on a GPU (mpidl.device); state stays on the host
+
+class _Worker:
+    """Shared parts: SGD/momentum step, straggler emulation, async rounds, windows, close.
+
+    Every model-sized array (state, copies, temporaries) is made like ``x0`` (:mod:`mpidl.xp`):
+    NumPy on the CPU, torch tensors on the model's device when it is device-resident; the
+    update lines serve both.  Host-only bookkeeping (the loss ring buffer, the window headers)
+    stays NumPy.  The RMA windows live in host memory (:class:`mpidl.comm.ModelWindow` stages
+    tensors).
+    """
+
+    torch_device = True                 # a torch model and this state may live on a GPU (mpidl.device)
 
     def __init__(self, cfg, *, steps_per_epoch=1, **_):
         self.cfg = cfg
@@ -211,7 +224,7 @@ class _Worker:
         from mpidl.comm import LeaderComm
         self.lc = LeaderComm(comm, groups, group_size)
         self._slow = self.cfg.slow_factor > 1.0 and self.lc.rank == self.cfg.slow_rank
-        self._tmp = np.empty_like(x0)
+        self._tmp = xp.empty_like(x0)
         self._first = True
 
     def step(self, k, state, oracle, comm):
@@ -285,14 +298,15 @@ class LSGD(_Worker):
         self.p1 = cfg.lam if cfg.p1 == -1.0 else cfg.p1
         self.p2 = cfg.lam_G if cfg.p2 == -1.0 else cfg.p2
         self.win_g = self.win_l = None
+        n = _numel(x0)
         if cfg.asynchronous:
-            self.win_g = self.lc.window(x0.size, x0.dtype, "world")
-            self.win_l = self.lc.window(x0.size, x0.dtype, "group") if self.multi else None
+            self.win_g = self.lc.window(n, x0.dtype, "world")
+            self.win_l = self.lc.window(n, x0.dtype, "group") if self.multi else None
 
         def slot(win):
-            return np.zeros_like(x0) if win is not None and win.is_host else np.zeros(0, x0.dtype)
-        return LSGDState(x=x0, v=np.zeros_like(x0) if cfg.momentum else np.zeros(0, x0.dtype),
-                         cg=np.zeros_like(x0), cl=np.zeros_like(x0) if self.multi else np.zeros(0, x0.dtype),
+            return xp.zeros_like(x0) if win is not None and win.is_host else xp.zeros(0, like=x0)
+        return LSGDState(x=x0, v=xp.zeros_like(x0) if cfg.momentum else xp.zeros(0, like=x0),
+                         cg=xp.zeros_like(x0), cl=xp.zeros_like(x0) if self.multi else xp.zeros(0, like=x0),
                          losses=np.zeros(cfg.window), nloss=0, have_g=0, have_l=0, lead_g=-1, lead_l=-1, t=0,
                          slot_g=slot(self.win_g), slot_hdr_g=np.zeros(4),
                          slot_l=slot(self.win_l), slot_hdr_l=np.zeros(4))
@@ -398,7 +412,7 @@ class LSGD(_Worker):
 
     def eval_metrics(self, state, session):
         """Collective over ``session.mc``. Test loss/accuracy of the global leader's model."""
-        buf = np.empty_like(state.x)
+        buf = xp.empty_like(state.x)
         owner = self.leader_model(state, session.mc, buf)
         tl, ta = session.evaluate_model(buf)
         return {"leader_test_loss": float(tl), "leader_test_acc": float(ta), "leader_rank": float(owner)}
@@ -411,15 +425,15 @@ class EASGD(_Worker):
         """Collective. a = beta / N; asynchronous: the center window, initialised to x0."""
         self._setup(x0, comm)
         self.a = self.cfg.beta / self.lc.size
-        self._sum = np.empty_like(x0)
-        self._cbuf = np.empty_like(x0)
+        self._sum = xp.empty_like(x0)
+        self._cbuf = xp.empty_like(x0)       # the center as the window update hands it to the worker
         hdr = np.zeros(4)
         if self.cfg.asynchronous:
-            self.win_c = self.lc.window(x0.size, x0.dtype, "world", init=x0)
+            self.win_c = self.lc.window(_numel(x0), x0.dtype, "world", init=x0)
             if self.win_c.is_host:
-                hdr = self.win_c.snapshot(np.empty_like(x0))       # version 1: x0
-        return EASGDState(x=x0, v=np.zeros_like(x0) if self.cfg.momentum else np.zeros(0, x0.dtype),
-                          c=x0.copy(), t=0, c_hdr=hdr)
+                hdr = self.win_c.snapshot(xp.empty_like(x0))       # version 1: x0
+        return EASGDState(x=x0, v=xp.zeros_like(x0) if self.cfg.momentum else xp.zeros(0, like=x0),
+                          c=xp.copy(x0), t=0, c_hdr=hdr)
 
     def _local_step(self, state, oracle):
         cfg, t, a = self.cfg, state.t, self.a
@@ -429,11 +443,11 @@ class EASGD(_Worker):
             d = self._tmp
             if cfg.asynchronous:
                 def move(c):
-                    np.subtract(state.x, c, out=d)
+                    xp.subtract(state.x, c, out=d)
                     c += a * d
                 self._talk(lambda: self.win_c.update(move, self._cbuf))
             else:
-                np.subtract(state.x, state.c, out=d)
+                xp.subtract(state.x, state.c, out=d)
                 self.lc.allreduce_sum(d, self._sum)
         self._sgd(state, g, t)
         if d is not None:
@@ -465,7 +479,7 @@ class EASGD(_Worker):
 
     def eval_metrics(self, state, session):
         """Collective over ``session.mc``. Test loss/accuracy of the center variable."""
-        buf = self.center_model(state, session.mc, np.empty_like(state.x))
+        buf = self.center_model(state, session.mc, xp.empty_like(state.x))
         tl, ta = session.evaluate_model(buf)
         return {"center_test_loss": float(tl), "center_test_acc": float(ta)}
 

@@ -169,6 +169,9 @@ class _Stage:
 
 _STAGES = OrderedDict()
 _STAGE_CACHE = 16
+STAGE_CPU_TENSORS = False
+"""Tests set it: CPU tensors then take the staging path a device tensor takes (own host mirror,
+copies in and out), so that path runs on machines without a GPU."""
 
 
 def _stage(t) -> _Stage:
@@ -195,7 +198,7 @@ def _as_array(x, writable=True, fill=True):
     mod = type(x).__module__
     if mod.startswith("torch"):
         t = x.detach()
-        if t.device.type != "cpu":
+        if t.device.type != "cpu" or STAGE_CPU_TENSORS:
             if not t.is_contiguous():
                 raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
             st = _stage(t)
@@ -213,6 +216,12 @@ def _as_array(x, writable=True, fill=True):
     if writable and not a.flags.writeable:
         raise ValueError("GraphComm cannot write into a read-only array")
     return a.reshape(-1), None
+
+
+def _staged(x) -> bool:
+    """Local. Whether ``x`` reaches MPI through host memory it does not own (a device tensor,
+    or any tensor under :data:`STAGE_CPU_TENSORS`) rather than zero-copy."""
+    return type(x).__module__.startswith("torch") and (x.device.type != "cpu" or STAGE_CPU_TENSORS)
 
 
 def _direct(x, cuda_aware) -> bool:

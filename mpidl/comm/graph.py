@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 
 from mpidl.comm.core import (_OPS, CollectiveError, _as_array, _device_buffer, _direct, _mpi,
-                             _persistent_collectives, _pointers)
+                             _persistent_collectives, _pointers, _staged)
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
@@ -36,10 +36,12 @@ class Pending:
 class _Plan:
     """Preallocated receive buffer (+ persistent request) for one send buffer."""
 
-    __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
+    __slots__ = ("send", "recv", "w", "w_self", "request", "busy", "host", "event")
 
-    def __init__(self, send, indeg, w_self, w_in):
+    def __init__(self, send, indeg, w_self, w_in, host=None):
         self.send = send
+        self.host = host            # staged plans: the pinned tensor behind ``send``
+        self.event = None           # staged plans: the last host -> device copy out of ``send``
         self.recv = np.empty((indeg, send.size), dtype=send.dtype)
         # weights cast once to the data's dtype: the combine stays in that arithmetic
         self.w = np.ascontiguousarray(w_in, dtype=send.dtype)
@@ -49,14 +51,15 @@ class _Plan:
 
 
 class _TensorPlan:
-    """CUDA-aware mixing of one tensor: the neighbours' copies land in a receive tensor on the
-    same device and the combine runs there in torch (no host copy at all)."""
+    """CUDA-aware mixing of tensors of one size: the caller's tensor goes to MPI as it is, the
+    neighbours' copies land in a receive tensor on the same device and the combine runs there in
+    torch (no host copy at all).  Nonblocking, not persistent: the send buffer is the caller's."""
 
     __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
 
     def __init__(self, send, indeg, w_self, w_in):
         import torch
-        self.send = send
+        self.send = None
         self.recv = torch.empty((indeg, send.numel()), dtype=send.dtype, device=send.device)
         self.w = [torch.tensor(float(w), dtype=send.dtype, device=send.device) for w in w_in]
         self.w_self = torch.tensor(float(w_self), dtype=send.dtype, device=send.device)
@@ -155,24 +158,51 @@ class GraphComm:
         self.messages_sent = 0
 
     # -- consensus -------------------------------------------------------
-    def _plan_for(self, a) -> _Plan:
-        tensor = type(a).__module__.startswith("torch")
-        if tensor:
-            import torch
-            if a.dtype not in (torch.float32, torch.float64):
-                raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
-            key = (a.data_ptr(), a.numel(), str(a.dtype), str(a.device))
-        else:
-            if a.dtype not in (np.float32, np.float64):
-                raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
-            key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
+    def _plan_for(self, a: np.ndarray) -> _Plan:
+        if a.dtype not in (np.float32, np.float64):
+            raise TypeError(f"mix needs float32 or float64 data, got {a.dtype}")
+        key = (a.__array_interface__["data"][0], a.size, a.dtype.str)
         plan = self._plans.get(key)
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        plan = (_TensorPlan if tensor else _Plan)(a, len(self.in_neighbors), self._w_self, self._w_in)
+        plan = _Plan(a, len(self.in_neighbors), self._w_self, self._w_in)
         if self.persistent:
             plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
+        return self._keep(key, plan)
+
+    def _tensor_plan(self, kind, t):
+        """The plan for mixing tensor ``t`` by ``kind`` ("staged": through the plan's own pinned
+        host buffer; "direct": ``t`` itself to a CUDA-aware MPI).
+
+        Keyed by (kind, size, dtype, device) and the first plan of that key not in use, never
+        by the tensor's address: every rank then picks the same plan for the same call (the
+        address of a fresh tensor differs between ranks), so the collective a new persistent
+        plan starts with is made by every rank or by none.
+        """
+        import torch
+        if t.dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"mix needs float32 or float64 data, got {t.dtype}")
+        slot = 0
+        while True:
+            key = (kind, t.numel(), str(t.dtype), str(t.device), slot)
+            plan = self._plans.get(key)
+            if plan is None or not plan.busy:
+                break
+            slot += 1
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        indeg = len(self.in_neighbors)
+        if kind == "direct":
+            return self._keep(key, _TensorPlan(t, indeg, self._w_self, self._w_in))
+        host = torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        plan = _Plan(host.numpy(), indeg, self._w_self, self._w_in, host=host)
+        if self.persistent:
+            plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
+        return self._keep(key, plan)
+
+    def _keep(self, key, plan):
         self._plans[key] = plan
         while len(self._plans) > self._plan_cache:
             _, old = self._plans.popitem(last=False)
@@ -196,14 +226,14 @@ class GraphComm:
             return self._launch(plan, a, o, out, None)
         if _direct(x, self.cuda_aware):
             return self._start_direct(x, out)
-        a, staged = _as_array(x, writable=False)
+        if _staged(x):
+            return self._start_staged(x, out)
+        a, _ = _as_array(x, writable=False)
         if out is None:
             o, wb = np.empty_like(a), None
             if type(x).__module__.startswith("torch"):
                 import torch
-                result = torch.from_numpy(o).view(x.shape).to(x.device)
-                if result.device.type != "cpu":  # staged: copy the host result over
-                    wb = (lambda r=result, h=o: r.copy_(torch.from_numpy(h).view(r.shape)))
+                result = torch.from_numpy(o).view(x.shape)
             else:
                 result = o.reshape(np.shape(x))
         else:
@@ -214,11 +244,38 @@ class GraphComm:
         plan = self._plan_for(a)
         if plan.busy:
             raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
-        if out is not None and wb is None and not (type(x).__module__.startswith("torch")
-                                                   and x.device.type != "cpu"):  # CPU buffers only
+        if out is not None and wb is None:  # zero-copy host buffers only
             torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
             self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
         return self._launch(plan, a, o, result, wb)
+
+    def _start_staged(self, x, out):
+        """A device tensor: one copy into the plan's pinned host buffer, the collective and the
+        combine on the host (in place in that buffer), one copy back into ``out``."""
+        import torch
+        t = x.detach()
+        if not t.is_contiguous():
+            raise ValueError("GraphComm needs a contiguous tensor (call .contiguous())")
+        result = torch.empty_like(t) if out is None else out
+        rdtype = result.dtype if torch.is_tensor(result) else torch.from_numpy(np.zeros(0, result.dtype)).dtype
+        if int(np.prod(np.shape(result))) != t.numel() or rdtype != t.dtype:
+            raise ValueError("mix: out must match x in size and dtype")
+        plan = self._tensor_plan("staged", t)
+        if plan.event is not None:           # the last copy out of the buffer has finished
+            plan.event.synchronize()
+            plan.event = None
+        plan.host.copy_(t.reshape(-1))       # device -> host, blocking: the buffer is valid here
+        a = plan.send
+
+        def back(plan=plan, result=result):
+            if torch.is_tensor(result):
+                result.copy_(plan.host.view(result.shape), non_blocking=True)
+                if result.device.type == "cuda":
+                    plan.event = torch.cuda.Event()
+                    plan.event.record()
+            else:
+                result[...] = a.reshape(result.shape)
+        return self._launch(plan, a, a, result, back)
 
     def _start_direct(self, x, out):
         import torch
@@ -233,9 +290,7 @@ class GraphComm:
             result = out
         if o.numel() != a.numel() or o.dtype != a.dtype:
             raise ValueError("mix: out must match x in size and dtype")
-        plan = self._plan_for(a)
-        if plan.busy:
-            raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
+        plan = self._tensor_plan("direct", a)
         return self._launch(plan, a, o, result, None)
 
     def _launch(self, plan, a, o, result, wb):
@@ -243,7 +298,7 @@ class GraphComm:
             plan.request.Start()
             request = plan.request
         else:
-            request = self.graph.Ineighbor_allgather(plan.send, plan.recv)
+            request = self.graph.Ineighbor_allgather(a if plan.send is None else plan.send, plan.recv)
         plan.busy = True
         self.bytes_sent += (a.nbytes if isinstance(a, np.ndarray) else a.numel() * a.element_size()) \
             * len(self.out_neighbors)

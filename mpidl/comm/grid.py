@@ -1,7 +1,7 @@
 """GridComm: the M x K rank grid of the decoupled pipeline (issue 8; see :mod:`mpidl.comm`)."""
 from __future__ import annotations
 
-from mpidl.comm.core import _as_array, _mpi
+from mpidl.comm.core import _as_array, _device_buffer, _direct, _mpi
 from mpidl.comm.graph import GraphComm
 from mpidl.errors import MpidlError
 
@@ -23,6 +23,12 @@ class GridComm:
       rank k), for the nonblocking point-to-point messages: activations go to
       k + 1, input-gradients to k - 1.
 
+    Buffers are NumPy arrays or torch tensors.  A tensor on a device (or any tensor under
+    :data:`mpidl.comm.core.STAGE_CPU_TENSORS`) is staged through its pinned host mirror (a
+    device-to-host copy before a send, a host-to-device copy after a receive, in
+    :meth:`waitall`); with ``cuda_aware=True`` tensors go to MPI as they are (CUDA-aware MPI),
+    and the stage's allreduce is direct too (:class:`GraphComm`).
+
     ``M * K != size`` raises :class:`GridError` on every rank.  Counters:
     ``link_bytes[+1]`` / ``link_bytes[-1]`` are the bytes this rank sent to
     its successor / predecessor; ``stage.bytes_sent`` the allreduce traffic
@@ -31,7 +37,7 @@ class GridComm:
 
     TAG_ACT, TAG_GRAD, TAG_EVAL = 11, 12, 13
 
-    def __init__(self, comm, M: int, K: int):
+    def __init__(self, comm, M: int, K: int, cuda_aware: bool = False):
         size = comm.Get_size()
         M, K = int(M), int(K)
         if M < 1 or K < 1 or M * K != size:
@@ -40,18 +46,21 @@ class GridComm:
                             f"replicas/stages so that replicas x stages = {size}")
         from mpidl import topology as T
         self.M, self.K = M, K
+        self.cuda_aware = bool(cuda_aware)
         self.base = comm.Dup()
         self.rank, self.size = self.base.Get_rank(), size
         self.m, self.k = divmod(self.rank, K)
         split = self.base.Split(self.k, self.m)
         try:
-            self.stage = GraphComm(split, T.complete(M))
+            self.stage = GraphComm(split, T.complete(M), cuda_aware=self.cuda_aware)
         finally:
             split.Free()
         self.path = self.base.Split(self.m, self.k)
         self.link_bytes = {+1: 0, -1: 0}
         self.link_messages = {+1: 0, -1: 0}
         self._requests = []
+        self._keep = []           # send / receive buffers MPI uses until waitall
+        self._writebacks = []     # host mirror -> device copies of staged receives, run by waitall
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -95,31 +104,52 @@ class GridComm:
         return peer
 
     def isend(self, x, direction: int, tag: int):
-        """Local. Start sending contiguous ``x`` to stage k + direction; completes in :meth:`waitall`.
+        """Local. Start sending contiguous ``x`` (array or tensor) to stage k + direction; completes
+        in :meth:`waitall`.
 
-        ``x`` must not change until then.
+        ``x`` must not change until then (a staged tensor is copied to its host mirror here).
         """
-        a, _ = _as_array(x, writable=False)
-        req = self.path.Isend(a, dest=self._peer(direction), tag=tag)
+        peer = self._peer(direction)
+        if _direct(x, self.cuda_aware):
+            a = _device_buffer(x)
+            nbytes = a.numel() * a.element_size()
+        else:
+            a, _ = _as_array(x, writable=False)
+            nbytes = a.nbytes
+        req = self.path.Isend(a, dest=peer, tag=tag)
         self._requests.append(req)
-        self.link_bytes[direction] += a.nbytes
+        self._keep.append(a)
+        self.link_bytes[direction] += int(nbytes)
         self.link_messages[direction] += 1
         return req
 
     def irecv(self, out, direction: int, tag: int):
-        """Local. Start receiving into contiguous ``out`` from stage k + direction (see :meth:`waitall`)."""
-        a, wb = _as_array(out)
-        if wb is not None:
-            raise ValueError("irecv needs a CPU buffer")
-        req = self.path.Irecv(a, source=self._peer(direction), tag=tag)
+        """Local. Start receiving into contiguous ``out`` (array or tensor) from stage k + direction.
+
+        ``out`` holds the message after :meth:`waitall` (a staged tensor receives into its host
+        mirror, copied to ``out`` there).
+        """
+        peer = self._peer(direction)
+        if _direct(out, self.cuda_aware):
+            a, wb = _device_buffer(out), None
+        else:
+            a, wb = _as_array(out, fill=False)
+        req = self.path.Irecv(a, source=peer, tag=tag)
         self._requests.append(req)
+        self._keep.append(a)
+        if wb is not None:
+            self._writebacks.append(wb)
         return req
 
     def waitall(self):
-        """Local. Complete every message started by :meth:`isend` / :meth:`irecv`."""
+        """Local. Complete every message started by :meth:`isend` / :meth:`irecv` (and copy staged
+        receives to their tensors)."""
         if self._requests:
             _mpi().Request.Waitall(self._requests)
             self._requests = []
+        writebacks, self._writebacks, self._keep = self._writebacks, [], []
+        for wb in writebacks:
+            wb()
 
     def send(self, x, direction: int, tag: int):
         """Local. Blocking send of contiguous ``x`` to stage k + direction."""

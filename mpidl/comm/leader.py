@@ -10,8 +10,21 @@ import time
 
 import numpy as np
 
-from mpidl.comm.core import _as_array, _mpi
+from mpidl.comm.core import _as_array, _device_buffer, _direct, _mpi
 from mpidl.errors import MpidlError
+
+
+def _is_tensor(a) -> bool:
+    return type(a).__module__.startswith("torch")
+
+
+def _np_dtype(dtype) -> np.dtype:
+    """A NumPy dtype from a NumPy dtype (or anything ``np.dtype`` takes) or a torch dtype."""
+    if type(dtype).__module__.startswith("torch"):
+        import torch
+        return torch.empty(0, dtype=dtype).numpy().dtype
+    return np.dtype(dtype)
+
 
 class LeaderComm:
     """Collective. World and group communicators of the leader-based methods.
@@ -22,11 +35,17 @@ class LeaderComm:
     world size), ``"node"`` one group per shared-memory node
     (``Split_type(COMM_TYPE_SHARED)``).  Bytes handed to MPI are charged to
     ``gc.bytes_sent`` / ``gc.messages_sent`` so the driver's counters include them.
+
+    :meth:`bcast` and :meth:`allreduce_sum` take NumPy arrays and torch tensors:
+    a device tensor is staged through its pinned host mirror
+    (:func:`mpidl.comm.core._as_array`), or handed to MPI as it is when
+    ``gc.cuda_aware`` (a CUDA-aware MPI).
     """
 
     def __init__(self, gc, groups="all", group_size=0):
         MPI = _mpi()
         self.gc = gc
+        self.cuda_aware = bool(getattr(gc, "cuda_aware", False))
         self.world = gc.base.Dup()
         self.rank, self.size = self.world.Get_rank(), self.world.Get_size()
         if groups == "all":
@@ -75,27 +94,49 @@ class LeaderComm:
         return v, r
 
     def bcast(self, x, root, scope="world"):
-        """Collective over ``scope``. Broadcast array ``x`` in place from ``root`` (rank in scope)."""
+        """Collective over ``scope``. Broadcast array or tensor ``x`` in place from ``root`` (rank in scope)."""
         c = self._scope(scope)
-        a, wb = _as_array(x)
-        c.Bcast(a, root=root)
-        if wb is not None:
-            wb()
-        if c.Get_rank() == root and c.Get_size() > 1:
-            self.charge(a.nbytes * (c.Get_size() - 1), c.Get_size() - 1)
+        is_root = c.Get_rank() == root
+        if _direct(x, self.cuda_aware):
+            a = _device_buffer(x)
+            c.Bcast(a, root=root)
+            nbytes = a.numel() * a.element_size()
+        else:
+            a, wb = _as_array(x, fill=is_root)    # only the root's values travel: no copy in elsewhere
+            c.Bcast(a, root=root)
+            if wb is not None:
+                wb()
+            nbytes = a.nbytes
+        if is_root and c.Get_size() > 1:
+            self.charge(nbytes * (c.Get_size() - 1), c.Get_size() - 1)
         return x
 
     def allreduce_sum(self, x, out):
-        """Collective over the world. ``out = sum_i x_i`` (ring-model bytes charged)."""
+        """Collective over the world. ``out = sum_i x_i`` (ring-model bytes charged; ``out`` may be ``x``)."""
         MPI = _mpi()
-        a, _ = _as_array(x, writable=False)
-        o, _ = _as_array(out)
-        if np.shares_memory(a, o):
-            self.world.Allreduce(MPI.IN_PLACE, o, op=MPI.SUM)
+        if _direct(x, self.cuda_aware) and _direct(out, True):
+            a, o = _device_buffer(x), _device_buffer(out)
+            if o.numel() != a.numel() or o.dtype != a.dtype:
+                raise ValueError("allreduce_sum: out must match x in size and dtype")
+            if o.data_ptr() == a.data_ptr():
+                self.world.Allreduce(MPI.IN_PLACE, o, op=MPI.SUM)
+            else:
+                self.world.Allreduce(a, o, op=MPI.SUM)
+            nbytes = a.numel() * a.element_size()
         else:
-            self.world.Allreduce(a, o, op=MPI.SUM)
+            a, _ = _as_array(x, writable=False)
+            o, wb = _as_array(out, fill=False)    # written by MPI only (out is x: the mirror filled above)
+            if o.size != a.size or o.dtype != a.dtype:
+                raise ValueError("allreduce_sum: out must match x in size and dtype")
+            if np.shares_memory(a, o):
+                self.world.Allreduce(MPI.IN_PLACE, o, op=MPI.SUM)
+            else:
+                self.world.Allreduce(a, o, op=MPI.SUM)
+            if wb is not None:
+                wb()
+            nbytes = a.nbytes
         if self.size > 1:
-            self.charge(2 * (self.size - 1) * a.nbytes // self.size, 2 * (self.size - 1))
+            self.charge(2 * (self.size - 1) * nbytes // self.size, 2 * (self.size - 1))
         return out
 
     def barrier(self):
@@ -170,6 +211,12 @@ class ModelWindow:
       announced before its first byte lands, so the read is valid iff
       ``w <= s1 + 1`` and the slot's own version is ``s1``; otherwise it is
       retried (counted in ``retries``).  A torn model is never returned.
+
+    The model arguments (``out``, ``x``, ``buf``, ``init``) may be NumPy arrays or
+    torch tensors; RMA only ever sees host memory: a device tensor (or any tensor
+    under :data:`mpidl.comm.core.STAGE_CPU_TENSORS`) is copied through its host
+    mirror (:func:`mpidl.comm.core._as_array`), a CPU tensor is used through its
+    NumPy view.  ``dtype`` may be a NumPy or a torch dtype.
     """
 
     HDR = 32
@@ -178,7 +225,7 @@ class ModelWindow:
     def __init__(self, comm, count, dtype, lc, init=None):
         MPI = _mpi()
         self.comm, self.lc = comm, lc
-        self.dtype = np.dtype(dtype)
+        self.dtype = _np_dtype(dtype)
         self.count = int(count)
         self.nbytes = self.count * self.dtype.itemsize
         self.slot = self.HDR + self.nbytes
@@ -197,7 +244,7 @@ class ModelWindow:
         self._freed = False
         if self.is_host and init is not None:
             self._lock()
-            self._write(0, (0.0, 0.0, 0.0), np.asarray(init, self.dtype), charge=False)  # set-up, not traffic
+            self._write(0, (0.0, 0.0, 0.0), self._host_in(init), charge=False)  # set-up, not traffic
             self._unlock()
         comm.Barrier()
 
@@ -249,8 +296,21 @@ class ModelWindow:
             self.lc.charge(self.slot + 8, 2)
 
     def _check(self, out):
-        if out.dtype != self.dtype or out.size != self.count or not out.flags.c_contiguous:
-            raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {out.dtype} x {out.size}")
+        if _is_tensor(out):
+            try:
+                dt = _np_dtype(out.dtype)
+            except TypeError:       # a torch dtype NumPy lacks (bfloat16): never the window's
+                dt = None
+            n, contiguous = out.numel(), out.is_contiguous()
+        else:
+            dt, n, contiguous = out.dtype, out.size, out.flags.c_contiguous
+        if dt != self.dtype or n != self.count or not contiguous:
+            raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {out.dtype} x {n}")
+
+    def _host_in(self, x):
+        """Flat C-contiguous host array of the window's dtype holding ``x`` (zero-copy where it can)."""
+        a = _as_array(x, writable=False)[0] if _is_tensor(x) else np.asarray(x)
+        return np.ascontiguousarray(a.reshape(-1), self.dtype)
 
     # public operations -------------------------------------------------
     def read(self, out, charge=True, retries=100000):
@@ -259,15 +319,18 @@ class ModelWindow:
         Returns its header ``(seq, loss, owner, step)``, or None while the slot is empty.
         """
         self._check(out)
+        host, wb = _as_array(out, fill=False)     # RMA writes host memory (a tensor's mirror or view)
         for _ in range(retries):
             s1 = self._atomic(8)
             if s1 == 0:
                 return None
-            self._get_slot(s1, out)
+            self._get_slot(s1, host)
             s2 = self._atomic(16)
             if charge:
                 self.lc.charge(self.slot + 16, 3)
             if s2 <= s1 + 1 and int(self._hdr[0]) == s1:
+                if wb is not None:
+                    wb()
                 return tuple(float(v) for v in self._hdr)
             self.retries += 1
         raise TornReadError(f"{retries} consecutive reads of a model window were overtaken by writers")
@@ -287,9 +350,12 @@ class ModelWindow:
                 self._get_hdr(s)
                 cur = tuple(float(v) for v in self._hdr)
             if decide(cur):
-                self._write(s, (loss, owner, step), x)
+                self._write(s, (loss, owner, step), self._host_in(x))
                 return True, (float(s + 1), float(loss), float(owner), float(step))
-            self._get_slot(s, out)
+            host, wb = _as_array(out, fill=False)
+            self._get_slot(s, host)
+            if wb is not None:
+                wb()
             self.lc.charge(self.HDR + 16, 3)
             return False, tuple(float(v) for v in self._hdr)
         finally:
@@ -323,7 +389,7 @@ class ModelWindow:
         if seq < 0 or seq != header[0]:
             raise ValueError(f"a ModelWindow version must be a whole number >= 0; got {header[0]}")
         if seq:
-            x = np.ascontiguousarray(x, self.dtype)
+            x = self._host_in(x)
             if x.size != self.count:
                 raise ValueError(f"ModelWindow holds {self.count} {self.dtype} values; got {x.size}")
         self._lock()
@@ -352,17 +418,23 @@ class ModelWindow:
         c <- c + a (x_i - c)); readers see the old or the new model, never a mix.
         """
         self._check(buf)
+        host, wb = _as_array(buf, fill=False)     # host memory for RMA (a tensor's mirror or view)
         self._lock()
         try:
             s = self._atomic(8)
             if s:
-                self._get_slot(s, buf)
+                self._get_slot(s, host)
                 meta = tuple(float(v) for v in self._hdr[1:])
             else:
-                buf[...] = 0
+                host[...] = 0
                 meta = (0.0, 0.0, 0.0)
-            fn(buf)
-            self._write(s, meta, buf)
+            if wb is not None:                    # staged: buf <- the mirror, fn, the mirror <- buf
+                wb()
+                fn(buf)
+                host, _ = _as_array(buf, writable=False)
+            else:
+                fn(buf)
+            self._write(s, meta, host)
             self.lc.charge(self.slot + 16, 3)
         finally:
             self._unlock()
