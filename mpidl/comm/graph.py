@@ -36,12 +36,10 @@ class Pending:
 class _Plan:
     """Preallocated receive buffer (+ persistent request) for one send buffer."""
 
-    __slots__ = ("send", "recv", "w", "w_self", "request", "busy", "host", "event")
+    __slots__ = ("send", "recv", "w", "w_self", "request", "busy")
 
-    def __init__(self, send, indeg, w_self, w_in, host=None):
+    def __init__(self, send, indeg, w_self, w_in):
         self.send = send
-        self.host = host            # staged plans: the pinned tensor behind ``send``
-        self.event = None           # staged plans: the last host -> device copy out of ``send``
         self.recv = np.empty((indeg, send.size), dtype=send.dtype)
         # weights cast once to the data's dtype: the combine stays in that arithmetic
         self.w = np.ascontiguousarray(w_in, dtype=send.dtype)
@@ -67,6 +65,77 @@ class _TensorPlan:
         self.busy = False
 
 
+def _free_plan(plan):
+    if isinstance(plan, _StagedPlan):
+        plan.free()
+    elif plan.request is not None:
+        plan.request.Free()
+
+
+class _StagedPlan:
+    """Staged mixing of device tensors of one size: a pinned host buffer cut into chunks of at
+    most ``chunk`` elements, each chunk with its own receive buffer and (persistent) neighbour
+    collective, so that one chunk's copy overlaps another chunk's communication:
+
+    * start: every chunk's device-to-host copy is queued at once (asynchronous into pinned
+      memory), and chunk c's collective starts as soon as its copy has landed;
+    * wait: chunk c's collective is completed, its combine runs on the host (in place in the
+      buffer) and its host-to-device copy is queued while chunk c + 1 is still being waited
+      for and combined.
+
+    One copy each way per mix; the combine is elementwise, so the result does not depend on the
+    chunking (bitwise).  The byte and message counters count one mix, as for host buffers.
+    """
+
+    __slots__ = ("host", "chunks", "busy", "event", "request")
+
+    def __init__(self, gc, t, chunk):
+        import torch
+        n = t.numel()
+        self.host = torch.empty(n, dtype=t.dtype, pin_memory=t.device.type == "cuda")
+        arr = self.host.numpy()
+        self.chunks = []
+        for a in range(0, max(n, 1), max(int(chunk), 1)):
+            b = min(n, a + int(chunk))
+            p = _Plan(arr[a:b], len(gc.in_neighbors), gc._w_self, gc._w_in)
+            if gc.persistent:
+                p.request = gc.graph.Neighbor_allgather_init(p.send, p.recv)
+            self.chunks.append((a, b, p))
+        self.busy = False
+        self.event = None           # the last host-to-device copy out of ``host``
+        self.request = None         # (GraphComm's plan-cache protocol: freed through free())
+
+    def free(self):
+        for _, _, p in self.chunks:
+            if p.request is not None:
+                p.request.Free()
+                p.request = None
+
+
+class _StagedMix:
+    """The request of one staged mix: ``Wait()`` completes it chunk by chunk (see :class:`_StagedPlan`)."""
+
+    def __init__(self, plan, requests, result):
+        self.plan, self.requests, self.result = plan, requests, result
+
+    def Test(self):
+        return all(r.Test() for r in self.requests if r is not None)
+
+    def Wait(self):
+        import torch
+        plan, res = self.plan, self.result
+        flat = (res.detach() if torch.is_tensor(res) else torch.from_numpy(np.asarray(res))).reshape(-1)
+        cuda = flat.device.type == "cuda"
+        for (a, b, p), r in zip(plan.chunks, self.requests):
+            r.Wait()
+            combine_prepared(p.send, p.recv, p.w_self, p.w, p.send)
+            flat[a:b].copy_(plan.host[a:b], non_blocking=cuda)
+        if cuda:
+            plan.event = torch.cuda.Event()
+            plan.event.record()
+        self.requests = []
+
+
 def combine_torch(x, recv, w_self, w, out):
     """Local. ``out = w_self x + sum_j w[j] recv[j]`` for tensors, in x's dtype and in the order of the
     Numba kernel (:func:`mpidl.kernels.mixing.combine`): ``w_self x + w0 r0 + w1 r1``, then the other
@@ -89,12 +158,15 @@ class GraphComm:
 
     ``cuda_aware=True`` hands torch tensors to MPI as they are (device memory to a
     CUDA-aware MPI; see :func:`mpidl.device.cuda_aware_support`) and combines a mix
-    on their device; otherwise a device tensor is staged through a pinned host
-    mirror, one copy each way (:func:`mpidl.comm.core._as_array`).  NumPy arrays
-    always take the host path.
+    on their device; otherwise a device tensor is staged through pinned host
+    memory, one copy each way: a mix in chunks of ``stage_chunk`` bytes whose
+    copies overlap the other chunks' communication (:class:`_StagedPlan`), the
+    other operations through a host mirror (:func:`mpidl.comm.core._as_array`).
+    NumPy arrays always take the host path.
     """
 
-    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None, cuda_aware=False):
+    def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None, cuda_aware=False,
+                 stage_chunk: int = 8 << 20):
         MPI = _mpi()
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
@@ -129,6 +201,7 @@ class GraphComm:
         self.bytes_sent = 0
         self.messages_sent = 0
         self.cuda_aware = bool(cuda_aware)
+        self.stage_chunk = int(stage_chunk)      # bytes per chunk of a staged mix
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -137,8 +210,7 @@ class GraphComm:
         if self._closed:
             return
         for plan in self._plans.values():
-            if plan.request is not None:
-                plan.request.Free()
+            _free_plan(plan)
         self._plans.clear()
         self._last = None
         self.graph.Free()
@@ -193,14 +265,9 @@ class GraphComm:
         if plan is not None:
             self._plans.move_to_end(key)
             return plan
-        indeg = len(self.in_neighbors)
         if kind == "direct":
-            return self._keep(key, _TensorPlan(t, indeg, self._w_self, self._w_in))
-        host = torch.empty(t.numel(), dtype=t.dtype, pin_memory=t.device.type == "cuda")
-        plan = _Plan(host.numpy(), indeg, self._w_self, self._w_in, host=host)
-        if self.persistent:
-            plan.request = self.graph.Neighbor_allgather_init(plan.send, plan.recv)
-        return self._keep(key, plan)
+            return self._keep(key, _TensorPlan(t, len(self.in_neighbors), self._w_self, self._w_in))
+        return self._keep(key, _StagedPlan(self, t, max(1, self.stage_chunk // t.element_size())))
 
     def _keep(self, key, plan):
         self._plans[key] = plan
@@ -208,8 +275,7 @@ class GraphComm:
             _, old = self._plans.popitem(last=False)
             if self._last is not None and self._last[3] is old:
                 self._last = None
-            if old.request is not None:
-                old.request.Free()
+            _free_plan(old)
         return plan
 
     def _start(self, x, out):
@@ -250,8 +316,7 @@ class GraphComm:
         return self._launch(plan, a, o, result, wb)
 
     def _start_staged(self, x, out):
-        """A device tensor: one copy into the plan's pinned host buffer, the collective and the
-        combine on the host (in place in that buffer), one copy back into ``out``."""
+        """A device tensor through the plan's pinned host buffer, chunk by chunk (:class:`_StagedPlan`)."""
         import torch
         t = x.detach()
         if not t.is_contiguous():
@@ -260,22 +325,31 @@ class GraphComm:
         rdtype = result.dtype if torch.is_tensor(result) else torch.from_numpy(np.zeros(0, result.dtype)).dtype
         if int(np.prod(np.shape(result))) != t.numel() or rdtype != t.dtype:
             raise ValueError("mix: out must match x in size and dtype")
-        plan = self._tensor_plan("staged", t)
+        flat = t.reshape(-1)
+        plan = self._tensor_plan("staged", flat)
         if plan.event is not None:           # the last copy out of the buffer has finished
             plan.event.synchronize()
             plan.event = None
-        plan.host.copy_(t.reshape(-1))       # device -> host, blocking: the buffer is valid here
-        a = plan.send
-
-        def back(plan=plan, result=result):
-            if torch.is_tensor(result):
-                result.copy_(plan.host.view(result.shape), non_blocking=True)
-                if result.device.type == "cuda":
-                    plan.event = torch.cuda.Event()
-                    plan.event.record()
+        cuda = flat.device.type == "cuda"
+        events = []
+        for a, b, _ in plan.chunks:          # every chunk's device -> host copy queued at once
+            plan.host[a:b].copy_(flat[a:b], non_blocking=cuda)
+            if cuda:
+                events.append(torch.cuda.Event())
+                events[-1].record()
+        requests = []
+        for i, (_, _, p) in enumerate(plan.chunks):
+            if cuda:
+                events[i].synchronize()      # chunk i is on the host: send it while i + 1 copies
+            if p.request is not None:
+                p.request.Start()
+                requests.append(p.request)
             else:
-                result[...] = a.reshape(result.shape)
-        return self._launch(plan, a, a, result, back)
+                requests.append(self.graph.Ineighbor_allgather(p.send, p.recv))
+        plan.busy = True
+        self.bytes_sent += flat.numel() * flat.element_size() * len(self.out_neighbors)
+        self.messages_sent += len(self.out_neighbors)
+        return plan, None, None, result, None, _StagedMix(plan, requests, result)
 
     def _start_direct(self, x, out):
         import torch
@@ -306,6 +380,8 @@ class GraphComm:
         return plan, a, o, result, wb, request
 
     def _combine(self, plan, a, o, writeback):
+        if isinstance(plan, _StagedPlan):    # combined chunk by chunk in _StagedMix.Wait
+            return
         if isinstance(plan, _TensorPlan):
             combine_torch(a, plan.recv, plan.w_self, plan.w, o)
             return

@@ -44,14 +44,16 @@ def staged(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("mode", ["staged", "direct"])
+@pytest.mark.parametrize("mode", ["staged", "staged-chunks", "direct"])
 def test_graph_operations_on_tensors_equal_numpy_bitwise(monkeypatch, dtype, mode):
-    if mode == "staged":
+    """staged-chunks: a mix in 13 chunks of 1000 bytes (float32; 7 of 2000 bytes in float64)."""
+    if mode.startswith("staged"):
         monkeypatch.setattr(core, "STAGE_CPU_TENSORS", True)
+    kw = {"stage_chunk": 1000 if dtype == np.float32 else 3456} if mode == "staged-chunks" else {}
     for topo in _topologies():
         rng = np.random.default_rng(10 + R)
         x = rng.standard_normal(3001).astype(dtype)
-        with GraphComm(WORLD, topo) as ref, GraphComm(WORLD, topo, cuda_aware=mode == "direct") as gc:
+        with GraphComm(WORLD, topo) as ref, GraphComm(WORLD, topo, cuda_aware=mode == "direct", **kw) as gc:
             want_mix = ref.mix(x.copy())
             t = torch.from_numpy(x.copy())
             got = gc.mix(t, out=t)                                 # in place
@@ -67,6 +69,10 @@ def test_graph_operations_on_tensors_equal_numpy_bitwise(monkeypatch, dtype, mod
                 t = torch.from_numpy(x.copy())
                 gc.mix(t, out=t)
             assert_all(np.array_equal(t.numpy(), want_mix), f"{mode} repeated mix")
+            if mode == "staged-chunks":
+                plans = [p for p in gc._plans.values() if hasattr(p, "chunks")]
+                assert_all(plans and len(plans[0].chunks) == (13 if dtype == np.float32 else 7),
+                           f"chunks {[len(p.chunks) for p in plans]}")
             for op in ("sum", "mean", "max"):
                 want = ref.allreduce(x.copy(), op=op)
                 t = torch.from_numpy(x.copy())
