@@ -6,14 +6,18 @@
   cross-entropy, backward and ``torch.optim.SGD.step`` on batches indexed on the host and
   copied to the device, as mpidl's oracle does;
 * ``cdsgd, 1 rank``: mpidl's CDSGD step (``CDSGD.step`` with the ``TorchOracle`` on a
-  ``FlatModel`` on ``cuda:0`` and a ``GraphComm``), i.e. the staging path: parameters
-  host -> device and gradients device -> host through one pinned buffer each way per step;
-* ``cdsgd, 2 ranks``: the same under ``mpiexec -n 2`` on a ring, both ranks on the same
-  GPU (more ranks than GPUs: they time-share it); per-rank steps/s and the job's samples/s.
+  ``FlatModel`` on ``cuda:0`` and a ``GraphComm``): device-resident state (the update runs
+  on the GPU); at 1 rank the mix has no neighbours;
+* ``cdsgd, 2 ranks, staged``: the same under ``mpiexec -n 2`` on a complete graph, both
+  ranks on the same GPU (more ranks than GPUs: they time-share it), the mix staged through
+  pinned host memory (one copy each way per step); per-rank steps/s and the job's samples/s;
+* ``cdsgd, 2 ranks, CUDA-aware``: the device buffers handed to MPI (only when the MPI
+  library reports CUDA support, :func:`mpidl.device.cuda_aware_support`; else the row says
+  it was skipped).
 
 Data: 2048 random CIFAR-shaped samples (3 x 32 x 32, 10 classes), seeded; batch 128.
-Timing: after ``--warmup`` steps, ``--steps`` steps timed (a barrier before and after
-under MPI; the per-step gradient copy to the host synchronises the device).  Without a
+Timing: after ``--warmup`` steps, ``--steps`` steps timed (device synchronised and a
+barrier before and after under MPI).  Without a
 CUDA device the script prints ``no CUDA device: skipped`` and exits 0.
 """
 from __future__ import annotations
@@ -73,7 +77,7 @@ def floor(args) -> dict:
 
 
 def worker(args) -> None:
-    """One rank of ``mpiexec -n N bench_gpu.py --worker``: CDSGD on the staging path."""
+    """One rank of ``mpiexec -n N bench_gpu.py --worker [--cuda-aware]``: CDSGD, device-resident."""
     import torch
     from mpi4py import MPI
 
@@ -92,23 +96,33 @@ def worker(args) -> None:
     x, y = _data(rank)
     oracle = TorchOracle(fm, x, y, batch_size=args.batch, steps_per_epoch=N_SAMPLES // args.batch,
                          seed=0, rank=rank, num_classes=CLASSES)
-    with GraphComm(world, T.ring(n) if n > 2 else T.complete(n)) as gc:
+    with GraphComm(world, T.ring(n) if n > 2 else T.complete(n), cuda_aware=args.cuda_aware) as gc:
         algo = CDSGD(CDSGDConfig(lr=0.05), steps_per_epoch=N_SAMPLES // args.batch)
         state = algo.init(fm.x, gc)
         for k in range(args.warmup):
             state, _ = algo.step(k, state, oracle, gc)
+        torch.cuda.synchronize()
         gc.barrier()
         t0 = time.perf_counter()
         for k in range(args.warmup, args.warmup + args.steps):
             state, _ = algo.step(k, state, oracle, gc)
+        torch.cuda.synchronize()
         gc.barrier()
         dt = time.perf_counter() - t0
         mb = gc.bytes_sent / 1e6
     if rank == 0:
-        print(json.dumps({"method": f"mpidl cdsgd, {n} rank{'s' if n > 1 else ''} on one GPU", "ranks": n,
+        how = "" if n == 1 else (", CUDA-aware" if args.cuda_aware else ", staged")
+        print(json.dumps({"method": f"mpidl cdsgd, {n} rank{'s' if n > 1 else ''} on one GPU{how}", "ranks": n,
                           "steps_per_s": args.steps / dt, "samples_per_s": n * args.steps * args.batch / dt,
-                          "params": fm.dim, "staged_mb_per_step": 2 * fm.x.nbytes / 1e6,
+                          "params": fm.dim, "state_on": str(state.x.device),
                           "mpi_mb_per_rank": mb}), flush=True)
+
+
+def _aware():
+    """The MPI library's answer to "CUDA-aware?" (in a 1-rank MPI process of its own)."""
+    code = "from mpi4py import MPI; from mpidl.device import cuda_aware_support as f; print(f())"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    return {"True": True, "False": False}.get(proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else "")
 
 
 def _mpiexec():
@@ -126,6 +140,7 @@ def main() -> int:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--json", default="")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cuda-aware", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         worker(args)
@@ -136,9 +151,13 @@ def main() -> int:
         return 0
     card = torch.cuda.get_device_name(0)
     rows = [floor(args)]
-    for n in (1, 2):
+    aware = _aware()
+    for n, flag in ((1, False), (2, False), (2, True)):
+        if flag and not aware:
+            print(f"cdsgd, 2 ranks, CUDA-aware: skipped (the MPI library reports {aware!r} for CUDA support)")
+            continue
         cmd = [*_mpiexec(), "-n", str(n), sys.executable, __file__, "--worker", "--steps", str(args.steps),
-               "--warmup", str(args.warmup), "--batch", str(args.batch)]
+               "--warmup", str(args.warmup), "--batch", str(args.batch)] + (["--cuda-aware"] if flag else [])
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                               env=dict(os.environ, OMP_NUM_THREADS="1"))
         if proc.returncode != 0:

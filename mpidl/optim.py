@@ -42,6 +42,13 @@ wrapper            torch.optim.SGD                        other optimizers
 ``EASGD``          synchronous EASGD (elastic centre)     local step replaces EASGD's SGD step
 =================  =====================================  ==============================================
 
+**GPUs.**  A model on a GPU stays there: the flat buffer is made on the parameters'
+device, and so is the algorithm's state, so the update runs on the GPU; the
+communication stages the buffer through pinned host memory, or hands it to MPI
+directly when the MPI library is CUDA-aware (``cuda_aware="auto"``, the default:
+when every rank's MPI says so; ``True`` forces it, ``False`` stages).  Give each rank
+its own GPU (``torch.cuda.set_device(local_rank)``) before building the model.
+
 BatchNorm running statistics stay each rank's own during training, as in the
 driver (which checkpoints them per agent and never mixes them);
 :func:`average_parameters` averages them together with the parameters, and
@@ -173,12 +180,26 @@ def _validated(cfg, who):
     return cfg
 
 
+def _cuda_aware(base, setting, device) -> bool:
+    """Collective over ``base``. Whether the wrapper hands its device buffers to MPI directly: the
+    rule of ``[comm] cuda_aware`` (:func:`mpidl.device.decide_cuda_aware`), taken by every rank only
+    when every rank can (one allgather of the library's answer, one logical AND)."""
+    from mpi4py import MPI
+
+    from mpidl.comm.core import allgather_objects
+    from mpidl.device import cuda_aware_support, decide_cuda_aware
+    word = {True: "true", False: "false"}.get(setting, setting)
+    supports = allgather_objects(base, cuda_aware_support() if device.type == "cuda" else None)
+    use, _ = decide_cuda_aware(word, device.type, supports)
+    return bool(base.allreduce(bool(use), op=MPI.LAND))
+
+
 class _Distributed:
     """Collective. Base of the wrappers: flat buffer, GraphComm, agreed checks, the step loop."""
 
     needs_loss = False
 
-    def __init__(self, optimizer, *, topology="ring", comm=None, **kw):
+    def __init__(self, optimizer, *, topology="ring", comm=None, cuda_aware="auto", **kw):
         from mpidl import config as C
         from mpidl import topology as T
         from mpidl.comm import GraphComm
@@ -202,8 +223,11 @@ class _Distributed:
                 self._prepare(_sgd_hyper(optimizer, who), who, **kw)
             except (TypeError, ValueError, MpidlError) as e:
                 err = e
+            if cuda_aware not in ("auto", True, False):
+                err = err or ValueError(f"{who}: cuda_aware must be \"auto\", True or False, got {cuda_aware!r}")
             _agree(self.gc, err, params, who)
-            self.fm = FlatModel(_Params(params), params[0].dtype)
+            self.fm = FlatModel(_Params(params), params[0].dtype)   # on the parameters' device
+            self.gc.cuda_aware = _cuda_aware(base, cuda_aware, self.fm.params.device)
             self.oracle = _GivenGradient(self.fm)
             self.gc.reset_counters()            # count the algorithm's traffic only, as the driver does
             if self.algo is not None:
@@ -302,9 +326,9 @@ class Consensus(_Distributed):
     """
 
     def __init__(self, optimizer, topology="ring", *, momentum_form=None, form="cta", comm_period=1,
-                 comm=None):
-        super().__init__(optimizer, topology=topology, comm=comm, momentum_form=momentum_form,
-                         form=form, comm_period=comm_period)
+                 comm=None, cuda_aware="auto"):
+        super().__init__(optimizer, topology=topology, comm=comm, cuda_aware=cuda_aware,
+                         momentum_form=momentum_form, form=form, comm_period=comm_period)
 
     def _prepare(self, sgd, who, momentum_form, form, comm_period):
         from mpidl.algorithms import cdsgd
@@ -348,8 +372,8 @@ class Centralized(_Distributed):
     your optimizer's step (Horovod's DistributedOptimizer).
     """
 
-    def __init__(self, optimizer, *, comm=None):
-        super().__init__(optimizer, topology="ring", comm=comm)
+    def __init__(self, optimizer, *, comm=None, cuda_aware="auto"):
+        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware)
 
     def _prepare(self, sgd, who):
         from mpidl.algorithms import cdsgd
@@ -375,8 +399,8 @@ class FedAvg(_Distributed):
     otherwise your optimizer makes it.
     """
 
-    def __init__(self, optimizer, period=10, *, num_samples=None, comm=None):
-        super().__init__(optimizer, topology="ring", comm=comm, period=period,
+    def __init__(self, optimizer, period=10, *, num_samples=None, comm=None, cuda_aware="auto"):
+        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware, period=period,
                          num_samples=num_samples)
 
     def _prepare(self, sgd, who, period, num_samples):
@@ -425,8 +449,8 @@ class LeaderSGD(_Distributed):
 
     needs_loss = True
 
-    def __init__(self, optimizer, *, comm=None, **lsgd):
-        super().__init__(optimizer, topology="ring", comm=comm, **lsgd)
+    def __init__(self, optimizer, *, comm=None, cuda_aware="auto", **lsgd):
+        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware, **lsgd)
 
     def _prepare(self, sgd, who, **keys):
         from mpidl.algorithms import lsgd
@@ -445,8 +469,8 @@ class EASGD(_Distributed):
     the centre c replicated on every rank; :meth:`center` returns it.
     """
 
-    def __init__(self, optimizer, *, comm=None, **easgd):
-        super().__init__(optimizer, topology="ring", comm=comm, **easgd)
+    def __init__(self, optimizer, *, comm=None, cuda_aware="auto", **easgd):
+        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware, **easgd)
 
     def _prepare(self, sgd, who, **keys):
         from mpidl.algorithms import lsgd

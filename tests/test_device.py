@@ -193,3 +193,52 @@ def test_cli_cuda_without_cuda_is_one_error_and_exit_2(tmp_path):
     assert "2 of 2 ranks" in err[0][0], err[0]
     assert all(err[r] == [] for r in range(1, n)), err
     assert not (tmp_path / "cdsgd_ring").exists()       # refused before any output was written
+
+
+# -- [comm] cuda_aware ---------------------------------------------------------------------
+def test_cuda_aware_decision_rules():
+    use, msg = D.decide_cuda_aware("auto", "cuda", [True, True])
+    assert use and "directly" in msg
+    use, msg = D.decide_cuda_aware("auto", "cuda", [True, False])        # one rank's MPI says no
+    assert not use and "reports no CUDA support" in msg
+    use, msg = D.decide_cuda_aware("auto", "cuda", [None, None])         # no query in the library
+    assert not use and "no CUDA-support query" in msg
+    use, msg = D.decide_cuda_aware("false", "cuda", [True, True])
+    assert not use and "staged" in msg
+    use, msg = D.decide_cuda_aware("true", "cuda", [None, None])
+    assert use and "may crash" not in msg
+    use, msg = D.decide_cuda_aware("true", "cuda", [True, False, False])
+    assert use and "rank(s) [1, 2]" in msg and "may crash" in msg
+    for setting in ("auto", "false"):                                    # a CPU run: nothing to hand over
+        assert D.decide_cuda_aware(setting, "cpu", []) == (False, "")
+    use, msg = D.decide_cuda_aware("true", "cpu", [])
+    assert not use and "no effect" in msg
+    with pytest.raises(D.DeviceError, match="cuda_aware must be auto, true or false"):
+        D.decide_cuda_aware("yes", "cuda", [])
+
+
+def test_the_loaded_mpi_answers_the_cuda_query():
+    """The real query on this machine's MPI (the MPICH wheel here: no CUDA build, so False;
+    a library without either query gives None)."""
+    from mpi4py import MPI  # noqa: F401  (loads the library the query looks up)
+    got = D.cuda_aware_support()
+    assert got in (True, False, None)
+    if "MPICH" in MPI.Get_library_version() and not torch.cuda.is_available():
+        assert got is False
+
+
+@pytest.mark.parametrize("text,want", [("true", "true"), ("false", "false"), ('"auto"', "auto")])
+def test_cuda_aware_takes_toml_booleans_and_round_trips(tmp_path, text, want):
+    cfg = C.load(None, [f"comm.cuda_aware={text}"])
+    assert cfg.comm.cuda_aware == want
+    p = tmp_path / "c.toml"
+    p.write_text(f"[comm]\ncuda_aware = {text}\n")
+    assert C.load(p).comm.cuda_aware == want
+    assert C.Config.from_toml(p).to_toml() and C.from_dict(C.to_dict(cfg)).comm.cuda_aware == want
+
+
+def test_a_cpu_run_makes_no_cuda_aware_call(device_log):
+    class NoCalls:
+        def __getattr__(self, name):
+            raise AssertionError(f"a CPU run called world.{name}")
+    assert D.resolve_cuda_aware(C.load(None, []), NoCalls(), torch.device("cpu")) is False

@@ -4,7 +4,9 @@
   parameters after 20 steps on ``run.device = "cuda"`` are within 1e-5 of the CPU run's;
 * a checkpoint written by a GPU run resumes on the CPU (``run.device = "cpu"``) and ends
   within 1e-5 of the straight GPU run;
-* the sharing / binding log line names the rank, the device and the host.
+* the sharing / binding log line names the rank, the device and the host;
+* the algorithm state lives on the GPU (device-resident), and the staged ([comm] cuda_aware =
+  false) and auto-detected communication paths match the CPU at 2 ranks.
 
 Run on a GPU node:  python -m pytest tests/gpu -v
 """
@@ -105,3 +107,30 @@ def test_cpu_checkpoint_resumes_on_the_gpu(tmp_path):
     train(C.load(None, _settings(tmp_path, "moved", "cdmsgd", "cpu", "float64", [])), world, max_steps=10)
     train(C.load(None, _settings(tmp_path, "moved", "cdmsgd", "cuda", "float64", ["run.resume=auto"])), world)
     _close(_params(tmp_path, "moved", 0), _params(tmp_path, "straight", 0), "CPU -> GPU resume")
+
+
+@pytest.mark.parametrize("algo,extra", [("cdmsgd", []), ("lsgd", ["algorithm.momentum=0.5"]),
+                                        ("fdg", ["algorithm.stages=1"])])
+def test_state_lives_on_the_gpu(algo, extra, tmp_path):
+    """Device-resident: the model's flat buffers and every model-sized array of the state are CUDA tensors."""
+    from mpidl.layouts import setup_for
+    cfg = C.load(None, _settings(tmp_path, "where", algo, "cuda", "float32", extra))
+    session = setup_for(cfg)(cfg, MPI.COMM_WORLD, device=torch.device("cuda", torch.cuda.current_device()),
+                             cuda_aware=False)
+    try:
+        arrays = {k: v for k, v in vars(session.state).items() if hasattr(v, "shape") and np.prod(v.shape) > 8}
+        assert arrays and all(torch.is_tensor(v) and v.is_cuda for k, v in arrays.items()
+                              if k not in ("losses", "slot_hdr_g", "slot_hdr_l", "c_hdr")), \
+            {k: (type(v).__name__, getattr(v, "device", "host")) for k, v in arrays.items()}
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("aware", ["false", "auto"])
+def test_two_ranks_staged_and_auto_match_cpu(tmp_path, aware):
+    """Staged (cuda_aware = false) and whatever auto picks on this MPI, at 2 ranks, against the CPU."""
+    extra = [f"comm.cuda_aware={aware}"]
+    _mpiexec_run(2, _settings(tmp_path, "gpu", "cdmsgd", "cuda", "float64", extra), tmp_path)
+    _mpiexec_run(2, _settings(tmp_path, "cpu", "cdmsgd", "cpu", "float64", []), tmp_path)
+    for r in range(2):
+        _close(_params(tmp_path, "gpu", r), _params(tmp_path, "cpu", r), f"cuda_aware={aware} rank {r}")

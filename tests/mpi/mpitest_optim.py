@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 import mpidl
+import mpidl.flat
 from mpiutil import assert_all, assert_raises_all
 from mpidl import config
 from mpidl import optim
@@ -116,6 +117,30 @@ def test_sgd_wrapper_is_bitwise_the_driver(shared_tmp, case):
     if N > 1 and case not in ("centralized", "fedavg", "cdsgd-atc-period3"):  # these end on a full average
         spread = W.allreduce(float(np.abs(x_own - W.bcast(x_own, root=0)).max()), op=MPI.MAX)
         assert_all(spread > 0, f"{case}: agents identical, so the comparison proves less")
+
+
+class _Resident(mpidl.flat.FlatModel):
+    def __init__(self, model, dtype=torch.float32, device=None, resident=None):
+        super().__init__(model, dtype, device, resident=True)
+
+
+@pytest.mark.parametrize("mode", ["staged", "direct"])
+@pytest.mark.parametrize("case", ["cdmsgd-nesterov", "centralized", "fedavg", "lsgd", "easgd"])
+def test_sgd_wrapper_on_resident_buffers_is_bitwise_the_driver(shared_tmp, monkeypatch, case, mode):
+    """The wrapper's flat buffer and the algorithm's state as tensors (what a model on a GPU gets),
+    the communication staged through host buffers or handed to MPI as tensors (cuda_aware)."""
+    import mpidl.comm.core as core
+    algo, make = CASES[case]
+    cfg, res, x_driver = _driver(shared_tmp, f"r-{case}-{mode}", algo)
+    monkeypatch.setattr(mpidl.flat, "FlatModel", _Resident)
+    if mode == "staged":
+        monkeypatch.setattr(core, "STAGE_CPU_TENSORS", True)
+    else:
+        monkeypatch.setattr(optim, "_cuda_aware", lambda base, setting, device: True)
+    x_own, sent, _ = _own_loop(cfg, make)
+    diff = float(np.abs(x_own - x_driver).max())
+    assert_all(np.array_equal(x_own, x_driver), f"{case} {mode}: own loop != driver, max diff {diff:.3e}")
+    assert_all(sent == res["bytes_sent"], f"{case} {mode}: bytes {sent} != driver's {res['bytes_sent']}")
 
 
 GENERIC = {
