@@ -30,8 +30,11 @@ when the MPI library has MPI-4 persistent collectives) followed by the Numba
 combine kernel :func:`mpidl.kernels.combine`.
 
 Buffers: NumPy arrays and CPU torch tensors enter zero-copy (``.numpy()``);
-a CUDA tensor is staged through host memory.  float32 and float64, any shape
-(contiguous).  Every rank must mix arrays of the same shape and dtype.
+a CUDA tensor is staged through pinned host memory (a mix in chunks whose copies
+overlap the other chunks' communication), or handed to MPI as it is with
+``cuda_aware=True`` (a CUDA-aware MPI; the mix is then combined on the device).
+float32 and float64, any shape (contiguous).  Every rank must mix arrays of the
+same shape and dtype.
 
 Counters: ``bytes_sent`` / ``messages_sent`` count what this rank hands to
 MPI for its out-neighbours (exact for neighbour collectives).  An allreduce

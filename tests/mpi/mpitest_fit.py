@@ -89,8 +89,10 @@ def test_fit_given_shards_equal_the_iid_split(shared_tmp):
 
 
 def test_fit_builtin_names_and_other_families(shared_tmp):
-    res = mpidl.fit("mlp", "digits", algorithm="lsgd", hidden=[16], tau_G=4, out=shared_tmp, **SMALL)
+    res = mpidl.fit("mlp", "digits", algorithm="lsgd", hidden=[16], tau_G=4, out=shared_tmp, cuda_aware=False,
+                    **SMALL)
     assert_all(res.metrics["step"] == 20 and np.array_equal(_flat(res.model), res.params), "lsgd via fit")
+    assert_all(res.config.comm.cuda_aware == "false", "cuda_aware= reaches [comm]")
     res = mpidl.fit("convex-logistic", (DS.x_train, (DS.y_train > 4).astype(np.int64)),
                     algorithm="next", out=shared_tmp, steps=5, batch_size=0, tau=10.0)
     assert_all(res.model is None and res.params is not None and res.metrics["step"] == 5, "next via fit")
@@ -110,6 +112,7 @@ def test_bad_input_is_one_error_on_every_rank(shared_tmp):
     assert_all("momentum" in str(err), str(err))
     assert_raises_all(TypeError, mpidl.fit, "mlp", TRAIN, out=out, local_steps=3, match="not a key")
     assert_raises_all(ValueError, mpidl.fit, "mlp", TRAIN, algorithm="cdmsgd", lr=-1.0, out=out, match="lr")
+    assert_raises_all(ValueError, mpidl.fit, "mlp", TRAIN, cuda_aware="maybe", out=out, match="cuda_aware")
     # a problem on one rank only is raised on every rank
     assert_raises_all(TypeError, mpidl.fit, 42 if R == N - 1 else "mlp", TRAIN, out=out, match="nn.Module")
     if N > 1:
