@@ -100,5 +100,13 @@ def test_state_dict_round_trip_copies_into_like_buffers():
         state_from_dict(S, {"x": np.ones(3), "ready": False})
     with pytest.raises(ValueError, match="shape"):
         state_from_dict(S, {"x": np.ones(4), "alpha": 0.0, "ready": False}, like=like)
-    with pytest.raises(TypeError, match="NumPy arrays and Python scalars"):
+    with pytest.raises(TypeError, match=r"arrays \(NumPy or torch\) and Python scalars"):
         state_to_dict(S(x=[1.0], alpha=0.0))
+    # a device-form state (torch tensors): NumPy in the dict, values copied back into the tensors
+    import torch
+    t = S(x=torch.arange(3.0), alpha=0.25)
+    d = state_to_dict(t)
+    assert isinstance(d["x"], np.ndarray) and list(d["x"]) == [0.0, 1.0, 2.0]
+    tbuf = torch.zeros(3)
+    back = state_from_dict(S, {"x": np.array([4.0, 5.0, 6.0]), "alpha": 0.5, "ready": False}, like=S(x=tbuf, alpha=0))
+    assert back.x is tbuf and tbuf.tolist() == [4.0, 5.0, 6.0]
