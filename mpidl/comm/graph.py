@@ -139,12 +139,16 @@ class _StagedMix:
 def combine_torch(x, recv, w_self, w, out):
     """Local. ``out = w_self x + sum_j w[j] recv[j]`` for tensors, in x's dtype and in the order of the
     Numba kernel (:func:`mpidl.kernels.mixing.combine`): ``w_self x + w0 r0 + w1 r1``, then the other
-    rows one by one.  ``w_self`` and ``w[j]`` are 0-d tensors of x's dtype; ``out`` may be ``x``."""
+    rows one by one, each product rounded before its sum (no fused multiply-add), so the bits equal
+    the kernel's on the CPU.  ``w_self`` and ``w[j]`` are 0-d tensors of x's dtype; ``out`` may be
+    ``x``.  No temporary: the rows of ``recv`` (scratch, refilled by the next collective) are scaled
+    in place."""
     import torch
-    acc = torch.mul(x, w_self)
+    torch.mul(x, w_self, out=out)
     for j in range(recv.shape[0]):
-        acc.add_(torch.mul(recv[j], w[j]))
-    out.copy_(acc)
+        r = recv[j]
+        r.mul_(w[j])
+        out.add_(r)
     return out
 
 
