@@ -168,3 +168,31 @@ def test_gpu_written_checkpoint_resumes_on_the_cpu(tmp_path, monkeypatch, ckpt_l
     _same_tree(_final(tmp_path, "straight")["algo"], _final(tmp_path, "resumed")["algo"])
     warn = [m for lvl, m in ckpt_log if lvl == "WARNING"]
     assert len(warn) == 1 and "device(s) 1" in warn[0], ckpt_log
+
+
+# -- the worked example of docs/clusters.md#gpus -------------------------------------------------
+def test_docs_gpu_example(tmp_path):
+    """The documented command, at 2 ranks: on this machine `auto` falls back to the CPU and says so;
+    a short run (3 steps, a small evaluation) that writes its results file."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_mpi_suite import mpiexec
+    root = Path(__file__).resolve().parent.parent
+    doc = (root / "docs" / "clusters.md").read_text()
+    cmds = re.findall(r"^mpiexec -n 2 python -m mpidl run (jobs/configs/cdmsgd_resnet20_gpu\.toml.*)$", doc, re.M)
+    assert len(cmds) == 1, cmds
+    args = cmds[0].split() + ["--set", "run.steps=3", "--set", "data.eval_samples=64", "--set", "run.log_every=1",
+                              "--set", f'run.out="{tmp_path}"']
+    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "-m", "mpidl", "run", *args], cwd=root,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = proc.stdout + proc.stderr
+    if not HAVE_CUDA:
+        assert "every rank uses the CPU" in log, log[-2000:]
+    else:
+        assert "device: rank 1 uses cuda:" in log and "comm: " in log, log[-2000:]
+    assert (tmp_path / "gpu_try" / "results.h5").is_file()
