@@ -34,7 +34,11 @@ a CUDA tensor is staged through pinned host memory (a mix in chunks whose copies
 overlap the other chunks' communication), or handed to MPI as it is with
 ``cuda_aware=True`` (a CUDA-aware MPI; the mix is then combined on the device).
 float32 and float64, any shape (contiguous).  Every rank must mix arrays of the
-same shape and dtype.
+same shape and dtype.  A NumPy buffer's persistent collective is made on its first
+mix and reused while the same buffer comes back (the algorithms mix the same state
+buffers every step); MPI-4 wants every rank to make it at the same call, so mix
+long-lived buffers rather than a fresh array per call.  Tensors that are staged or
+handed over directly get plans keyed by size, not address, and have no such rule.
 
 Counters: ``bytes_sent`` / ``messages_sent`` count what this rank hands to
 MPI for its out-neighbours (exact for neighbour collectives).  An allreduce
