@@ -12,10 +12,7 @@ import numpy as np
 
 from mpidl.comm.core import _as_array, _device_buffer, _direct, _mpi
 from mpidl.errors import MpidlError
-
-
-def _is_tensor(a) -> bool:
-    return type(a).__module__.startswith("torch")
+from mpidl.xp import is_tensor
 
 
 def _np_dtype(dtype) -> np.dtype:
@@ -296,7 +293,7 @@ class ModelWindow:
             self.lc.charge(self.slot + 8, 2)
 
     def _check(self, out):
-        if _is_tensor(out):
+        if is_tensor(out):
             try:
                 dt = _np_dtype(out.dtype)
             except TypeError:       # a torch dtype NumPy lacks (bfloat16): never the window's
@@ -309,7 +306,7 @@ class ModelWindow:
 
     def _host_in(self, x):
         """Flat C-contiguous host array of the window's dtype holding ``x`` (zero-copy where it can)."""
-        a = _as_array(x, writable=False)[0] if _is_tensor(x) else np.asarray(x)
+        a = _as_array(x, writable=False)[0] if is_tensor(x) else np.asarray(x)
         return np.ascontiguousarray(a.reshape(-1), self.dtype)
 
     # public operations -------------------------------------------------
