@@ -78,18 +78,19 @@ def test_import_mpidl_and_public_names_stay_light():
      {"algorithm.tau_G": 5, "algorithm.tau": 2, "algorithm.groups": "size", "algorithm.group_size": 2}),
 ])
 def test_fit_keywords_with_non_default_values_reach_the_config(algorithm, topology, options, expect):
-    """mpidl.fit's periods, forms and topology keywords land in the Config that runs (a dropped
-    keyword would run the default silently); the defaults differ from every value used here."""
+    """mpidl.fit's periods, forms, partition and topology keywords land in the Config that runs (a
+    dropped keyword would run the default silently); the defaults differ from every value used here."""
     import numpy as np
 
     from mpidl.api import _build_config
     from mpidl.config import Config
     from mpidl.sources import unregister_arrays
     x, y = np.zeros((8, 3), np.float32), np.arange(8) % 2
-    cfg, path = _build_config("mlp", (x, y), None, algorithm, topology, 1.0, 4, None, None, "iid", 0, dict(options))
+    cfg, path = _build_config("mlp", (x, y), None, algorithm, topology, 1.0, 4, None, None, "by-class", 0,
+                              dict(options))
     try:
         default = Config.from_dict({"algorithm": {"name": algorithm}})
-        for key, want in expect.items():
+        for key, want in dict(expect, **{"data.partition": "by-class"}).items():
             sec, name = key.split(".")
             got = getattr(getattr(cfg, sec), name)
             assert got == want and getattr(getattr(default, sec), name) != want, (key, got)

@@ -291,6 +291,18 @@ def test_consensus_momentum_form_other_than_the_sgds_own():
     assert_all(np.array_equal(run(True, "heavy-ball"), heavy), "momentum_form='heavy-ball' ignored")
 
 
+def test_consensus_with_a_topology_object():
+    """topology= a mpidl.Topology (the path graph, whose weights differ from the default ring's):
+    one CDSGD step is x_i <- sum_j W_ij x_j - lr g_i(x_i) with the path's W."""
+    topo = T.path(N)
+    assert_all(not np.allclose(topo.weights, T.ring(N).weights), "path and ring must differ")
+    m = _linear(_start(R))
+    with optim.Consensus(torch.optim.SGD(m.parameters(), lr=LR), topology=topo) as opt:
+        _step(opt, m)
+    want = topo.weights[R] @ np.stack([_start(r) for r in range(N)]) - LR * _grad(_start(R), R)
+    assert_all(np.allclose(_flat(m), want, rtol=1e-12, atol=1e-12), f"Consensus(topology=path): {_flat(m)} != {want}")
+
+
 # -- mpidl.comm: roots, ops, scopes -------------------------------------------------------------
 
 def test_graphcomm_bcast_root_and_start_allreduce_ops():
