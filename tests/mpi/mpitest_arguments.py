@@ -3,7 +3,7 @@
 Two classes of planted bug pass tests that only use defaults or identical agents (issue 33):
 
 * an argument ignored: a ``root`` other than 0, an ``op``, a ``scope``, a ``period``, a
-  ``momentum_form`` or a sub-communicator ``comm`` replaced by the default.  Every test here
+  ``momentum_form``, a ``Topology`` object or a sub-communicator ``comm`` replaced by the default.  Every test here
   passes a non-default value whose correct result differs from the default's, and checks the
   result against a value this file computes with mpi4py / NumPy (the sub-communicator tests
   run both halves of the world at once, each on its own communicator: a function that falls
