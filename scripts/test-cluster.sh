@@ -125,7 +125,9 @@ vn_out=$(bash scripts/cluster/vnodes.sh start 2 "$vn_dir/c" --rate 100mbit 2>&1)
 echo "$vn_out"
 if [ $vn_rc = 0 ] && [ -f "$vn_dir/c/vnodes.env" ]; then
     say "multi-node checks (tests/cluster/multinode_checks.py) on 2 emulated nodes"
-    MPIDL_VNODES="$vn_dir/c" MPIDL_OMPI_PYTHON="$venv/bin/python" \
+    # the kill -9 + resume check under MPICH only (CI budget; Open MPI's kill path is checked on one
+    # node by test_crash_resume.py above)
+    MPIDL_VNODES="$vn_dir/c" MPIDL_OMPI_PYTHON="$venv/bin/python" MPIDL_MULTINODE_KILL=${MPIDL_MULTINODE_KILL:-mpich} \
         .venv/bin/python -m pytest -v tests/cluster/multinode_checks.py "$@" || failed+=("multi-node checks")
     bash scripts/cluster/vnodes.sh stop "$vn_dir/c" || failed+=("stopping the emulated cluster")
 elif [ $vn_rc = 0 ]; then
