@@ -129,6 +129,8 @@ class PdADMMSession(Session):
             self.close()
             raise
 
+    size_keys = ("rank_layout",)
+
     def resize(self, old, like, comm):
         """Not possible: the ranks hold different layers of one network, not copies to average."""
         from mpidl.resize import ResizeError
