@@ -5,9 +5,10 @@
 
 Per family and seed: an uninterrupted run of ``steps`` steps on 4 ranks; a run of ``steps / 2``
 steps on 4 ranks resumed on 2 (ranks 0 and 1, ``[run] resize = "average"``) to ``steps``; and
-one of ``steps / 2`` on 2 ranks resumed on 4.  digits, MLP [32], batch 16, ``run.steps`` (so the
+one of ``steps / 2`` on 2 ranks resumed on 4; and (for context) an uninterrupted run on 2 ranks.  digits, MLP [32], batch 16, ``run.steps`` (so the
 step count is the same whatever the size).  Rank 0 prints one Markdown row per family: the
-uninterrupted runs' test accuracy (min..max over the seeds) and the resized runs' (each seed).
+uninterrupted runs' test accuracy on 4 and on 2 ranks (min..max over the seeds) and the resized
+runs' (each seed).
 """
 import argparse
 import json
@@ -38,7 +39,10 @@ def main():
     ap.add_argument("--families", default=",".join(FAMILY_KEYS))
     ap.add_argument("--out", default=None)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--columns", default="straight,straight2,4->2,2->4",
+                    help="which runs: straight (4 ranks), straight2 (2 ranks), 4->2, 2->4")
     a = ap.parse_args()
+    cols = a.columns.split(",")
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     if world.Get_size() != 4:
@@ -56,10 +60,16 @@ def main():
                                       f"run.seed={seed}", "run.log_every=50", f"run.eval_every={a.steps}",
                                       f"run.checkpoint_every={half}", f"algorithm.name={fam}"]
                                + FAMILY_KEYS[fam] + list(extra))
-        r = {"straight": [], "4->2": [], "2->4": []}
+        r = {"straight": [], "straight2": [], "4->2": [], "2->4": []}
         for seed in range(a.seeds):
-            r["straight"].append(train(cfg("straight", a.steps, seed), world)["test_acc"])
+            if "straight" in cols:
+                r["straight"].append(train(cfg("straight", a.steps, seed), world)["test_acc"])
+            if "straight2" in cols:
+                acc = train(cfg("straight2", a.steps, seed), two)["test_acc"] if two != MPI.COMM_NULL else None
+                r["straight2"].append(world.bcast(acc, root=0))
             for label, first, second in (("4->2", world, two), ("2->4", two, world)):
+                if label not in cols:
+                    continue
                 name = "down" if label == "4->2" else "up"
                 if first != MPI.COMM_NULL:
                     train(cfg(name, half, seed), first)
@@ -70,9 +80,10 @@ def main():
                 r[label].append(world.bcast(acc, root=0))
         rows[fam] = r
         if rank == 0:
-            s = r["straight"]
             fmt = lambda v: ", ".join(f"{x:.3f}" for x in v)
-            print(f"| {fam} | {min(s):.3f}..{max(s):.3f} | {fmt(r['4->2'])} | {fmt(r['2->4'])} |", flush=True)
+            spread = lambda v: f"{min(v):.3f}..{max(v):.3f}" if v else "-"
+            print(f"| {fam} | {spread(r['straight'])} | {spread(r['straight2'])} | {fmt(r['4->2'])} | "
+                  f"{fmt(r['2->4'])} |", flush=True)
     if rank == 0:
         print(f"total {time.time() - t0:.0f} s; load {os.getloadavg()[0]:.1f}", flush=True)
         if a.json:

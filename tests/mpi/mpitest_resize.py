@@ -37,6 +37,9 @@ FAMILIES = {
     "centralized": ["algorithm.momentum=0.9"], "next": ["algorithm.tau=10.0"],
     "lsgd": ["algorithm.tau_G=4", "algorithm.momentum=0.5"], "easgd": ["algorithm.momentum=0.5"],
     "fdg": ["algorithm.stages=2"],
+    "lsgd-async": ["algorithm.name=lsgd", "algorithm.tau_G=4", "algorithm.asynchronous=true",
+                   "algorithm.deterministic=true"],
+    "easgd-async": ["algorithm.name=easgd", "algorithm.asynchronous=true", "algorithm.deterministic=true"],
 }
 
 
@@ -51,7 +54,7 @@ def two():
 def _cfg(out, algo, name, steps, *extra):
     return config.load(None, ["data.dataset=digits", "model.hidden=[16]", "run.batch_size=16",
                               f'run.out="{out}"', "run.log_every=5", "run.eval_every=8", "run.checkpoint_every=10",
-                              "data.eval_samples=100", f"algorithm.name={algo}", f"run.name={name}",
+                              "data.eval_samples=100", f"algorithm.name={algo.split('-')[0]}", f"run.name={name}",
                               f"run.steps={steps}"] + FAMILIES.get(algo, []) + list(extra))
 
 
@@ -80,11 +83,14 @@ def _expected(algo, old, comm, session):
     """{field: array} this rank's state must equal right after the resize."""
     n, S, p = len(old), comm.Get_size(), comm.Get_rank()
     algos = [o["algo"] for o in old]
+    if algo == "lsgd-async":     # the model published in the global window (old rank 0 hosts it)
+        lead = algos[0]["slot_g"] if algos[0]["slot_hdr_g"][0] > 0 else algos[0]["x"]
+        return {"x": lead, "cg": lead}
     if algo == "lsgd":
         f = [float(np.mean(a["losses"][:a["nloss"]])) if a["nloss"] else np.inf for a in algos]
         lead = algos[int(np.argmin(f))]["x"]
         return {"x": lead, "cg": lead}
-    if algo == "easgd":
+    if algo.startswith("easgd"):
         return {"x": algos[0]["c"], "c": algos[0]["c"]}
     if algo == "fdg":
         K = session.K
