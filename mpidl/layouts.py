@@ -68,6 +68,8 @@ class Session:
     expect: dict = {}
     size_keys: tuple = ()
     """Keys of ``expect`` that depend on the number of ranks (a resize does not check them)."""
+    resizable: bool = True
+    """False: :meth:`resize` always raises, so a size mismatch reports that, whatever ``[run] resize`` says."""
 
     def describe(self) -> str:
         """Local. One line for the start-of-run log."""

@@ -197,7 +197,7 @@ def resume_resized(cfg, session, store, step: int, man: dict, counters: dict):
     mc = session.mc
     n_old, n_new = int(man.get("world_size")), mc.size
     where = store.path(step)
-    if cfg.run.resize == "no":
+    if cfg.run.resize == "no" and getattr(session, "resizable", True):
         raise ResizeError(f"checkpoint {where} was written by {n_old} ranks but this job has {n_new}; resume "
                           f"with mpiexec -n {n_old}, or set [run] resize = \"average\" to continue on {n_new} "
                           "ranks (docs/checkpoints.md)")

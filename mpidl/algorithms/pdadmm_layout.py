@@ -130,6 +130,7 @@ class PdADMMSession(Session):
             raise
 
     size_keys = ("rank_layout",)
+    resizable = False                 # [run] resize = "no" then gives this layout's own error
 
     def resize(self, old, like, comm):
         """Not possible: the ranks hold different layers of one network, not copies to average."""
