@@ -71,8 +71,8 @@ def main():
                 if label not in cols:
                     continue
                 name = "down" if label == "4->2" else "up"
-                if first != MPI.COMM_NULL:
-                    train(cfg(name, half, seed), first)
+                if first != MPI.COMM_NULL:     # stopped at half (as a preemption would): fdg does not drain
+                    train(cfg(name, a.steps, seed), first, max_steps=half)
                 acc = None
                 if second != MPI.COMM_NULL:
                     acc = train(cfg(name, a.steps, seed, 'run.resume="auto"', 'run.resize="average"'),
