@@ -173,9 +173,10 @@ class Recorder:
         if synced:
             last_t = max(last_t, float(synced[-1]["wall_time"]))
         self._time_offset = last_t
-        # events after the resumed step belong to a history this run replaces
+        # events from the resumed step on belong to a history this run replaces (a resize at step k
+        # was recorded by an invocation that resumed from k: this one records its own, if any)
         events = [e for e in json.loads(f.attrs.get("events", "[]"))
-                  if resume_step is None or int(e.get("step", 0)) <= resume_step]
+                  if resume_step is None or int(e.get("step", 0)) < resume_step]
         f.attrs["events"] = json.dumps(events)
 
     # -- writing ----------------------------------------------------------------

@@ -173,3 +173,5 @@ def test_events_are_recorded_listed_and_truncated_on_resume(tmp_path):
     assert "events:" in table and "run: resized at step 10: 4 -> 2 ranks (every agent starts from the average)" in table
     Recorder(path, _Solo(), resume=15).close()
     assert [e["step"] for e in json.loads(load_results(path)["attrs"]["events"])] == [10]
+    Recorder(path, _Solo(), resume=10).close()    # resumed again from 10: its own events, if any
+    assert json.loads(load_results(path)["attrs"]["events"]) == []
