@@ -419,7 +419,8 @@ class CheckpointStore:
         where = self.path(step)
         if man.get("world_size") != comm.size:
             raise CheckpointError(f"checkpoint {where} was written by {man.get('world_size')} ranks but this job "
-                                  f"has {comm.size}; resume with mpiexec -n {man.get('world_size')}")
+                                  f"has {comm.size}; resume with mpiexec -n {man.get('world_size')}, or set [run] resize = "
+                                  f"\"average\" to continue on {comm.size} ranks (docs/checkpoints.md)")
         for key, want in (expect or {}).items():
             got = man[key] if key in man else man.get("meta", {}).get(key, "<not recorded>")
             if got != want:
@@ -428,14 +429,7 @@ class CheckpointStore:
         err, state = None, None
         fpath = self._file(where, comm.rank)
         try:
-            fe = man["files"][comm.rank]
-            if not os.path.isfile(fpath):
-                raise CheckpointError(f"rank {comm.rank}: {fpath} is missing")
-            crc, n = _crc32(fpath)
-            if n != fe["bytes"] or crc != fe["crc32"]:
-                raise CheckpointError(f"rank {comm.rank}: checkpoint file {fpath} is damaged "
-                                      f"({n} bytes, crc32 {crc:08x}; the manifest says {fe['bytes']} bytes, "
-                                      f"crc32 {fe['crc32']:08x})")
+            self.verify_file(step, comm.rank, man)
             with open_read(fpath) as f:
                 state = _read_tree(f["state"], like if in_place else None)
             if like is not None:
@@ -450,6 +444,21 @@ class CheckpointStore:
             _agree(comm, err)
         log.info("checkpoint: loaded step %d from %s", step, where)
         return state, man.get("meta", {})
+
+
+    def verify_file(self, step: int, rank: int, man: dict) -> str:
+        """Local. Path of rank ``rank``'s file of checkpoint ``step`` after checking it against the
+        manifest ``man`` (present, size and CRC-32); CheckpointError otherwise."""
+        fpath = self._file(self.path(step), rank)
+        fe = man["files"][rank]
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"rank {rank}: {fpath} is missing")
+        crc, n = _crc32(fpath)
+        if n != fe["bytes"] or crc != fe["crc32"]:
+            raise CheckpointError(f"rank {rank}: checkpoint file {fpath} is damaged "
+                                  f"({n} bytes, crc32 {crc:08x}; the manifest says {fe['bytes']} bytes, "
+                                  f"crc32 {fe['crc32']:08x})")
+        return fpath
 
 
 # -- RNG state ---------------------------------------------------------------------

@@ -188,6 +188,7 @@ class RunConfig:
     keep: int = 3                       # checkpoints kept
     out: str = "runs"                   # results go to <out>/<name>/
     resume: str = "no"                  # no | auto | <step>
+    resize: str = "no"                  # no | average: resume a checkpoint of another world size (mpidl.resize)
     threads: int = 1                    # torch / numba threads per rank
     device: str = "cpu"                 # cpu | cuda | auto (cuda when every rank sees a GPU); see mpidl.device
 
@@ -210,6 +211,7 @@ class RunConfig:
             _fail("out", "be a folder path", self.out)
         if not (self.resume in ("no", "auto") or self.resume.isdigit()):
             _fail("resume", "be no, auto or a checkpoint step (a non-negative integer)", self.resume)
+        check_choice(self, "resize", ("no", "average"))
         check_choice(self, "device", ("cpu", "cuda", "auto"))
         check_int(self, "threads", lo=0)     # 0 runs one thread (the driver takes max(1, threads))
 

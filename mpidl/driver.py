@@ -90,18 +90,25 @@ def train(cfg: C.Config, world, *, max_steps=None, should_stop=None) -> dict:
 
 
 def _resume(cfg, session, store, counters):
-    """Collective. Load the checkpoint asked for by ``run.resume``; return the start step.
+    """Collective. Load the checkpoint asked for by ``run.resume``; return ``(start step, event)``.
+
+    A checkpoint of another world size goes to :func:`mpidl.resize.resume_resized` (the
+    layout's transform, with ``run.resize``); its ``event`` (else None) goes to the results file.
 
     ``counters`` (the driver's own per-rank state: the byte offset and the
     open training-metric window) is filled in place from the checkpoint.
     """
     r = cfg.run
     if r.resume == "no":
-        return 0
+        return 0, None
     step = store.latest() if r.resume == "auto" else int(r.resume)
     if step is None:
         log.info("no checkpoint in %s: starting from step 0", store.root)
-        return 0
+        return 0, None
+    man = store.manifest(step)
+    if man.get("world_size") != session.mc.size:   # another number of ranks: the layout's transform
+        from mpidl.resize import resume_resized
+        return resume_resized(cfg, session, store, step, man, counters)
     # "rng": None accepts the saved RNG tree whatever devices wrote it (a GPU run adds CUDA
     # states); set_rng_state checks and restores it (CUDA states ignored with a warning on a CPU)
     like = {"algo": state_to_dict(session.state), "buffers": session.extra_state(), "rng": None,
@@ -113,7 +120,7 @@ def _resume(cfg, session, store, counters):
     for key, buf in counters.items():
         buf[...] = saved["driver"][key]
     log.info("resumed from %s at step %d", store.root, step)
-    return int(step)
+    return int(step), None
 
 
 def _loop(cfg, session, max_steps, should_stop=None):
@@ -139,7 +146,7 @@ def _loop(cfg, session, max_steps, should_stop=None):
     # algorithm's counters start at 0 in every process) and the open training window
     # (loss sum, #losses, accuracy sum, #accuracies), so a resumed run's rows equal a straight run's
     counters = {"bytes_before": np.zeros(1), "window": np.zeros(4)}
-    start = _resume(cfg, session, store, counters)
+    start, event = _resume(cfg, session, store, counters)
     win = counters["window"]
 
     def bytes_sent():
@@ -150,6 +157,8 @@ def _loop(cfg, session, max_steps, should_stop=None):
     cfg_dict = C.to_dict(cfg)
     prov = {k: session.expect[k] for k in PROVENANCE if k in session.expect}   # the user's model / data file
     rec = Recorder(out / "results.h5", mc, cfg_dict, resume=start if start > 0 else None, **prov)
+    if event is not None:
+        rec.event(**event)
     if rank == 0:
         log.info("%s, %d steps, out %s", session.describe(), total, out)
 

@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-__all__ = ["write_tree", "read_tree", "compare_like"]
+__all__ = ["write_tree", "read_tree", "read_path", "compare_like"]
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
 
@@ -93,43 +93,51 @@ def read_tree(group, into=None):
     out = {}
     for k, obj in group.items():
         dest = into.get(k) if isinstance(into, dict) else None
-        if isinstance(obj, h5py.Group):
-            out[k] = read_tree(obj, dest)
-            continue
-        t = obj.attrs.get("pytype", "ndarray")
-        if isinstance(t, bytes):
-            t = t.decode()
-        if t == "none":
-            out[k] = None
-        elif t == "str":
-            out[k] = obj.asstr()[()]
-        elif t == "bigint":
-            out[k] = int(obj.asstr()[()])
-        elif t == "list":
-            out[k] = json.loads(obj.asstr()[()])
-        elif t == "tuple":
-            out[k] = _tuplify(json.loads(obj.asstr()[()]))
-        elif t == "bytes":
-            out[k] = obj[()].tobytes()
-        elif t == "bool":
-            out[k] = bool(obj[()])
-        elif t == "int":
-            out[k] = int(obj[()])
-        elif t == "float":
-            out[k] = float(obj[()])
-        elif t == "npscalar":
-            out[k] = obj[()]
-        elif t == "torch":
-            import torch
-            out[k] = torch.from_numpy(np.asarray(obj[()]))
-        elif (isinstance(dest, np.ndarray) and dest.shape == obj.shape and dest.dtype == obj.dtype
-              and dest.flags.c_contiguous and dest.flags.writeable):
-            if dest.size:
-                obj.read_direct(dest)
-            out[k] = dest
-        else:
-            out[k] = np.asarray(obj[()])
+        out[k] = read_tree(obj, dest) if isinstance(obj, h5py.Group) else _read_dataset(obj, dest)
     return out
+
+
+def read_path(group, path: str):
+    """Local. One entry of what :func:`write_tree` wrote under ``group``: ``"algo/x"`` reads only
+    that array, ``"algo"`` that sub-dict (KeyError when absent)."""
+    import h5py
+    obj = group[path]
+    return read_tree(obj) if isinstance(obj, h5py.Group) else _read_dataset(obj)
+
+
+def _read_dataset(obj, dest=None):
+    t = obj.attrs.get("pytype", "ndarray")
+    if isinstance(t, bytes):
+        t = t.decode()
+    if t == "none":
+        return None
+    if t == "str":
+        return obj.asstr()[()]
+    if t == "bigint":
+        return int(obj.asstr()[()])
+    if t == "list":
+        return json.loads(obj.asstr()[()])
+    if t == "tuple":
+        return _tuplify(json.loads(obj.asstr()[()]))
+    if t == "bytes":
+        return obj[()].tobytes()
+    if t == "bool":
+        return bool(obj[()])
+    if t == "int":
+        return int(obj[()])
+    if t == "float":
+        return float(obj[()])
+    if t == "npscalar":
+        return obj[()]
+    if t == "torch":
+        import torch
+        return torch.from_numpy(np.asarray(obj[()]))
+    if (isinstance(dest, np.ndarray) and dest.shape == obj.shape and dest.dtype == obj.dtype
+            and dest.flags.c_contiguous and dest.flags.writeable):
+        if dest.size:
+            obj.read_direct(dest)
+        return dest
+    return np.asarray(obj[()])
 
 
 def compare_like(state, like, prefix=""):

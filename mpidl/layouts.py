@@ -66,6 +66,10 @@ class Session:
     oracle = None
     steps_per_epoch: int = 1
     expect: dict = {}
+    size_keys: tuple = ()
+    """Keys of ``expect`` that depend on the number of ranks (a resize does not check them)."""
+    resizable: bool = True
+    """False: :meth:`resize` always raises, so a size mismatch reports that, whatever ``[run] resize`` says."""
 
     def describe(self) -> str:
         """Local. One line for the start-of-run log."""
@@ -92,6 +96,15 @@ class Session:
     def summary(self, ev: dict) -> str:
         """Local. Family-specific text for the evaluation log line."""
         return ""
+
+    def resize(self, old, like: dict, comm):
+        """Collective over ``comm`` (mpi4py, every rank). This rank's ``{"algo", "buffers"}`` tree made
+        from ``old`` (:class:`mpidl.resize.OldRanks`, a checkpoint of another number of ranks) and
+        the text the log shows; ``like`` is this rank's fresh tree.  A family that cannot resize
+        raises :class:`mpidl.resize.ResizeError` (the default)."""
+        from mpidl.resize import ResizeError
+        raise ResizeError(f"{self.algo.name} cannot resume a checkpoint of {old.n} ranks on {self.mc.size}; "
+                          f"resume with mpiexec -n {old.n}")
 
     def close(self) -> None:
         """Collective. Free the family's communicators."""
@@ -306,6 +319,22 @@ class AgentSession(Session):
         self.xte_slice, self.yte_slice = shard.x_test[rank::size], shard.y_test[rank::size]
         n_tr = min(len(shard.y), d.eval_samples or len(shard.y))
         self.xtr, self.ytr = shard.x[:n_tr], shard.y[:n_tr]
+
+    size_keys = ("topology",)
+
+    def resize(self, old, like, comm):
+        """Collective. The average of the old agents (every floating-point array: x, momentum, NEXT's
+        y and g, BatchNorm statistics), or the algorithm's own rule (``algo.resize_state``: LSGD's
+        leader, EASGD's centre); see :mod:`mpidl.resize`."""
+        from mpidl.resize import average, averaged_names
+        own = getattr(self.algo, "resize_state", None)
+        if own is not None:
+            return own(old, like, comm)
+        tree = average(old, like, list(range(old.n)), comm)
+        text = (f"every agent starts from the average of the {old.n} agents' "
+                f"{', '.join(averaged_names(like))}")
+        note = getattr(self.algo, "resize_note", "")
+        return tree, text + (f" ({note})" if note else "")
 
     def describe(self) -> str:
         return (f"{self.algo.name} on {self.topology.name}: {self.mc.size} agents, {self.dim} params, "

@@ -3,7 +3,8 @@
 Results file (HDF5, ``format = "mpidl-results"``), written by rank 0 only::
 
     /                  attrs: format, format_version, config (JSON), label, world_size,
-                              mpidl_version, created, resumes (JSON list)
+                              mpidl_version, created, resumes (JSON list),
+                              events (JSON list of {kind, step, ...}: a resize's from/to ranks)
     /<series>/step     int64 (rows,)        one group per series, e.g. "train", "eval"
     /<series>/<name>   float64 (rows,)      one column per logged scalar (NaN where absent)
     /<series>/<name>   float64 (rows, k)    a logged 1-D array, e.g. per-agent accuracy
@@ -172,8 +173,25 @@ class Recorder:
         if synced:
             last_t = max(last_t, float(synced[-1]["wall_time"]))
         self._time_offset = last_t
+        # events from the resumed step on belong to a history this run replaces (a resize at step k
+        # was recorded by an invocation that resumed from k: this one records its own, if any)
+        events = [e for e in json.loads(f.attrs.get("events", "[]"))
+                  if resume_step is None or int(e.get("step", 0)) < resume_step]
+        f.attrs["events"] = json.dumps(events)
 
     # -- writing ----------------------------------------------------------------
+    def event(self, kind: str, step: int, **info) -> None:
+        """Local. Record an event of the run (a resize: ``from``/``to`` ranks) in the ``events``
+        attribute (JSON list of ``{kind, step, created, ...}``), which ``mpidl report`` lists;
+        written at once (rank 0)."""
+        if not self.active or self._file is None:
+            return
+        ev = {"kind": str(kind), "step": int(step), **info, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        events = json.loads(self._file.attrs.get("events", "[]"))
+        events.append(json.loads(json.dumps(ev, default=_json_default)))
+        self._file.attrs["events"] = json.dumps(events)
+        self._file.flush()
+
     def elapsed(self) -> float:
         """Local. Wall time of the run so far, including earlier runs before a resume."""
         return self._time_offset + time.monotonic() - self._t0

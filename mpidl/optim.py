@@ -55,6 +55,12 @@ driver (which checkpoints them per agent and never mixes them);
 :func:`broadcast_parameters` copies them from the root.  :meth:`bytes_sent`
 counts what this rank handed to MPI for the algorithm, as the driver's
 ``bytes_sent`` does (the construction check is not counted).
+
+Checkpoints: ``state_dict()`` / ``load_state_dict()`` in torch's convention
+(:mod:`mpidl.optim_state`): the wrapped optimizer's state plus what the wrapper
+adds (the algorithm's state, the flat parameters, the step count, a shape
+digest); loading the list of every rank's state saved by another number of
+ranks, with ``resize="average"``, follows the rules of ``[run] resize``.
 """
 from __future__ import annotations
 
@@ -65,6 +71,7 @@ import numpy as np
 import torch
 
 from mpidl.errors import MpidlError
+from mpidl.optim_state import StateDictMixin
 
 __all__ = ["Consensus", "Centralized", "FedAvg", "LeaderSGD", "EASGD",
            "broadcast_parameters", "average_parameters"]
@@ -194,8 +201,9 @@ def _cuda_aware(base, setting, device) -> bool:
     return bool(base.allreduce(bool(use), op=MPI.LAND))
 
 
-class _Distributed:
-    """Collective. Base of the wrappers: flat buffer, GraphComm, agreed checks, the step loop."""
+class _Distributed(StateDictMixin):
+    """Collective. Base of the wrappers: flat buffer, GraphComm, agreed checks, the step loop,
+    ``state_dict`` / ``load_state_dict`` (:mod:`mpidl.optim_state`)."""
 
     needs_loss = False
 

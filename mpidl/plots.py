@@ -16,6 +16,7 @@ switch).  The table is also written to ``<out_dir>/summary.txt``.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -157,7 +158,25 @@ def summary_table(runs, max_metrics: int = 7) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(row) for row in rows]
-    return "\n".join(lines)
+    return "\n".join(lines + event_lines(runs, labels))
+
+
+def event_lines(runs, labels=None) -> list:
+    """Local. One line per recorded event of the runs (a resize: step, old and new number of ranks)."""
+    labels = labels or _labels(runs)
+    out = []
+    for lab, r in zip(labels, runs):
+        try:
+            events = json.loads(r["attrs"].get("events", "[]") or "[]")
+        except (TypeError, ValueError):
+            events = []
+        for e in events:
+            if e.get("kind") == "resize":
+                out.append(f"{lab}: resized at step {e.get('step')}: {e.get('from')} -> {e.get('to')} ranks"
+                           + (f" ({e['what']})" if e.get("what") else ""))
+            else:
+                out.append(f"{lab}: {e.get('kind')} at step {e.get('step')}")
+    return ([""] + ["events:"] + ["  " + line for line in out]) if out else []
 
 
 def _safe(name):

@@ -67,6 +67,7 @@ BAD = {
     "run.keep": ["-1"],
     "run.out": ['""', '"{tmp}/afile/sub"', '"{tmp}/afile"'],
     "run.resume": ['"sometimes"', '"-3"', '""'],
+    "run.resize": ['"yes"', '"leader"', '""'],
     "run.threads": ["-1", "1.5"],
     "run.device": ['"gpu"', '""'],
     # [algorithm], every family

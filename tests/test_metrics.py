@@ -152,3 +152,26 @@ def test_report_makes_table_and_pngs(tmp_path, capsys):
     assert cli(["report", a, "--out", str(tmp_path / "rep2")]) == 0
     assert len(list((tmp_path / "rep2").glob("*.png"))) == 6
     assert cli(["report", str(tmp_path / "none.h5")]) == 2
+
+
+def test_events_are_recorded_listed_and_truncated_on_resume(tmp_path):
+    """A resize event lands in the file's ``events`` attribute at once, the summary table lists it,
+    and a resume from an earlier step drops the events after that step."""
+    import json
+    from mpidl.plots import summary_table
+    path = tmp_path / "run" / "results.h5"
+    rec = Recorder(path, _Solo(), {"algorithm": {"name": "cdsgd"}})
+    rec.log("train", 10, loss=1.0)
+    rec.event("resize", 10, **{"from": 4, "to": 2, "what": "every agent starts from the average"})
+    rec.log("train", 20, loss=0.5)
+    rec.event("resize", 20, **{"from": 2, "to": 3})
+    rec.close()
+    res = load_results(path)
+    assert [(e["kind"], e["step"], e["to"]) for e in json.loads(res["attrs"]["events"])] == \
+        [("resize", 10, 2), ("resize", 20, 3)]
+    table = summary_table([res])
+    assert "events:" in table and "run: resized at step 10: 4 -> 2 ranks (every agent starts from the average)" in table
+    Recorder(path, _Solo(), resume=15).close()
+    assert [e["step"] for e in json.loads(load_results(path)["attrs"]["events"])] == [10]
+    Recorder(path, _Solo(), resume=10).close()    # resumed again from 10: its own events, if any
+    assert json.loads(load_results(path)["attrs"]["events"]) == []

@@ -70,6 +70,34 @@ class GridSession(Session):
                 f"beta {a.cfg.beta}, {self.steps_per_epoch} steps/epoch, {a.n_batches} batches fed "
                 f"({a.total} iterations, pipeline drained at the end)")
 
+    size_keys = ("grid", "cuts")      # cuts: checked by resize, after the number of stages
+
+    def resize(self, old, like, comm):
+        """Collective over ``comm`` (every rank). K stays, M changes: stage k of every new replica
+        starts from the average of the old replicas' stage k (parameters, momentum, the
+        pipeline's stashes and in-flight messages; :func:`mpidl.resize.average` on the ranks of
+        stage k).  A checkpoint of another K raises ResizeError on every rank."""
+        from mpidl.resize import ResizeError, average, averaged_names
+        grid = str(old.meta.get("grid", ""))
+        M_old, _, K_old = grid.partition("x")
+        if not (M_old.isdigit() and K_old.isdigit()) or int(K_old) != self.K:
+            raise ResizeError(f"fdg: the checkpoint's grid is {grid or 'unknown'} (replicas x stages) and this "
+                              f"job's is {self.M}x{self.K}: a resize keeps the number of stages K; set "
+                              f"[algorithm] stages = {K_old or '?'} and a world size divisible by it")
+        cuts = str(old.meta.get("cuts", ""))
+        if cuts != ",".join(map(str, self.cuts)):
+            raise ResizeError(f"fdg: the checkpoint cuts the model at {cuts!r}, this job at "
+                              f"{','.join(map(str, self.cuts))!r}: set [algorithm] cuts = [{cuts}]")
+        M_old = int(M_old)
+        sub = comm.Split(self.comm.k, self.comm.m)
+        try:
+            tree = average(old, like, [m * self.K + self.comm.k for m in range(M_old)], sub)
+        finally:
+            sub.Free()
+        text = (f"fdg grid {M_old}x{self.K} -> {self.M}x{self.K}: stage k of every replica starts from the "
+                f"average of the {M_old} old replicas' stage k ({', '.join(averaged_names(like))})")
+        return tree, text
+
     def before_step(self, k):
         pass
 

@@ -333,6 +333,51 @@ class LSGD(_Worker):
                          slot_g=slot(self.win_g), slot_hdr_g=np.zeros(4),
                          slot_l=slot(self.win_l), slot_hdr_l=np.zeros(4))
 
+    def resize_state(self, old, like, comm):
+        """Collective over ``comm`` (mpi4py, every rank). A resize (:mod:`mpidl.resize`): every worker
+        starts from the global leader of the checkpoint's ``old.n`` workers.
+
+        The leader is the worker with the lowest windowed loss (ties: the lowest rank; the
+        new rank p reads the losses of old ranks p, p + M, ..., one allgather), as
+        :meth:`leader_model` picks it; asynchronous: the model published in the global
+        window (old rank 0's copy), else old rank 0.  New state: x and the stored leader
+        copies := the leader's parameters, the momentum and BatchNorm buffers the leader's,
+        t the leader's; the loss window, elections and windows start empty for the new groups.
+        """
+        from mpidl.resize import agreed
+        if self.cfg.asynchronous:
+            def pick():
+                hdr = np.asarray(old.read(0, "algo/slot_hdr_g"))
+                if hdr[0] > 0:
+                    return int(hdr[2]), old.read(0, "algo/slot_g")
+                return 0, None
+            owner, x = agreed(comm, pick)
+        else:
+            def mine():
+                out = {}
+                for i in range(comm.Get_rank(), old.n, comm.Get_size()):
+                    n = int(old.read(i, "algo/nloss"))
+                    out[i] = float(np.mean(np.asarray(old.read(i, "algo/losses"))[:n])) if n else float("inf")
+                return out
+            f = {}
+            for part in comm.allgather(agreed(comm, mine)):
+                f.update(part)
+            owner, x = min(range(old.n), key=lambda i: (f[i], i)), None
+        src = agreed(comm, lambda: {k: old.read(owner, k) for k in like})
+        a = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in like["algo"].items()}
+        lead = np.asarray(src["algo"]["x"] if x is None else x)
+        a["x"] = lead.astype(a["x"].dtype)
+        a["cg"] = lead.astype(a["cg"].dtype)
+        if a["cl"].size:
+            a["cl"] = lead.astype(a["cl"].dtype)
+        if a["v"].size and np.shape(src["algo"]["v"]) == a["v"].shape:
+            a["v"] = np.asarray(src["algo"]["v"]).astype(a["v"].dtype)
+        a["t"] = int(src["algo"]["t"])
+        text = (f"every worker starts from the leader's parameters (old rank {owner}"
+                + (", the published global leader" if x is not None else ", lowest windowed loss")
+                + "), momentum and buffers; groups, elections and windows rebuilt")
+        return {"algo": a, "buffers": src.get("buffers", {})}, text
+
     def _restore_windows(self, state):
         for win, x, hdr in ((self.win_g, state.slot_g, state.slot_hdr_g), (self.win_l, state.slot_l, state.slot_hdr_l)):
             if win is not None and win.is_host:
@@ -478,6 +523,22 @@ class EASGD(_Worker):
                 state.c += a * self._sum
         state.t = t + 1
         return loss
+
+    def resize_state(self, old, like, comm):
+        """Collective over ``comm`` (mpi4py, every rank). A resize (:mod:`mpidl.resize`): every worker
+        starts from the centre of the checkpoint (old rank 0's copy: replicated when synchronous,
+        the window host's snapshot when asynchronous) with zero momentum; t and the centre's
+        window header continue from old rank 0; BatchNorm buffers are the old workers' average."""
+        from mpidl.resize import agreed, average
+        src = agreed(comm, lambda: old.read(0, "algo"))
+        a = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in like["algo"].items()}
+        c = np.asarray(src["c"])
+        a["x"], a["c"], a["t"] = c.astype(a["x"].dtype), c.astype(a["c"].dtype), int(src["t"])
+        if self.cfg.asynchronous and comm.Get_rank() == 0:
+            a["c_hdr"] = np.asarray(src["c_hdr"], dtype=np.float64)
+        bufs = average(old, {"buffers": like["buffers"]}, list(range(old.n)), comm) if like.get("buffers") else {}
+        return ({"algo": a, "buffers": bufs.get("buffers", {})},
+                "every worker starts from the centre (x := c, zero momentum); BatchNorm buffers averaged")
 
     def _restore_windows(self, state):
         if self.win_c.is_host:  # a resumed run restores the center (and its version) from the host's copy

@@ -89,6 +89,8 @@ class NEXTState:
 
 class NEXT:
     state_cls = NEXTState
+    resize_note = ("NEXT's tracking variables y and gradients g restart from their averages, which keeps "
+                   "mean y = mean g but is not the exact continuation")
 
     def __init__(self, cfg: NEXTConfig, **_):
         self.cfg = cfg

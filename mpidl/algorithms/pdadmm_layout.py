@@ -129,6 +129,16 @@ class PdADMMSession(Session):
             self.close()
             raise
 
+    size_keys = ("rank_layout",)
+    resizable = False                 # [run] resize = "no" then gives this layout's own error
+
+    def resize(self, old, like, comm):
+        """Not possible: the ranks hold different layers of one network, not copies to average."""
+        from mpidl.resize import ResizeError
+        raise ResizeError(f"{self.algo.name}: the checkpoint's {old.n} ranks hold different layers of one "
+                          f"network (not copies of a model to average), and moving layer blocks onto "
+                          f"{self.mc.size} ranks is not implemented; resume with mpiexec -n {old.n}")
+
     def _build(self, cfg, world):
         from mpidl.comm import CollectiveError, GraphComm
         from mpidl.data import load_dataset

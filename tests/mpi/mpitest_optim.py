@@ -271,3 +271,165 @@ def test_broadcast_and_average_parameters_with_batchnorm():
     same = all(np.array_equal(v.numpy(), root[k]) for k, v in model.state_dict().items())
     assert_all(same, "broadcast_parameters did not copy the root's parameters and buffers")
     assert_raises_all(ValueError, mpidl.broadcast_parameters, model, root=N, match="root")
+
+
+# -- state_dict / load_state_dict -------------------------------------------------------
+def _ckpt_loop(cfg, make_opt, comm, start, stop, saved=None, resize="no"):
+    """The user's loop on ``comm`` from step ``start`` to ``stop``: a fresh model and wrapper,
+    restored from ``saved`` (torch.save bytes: {"model", "opt"}, this rank's or a list of every
+    saving rank's) when given.  Returns (flat parameters, this rank's saved bytes, wrapper state)."""
+    import io
+    d, r = cfg.data, cfg.run
+    rank, size = comm.Get_rank(), comm.Get_size()
+    shard = load_agent_data(d.dataset, None, d.partition, d.alpha, d.seed, rank=rank, world_size=size)
+    spe = comm.allreduce(len(shard.y), op=MPI.MIN) // r.batch_size
+    model = build_model(cfg.model.name, shard.input_shape, shard.num_classes, cfg.model.hidden, seed=r.seed)
+    X, Y = torch.as_tensor(shard.x).float(), torch.as_tensor(shard.y).long()
+    opt = make_opt(model, len(shard.y), comm)
+    after = None
+    if saved is not None:
+        loaded = [torch.load(io.BytesIO(b)) for b in (saved if isinstance(saved, list) else [saved])]
+        if len(loaded) == 1:
+            model.load_state_dict(loaded[0]["model"])
+        try:
+            opt.load_state_dict([s["opt"] for s in loaded] if len(loaded) > 1 else loaded[0]["opt"], resize=resize)
+        except ValueError:
+            opt.close()
+            raise
+        after = opt.state_dict()["mpidl"]
+    for k in range(start, stop):
+        idx = torch.from_numpy(batch_indices(len(shard.y), r.batch_size, spe, r.seed, rank, k))
+        opt.zero_grad()
+        loss = F.cross_entropy(model(X[idx]), Y[idx])
+        loss.backward()
+        opt.step(loss=loss)
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy()
+    opt.close()
+    return flat, buf.getvalue(), after
+
+
+CKPT = {  # case -> (config keys, wrapper on a communicator)
+    "cdmsgd": (CASES["cdmsgd-nesterov"][0][:3],
+               lambda m, n, c: optim.Consensus(torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9, nesterov=True),
+                                               comm=c)),
+    "cdsgd-atc": (CASES["cdsgd-atc-period3"][0],
+                  lambda m, n, c: optim.Consensus(torch.optim.SGD(m.parameters(), lr=0.1), form="atc",
+                                                  comm_period=3, comm=c)),
+    "centralized": (CASES["centralized"][0],
+                    lambda m, n, c: optim.Centralized(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5,
+                                                                      nesterov=True, weight_decay=0.001), comm=c)),
+    "fedavg": (CASES["fedavg"][0],
+               lambda m, n, c: optim.FedAvg(torch.optim.SGD(m.parameters(), lr=0.1), period=4, num_samples=n,
+                                            comm=c)),
+    "lsgd": (CASES["lsgd"][0],
+             lambda m, n, c: optim.LeaderSGD(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5), tau_G=4,
+                                             window=3, lam_G=0.2, comm=c)),
+    "easgd": (CASES["easgd"][0],
+              lambda m, n, c: optim.EASGD(torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.5), tau=3, beta=0.5,
+                                          comm=c)),
+    "adam": (["algorithm.name=cdsgd"],
+             lambda m, n, c: optim.Consensus(torch.optim.Adam(m.parameters(), lr=0.01), comm=c)),
+}
+
+
+@pytest.mark.parametrize("case", list(CKPT))
+def test_state_dict_save_load_continue_is_bitwise(case):
+    """Save at step 5, a fresh model and wrapper load it (torch.save / torch.load) and go on to
+    step 12: bitwise the uninterrupted 12 steps, the wrapper's state included."""
+    keys, make = CKPT[case]
+    cfg = config.load(None, BASE + keys)
+    straight, last, _ = _ckpt_loop(cfg, make, W, 0, STEPS)
+    _, mid, _ = _ckpt_loop(cfg, make, W, 0, 5)
+    resumed, last2, after = _ckpt_loop(cfg, make, W, 5, STEPS, saved=mid)
+    assert_all(after["step"] == 5 and np.array_equal(straight, resumed),
+               f"{case}: save at 5 + load + 7 steps differs from 12 straight")
+    import io
+    a, b = (torch.load(io.BytesIO(x))["opt"]["mpidl"] for x in (last, last2))
+    same = all(torch.equal(a["state"][k], b["state"][k]) if isinstance(a["state"][k], torch.Tensor)
+               else a["state"][k] == b["state"][k] for k in a["state"])
+    assert_all(same and a["step"] == b["step"] == STEPS, f"{case}: the wrapper's state differs at the end")
+
+
+def _pmean(arrs, S):
+    total = np.zeros(arrs[0].shape)
+    for p in range(S):
+        part = np.zeros(arrs[0].shape)
+        for a in arrs[p::S]:
+            part += a
+        total += part
+    return (total / len(arrs)).astype(arrs[0].dtype)
+
+
+@pytest.mark.parametrize("case", ["cdmsgd", "lsgd", "easgd", "adam"])
+def test_state_dict_resize_4_to_2_and_2_to_4(case):
+    """load_state_dict(list of every rank's, resize="average"): the average (the leader, the
+    centre) of the saved ranks exactly; resize="no" is one error on every rank."""
+    if N != 4:
+        pytest.skip("4 ranks: 4 -> 2 and 2 -> 4")
+    import io
+    keys, make = CKPT[case]
+    cfg = config.load(None, BASE + keys)
+    two = W.Split(0 if R < 2 else MPI.UNDEFINED, R)
+    try:
+        for first, second in ((W, two), (two, W)):
+            saved = None
+            if first != MPI.COMM_NULL:
+                _, saved, _ = _ckpt_loop(cfg, make, first, 0, 5)
+            every = [b for b in W.allgather(saved) if b is not None]
+            ok, msg = True, ""
+            if second != MPI.COMM_NULL:
+                try:
+                    _ckpt_loop(cfg, make, second, 5, 5, saved=every[second.Get_rank() % len(every)])
+                    ok, msg = False, "resize=no with another world size did not raise"
+                except ValueError as e:
+                    ok = ok and 'resize="average"' in str(e)
+                    msg = str(e)
+                flat, _, after = _ckpt_loop(cfg, make, second, 5, 5, saved=every, resize="average")
+                old = [torch.load(io.BytesIO(b))["opt"]["mpidl"] for b in every]
+                xs = [o["params"].numpy() for o in old]
+                if case == "lsgd":
+                    f = [float(np.mean(o["state"]["losses"].numpy()[:o["state"]["nloss"]])) for o in old]
+                    want = xs[int(np.argmin(f))]
+                elif case == "easgd":
+                    want = old[0]["state"]["c"].numpy()
+                else:
+                    want = _pmean(xs, second.Get_size())
+                ok = ok and np.array_equal(flat, want) and after["step"] == 5
+                if case == "cdmsgd":
+                    ok = ok and np.array_equal(after["state"]["v"].numpy(),
+                                               _pmean([o["state"]["v"].numpy() for o in old], second.Get_size()))
+                msg = msg if not ok else ""
+            assert_all(ok, f"{case}: {msg or 'resized state differs'}")
+    finally:
+        if two != MPI.COMM_NULL:
+            two.Free()
+
+
+def test_docs_checkpoint_loop_resumes_bitwise(shared_tmp, monkeypatch):
+    """The checkpointing loop of docs/python-api.md: 12 steps, started again to 30, ends bitwise
+    equal to 30 steps straight (the script as the docs show it, run in this process)."""
+    if N != 2:
+        pytest.skip("runs at 2 ranks")
+    import os
+    import re
+    import runpy
+    import sys
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "python-api.md").read_text()
+    block = re.search(r"```python\n(# own_loop_checkpoint\.py.*?)```", doc, re.S).group(1)
+    script = Path(shared_tmp) / "own_loop_checkpoint.py"
+    if R == 0:
+        script.write_text(block)
+    W.Barrier()
+    params = {}
+    for run, steps in (("straight", 30), ("stopped", 12), ("stopped", 30)):
+        os.makedirs(Path(shared_tmp) / run, exist_ok=True)
+        monkeypatch.chdir(Path(shared_tmp) / run)
+        monkeypatch.setattr(sys, "argv", [str(script), str(steps)])
+        g = runpy.run_path(str(script), run_name="__main__")
+        params[run] = torch.cat([p.detach().reshape(-1) for p in g["model"].parameters()])
+        W.Barrier()
+    assert_all(g["start"] == 12 and torch.equal(params["straight"], params["stopped"]),
+               "the docs' loop stopped at 12 and resumed differs from 30 straight")
