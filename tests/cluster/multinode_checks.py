@@ -76,8 +76,13 @@ if OMPI_PY:
 
 def _env(python):
     # the ranks must import this checkout; the launcher and python of that MPI first on PATH
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
-                PATH=str(Path(python).parent) + os.pathsep + os.environ["PATH"])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+               PATH=str(Path(python).parent) + os.pathsep + os.environ["PATH"])
+    # Open MPI as root, and without the cross-memory attach containers forbid (as test-cluster.sh)
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    env.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    env.setdefault("OMPI_MCA_btl_vader_single_copy_mechanism", "none")
+    return env
 
 
 def _one_node_mpiexec(mpi, python):
@@ -290,3 +295,47 @@ def test_docs_cluster_on_one_machine(tmp_path):
                                       "run.log_every=2", "--set", f'run.out="{tmp_path}"']
     out = _launch([f"{VN}/mpiexec", "-n", "4", sys.executable, "-m", "mpidl", "run", *args], _env(sys.executable))
     assert re.search(r"lsgd groups = node: 2 group\(s\): ranks 0,1 on vnode0; ranks 2,3 on vnode1", out), out[-3000:]
+
+
+# -- Slurm with one slurmd per emulated node ------------------------------------------------------
+def _on_vnode0(cmd, timeout=120):
+    return subprocess.run([f"{VN}/agent", "vnode0", cmd], capture_output=True, text=True, timeout=timeout)
+
+
+def test_sbatch_two_nodes_lsgd_groups_node(tmp_path):
+    """scripts/cluster/slurm.sh start DIR --vnodes VN: `sbatch -N 2 jobs/lsgd.sbatch` (MPICH,
+    srun --mpi=pmi2) runs one world over both nodes, SLURM_NODEID differs between them, and
+    groups = "node" makes one group per node."""
+    sl = tmp_path / "slurm"
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "slurm.sh"), "start", str(sl), "--vnodes", VN],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stdout + p.stderr
+    try:
+        env = (f"cd {shlex.quote(str(ROOT))} && export PATH={shlex.quote(BIN)}:$PATH OMP_NUM_THREADS=1 "
+               f"UCX_TLS=tcp,self SLURM_CONF={sl}/slurm.conf PYTHONPATH={shlex.quote(str(ROOT))}")
+        probe = tmp_path / "probe.sh"
+        probe.write_text("#!/bin/bash\nsrun --mpi=pmi2 python -c 'import os, socket; from mpi4py import MPI; "
+                         "c = MPI.COMM_WORLD; print(\"task\", c.Get_rank(), c.Get_size(), socket.gethostname(), "
+                         "os.environ[\"SLURM_NODEID\"], flush=True)'\n")
+        jobs = {}
+        for name, args in (("probe", f"-N 2 --ntasks-per-node=2 {probe}"),
+                           ("lsgd", f"-N 2 --ntasks-per-node=2 --cpus-per-task=1 "
+                                    f"--export=ALL,CONFIG=tests/cluster/tiny.toml jobs/lsgd.sbatch "
+                                    f"--set algorithm.name=lsgd --set algorithm.groups=node --set run.steps=20 "
+                                    f"--set run.out='\"{tmp_path / 'runs'}\"'")):
+            q = _on_vnode0(f"{env} && sbatch --parsable --output={tmp_path}/{name}-%j.out {args}")
+            assert q.returncode == 0, q.stdout + q.stderr
+            jobs[name] = q.stdout.strip().split(";")[0]
+        t = time.monotonic()
+        while _on_vnode0(f"{env} && squeue -h -j {','.join(jobs.values())}").stdout.strip():
+            assert time.monotonic() - t < 300, "the jobs did not finish in 300 s"
+            time.sleep(2)
+        out = {n: (tmp_path / f"{n}-{j}.out").read_text() for n, j in jobs.items()}
+        tasks = sorted(tuple(line.split()[1:]) for line in out["probe"].splitlines() if line.startswith("task "))
+        assert tasks == [("0", "4", "vnode0", "0"), ("1", "4", "vnode0", "0"), ("2", "4", "vnode1", "1"),
+                         ("3", "4", "vnode1", "1")], out["probe"]
+        assert "lsgd groups = node: 2 group(s): ranks 0,1 on vnode0; ranks 2,3 on vnode1" in out["lsgd"], out["lsgd"]
+        assert "finished (done) at step 20/20" in out["lsgd"], out["lsgd"][-3000:]
+    finally:
+        subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "slurm.sh"), "stop", str(sl)], capture_output=True,
+                       timeout=120)
