@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -48,17 +49,26 @@ def test_bad_input_is_one_line_exit_2_nothing_left(tmp_path, args, msg):
         assert _namespaces() == before
 
 
-def test_not_root_is_skipped_with_exit_0(tmp_path):
+def test_not_root_is_skipped_with_exit_0():
     drop = []
     if os.geteuid() == 0:
         if not shutil.which("setpriv"):
             pytest.skip("root without setpriv: cannot drop privileges")
         drop = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
-    for require, rc in (("0", 0), ("1", 1)):
-        p = subprocess.run([*drop, "bash", VNODES, "start", "2", str(tmp_path / "cl")], capture_output=True, text=True,
-                           timeout=60, env=dict(os.environ, MPIDL_REQUIRE_CLUSTER=require))
-        assert p.returncode == rc and "SKIPPED: needs root" in p.stdout, (require, p.returncode, p.stdout, p.stderr)
-        assert not (tmp_path / "cl").exists()
+    # a copy of the script in a folder the unprivileged user can read (the clone may be under /root)
+    d = Path(tempfile.mkdtemp(prefix="mpidl-vnodes-", dir="/tmp"))
+    try:
+        os.chmod(d, 0o777)
+        script = d / "vnodes.sh"
+        shutil.copy(VNODES, script)
+        os.chmod(script, 0o755)
+        for require, rc in (("0", 0), ("1", 1)):
+            p = subprocess.run([*drop, "bash", str(script), "start", "2", str(d / "cl")], capture_output=True,
+                               text=True, timeout=60, cwd=d, env=dict(os.environ, MPIDL_REQUIRE_CLUSTER=require))
+            assert p.returncode == rc and "SKIPPED: needs root" in p.stdout, (require, p.returncode, p.stdout, p.stderr)
+            assert not (d / "cl").exists()
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 @needs_root
