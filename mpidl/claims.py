@@ -214,8 +214,11 @@ _LABEL = {"test_acc": "test acc", "wall": "wall", "bytes_sent": "bytes sent", "s
 def _describe(r, ch):
     lab = _LABEL.get(r["metric"], r["metric"])
     when = " at the first evaluation" if ch.get("first") else ""
-    bound = (f">= {ch['at_least']:g}" if "at_least" in ch else "") + \
-        (" and " if "at_least" in ch and "at_most" in ch else "") + (f"<= {ch['at_most']:g}" if "at_most" in ch else "")
+    pts = r["stat"] == "diff" and r["metric"] == "test_acc"   # accuracy differences in points
+    bs, bu = (100.0, " pt") if pts else (1.0, "")
+    bound = (f">= {ch['at_least'] * bs:g}{bu}" if "at_least" in ch else "") + \
+        (" and " if "at_least" in ch and "at_most" in ch else "") + \
+        (f"<= {ch['at_most'] * bs:g}{bu}" if "at_most" in ch else "")
     v = r["value"]
     mark = "met" if r["met"] else "not met"
     if r["stat"] == "value":
@@ -226,7 +229,7 @@ def _describe(r, ch):
     head = f"{lab}{when}: {r['method']} {_pm(r['m'], r['metric'])} vs {r['baseline']} {_pm(r['b'], r['metric'])}"
     if r["stat"] == "diff":
         unit, scale = (" pt", 100.0) if r["metric"] == "test_acc" else ("", 1.0)
-        return f"{head}; difference {v[0] * scale:+.2f} ± {v[1] * scale:.2f}{unit} (needs {bound}{unit if unit and scale == 1 else ''}: {mark})"
+        return f"{head}; difference {v[0] * scale:+.2f} ± {v[1] * scale:.2f}{unit} (needs {bound}: {mark})"
     word = "speed-up" if r["stat"] == "speedup" else "ratio"
     return f"{head}; {word} {v[0]:.3g} ± {v[1]:.2g}x (needs {bound}: {mark})"
 

@@ -91,3 +91,20 @@ def test_a_bad_registry_is_one_clear_error(tmp_path):
     reg.write_text('[[claim]]\nid = "x"\npaper = "P"\nstatement = "S"\n')
     with pytest.raises(CL.ClaimsError, match="give a study or why"):
         CL.load_registry(reg)
+
+
+def test_run_copies_the_report_and_records_the_load(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / "tiny.toml").write_text(
+        f'seeds = [0]\nepochs = 0.05\nwarmup = false\nout = "{out}"\n[data]\ndataset = "digits"\n'
+        '[model]\nhidden = [8]\n[run]\nbatch_size = 32\neval_every = 1000\n[[method]]\nalgorithm = "centralized"\n'
+        'lr = 0.1\n')
+    rec = CL.run_study("tiny", 1, nice=0, reports=tmp_path / "reports", studies=tmp_path, every=0.5)
+    got = tmp_path / "reports" / "tiny"
+    for name in ("report.md", "study.json", "test_acc_vs_wall.png", "load.json"):
+        assert (got / name).is_file(), name
+    assert json.loads((got / "study.json").read_text())["methods"]["centralized"]["runs"]["0"]["final_metrics"]
+    load = json.loads((got / "load.json").read_text())
+    assert load == json.loads(json.dumps(rec)) and load["load_1min"]["samples"] >= 1
+    assert load["load_1min"]["min"] <= load["load_1min"]["mean"] <= load["load_1min"]["max"]
+    assert load["command"] == "mpiexec -n 1 python -m mpidl compare jobs/studies/claims/tiny.toml"
