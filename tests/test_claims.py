@@ -108,3 +108,17 @@ def test_run_copies_the_report_and_records_the_load(tmp_path):
     assert load == json.loads(json.dumps(rec)) and load["load_1min"]["samples"] >= 1
     assert load["load_1min"]["min"] <= load["load_1min"]["mean"] <= load["load_1min"]["max"]
     assert load["command"] == "mpiexec -n 1 python -m mpidl compare jobs/studies/claims/tiny.toml"
+
+
+def test_the_registry_example_of_compare_md_is_a_valid_claim(tmp_path):
+    import re
+    import shutil
+    doc = (CL.ROOT / "docs" / "compare.md").read_text()
+    block = doc.split("## The claims studies", 1)[1]
+    toml = re.search(r"```toml\n(.*?)```", block, re.S).group(1)
+    (tmp_path / "claims.toml").write_text(toml)
+    shutil.copy(CL.STUDIES / "lsgd_multi.toml", tmp_path / "lsgd_multi.toml")
+    (c,) = CL.load_registry(tmp_path / "claims.toml")
+    real = {x["id"]: x for x in CL.load_registry()}["lsgd-multi"]
+    assert {k: c[k] for k in ("study", "ranks", "method", "baseline", "check", "pass")} == \
+        {k: real[k] for k in ("study", "ranks", "method", "baseline", "check", "pass")}
