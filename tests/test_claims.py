@@ -122,3 +122,13 @@ def test_the_registry_example_of_compare_md_is_a_valid_claim(tmp_path):
     real = {x["id"]: x for x in CL.load_registry()}["lsgd-multi"]
     assert {k: c[k] for k in ("study", "ranks", "method", "baseline", "check", "pass")} == \
         {k: real[k] for k in ("study", "ranks", "method", "baseline", "check", "pass")}
+
+
+def test_all_seeds_needs_every_seed_to_meet_the_bound(tmp_path):
+    study = _study(tmp_path)    # per-seed speed-ups 2.0 and 1.5: the mean 1.75 meets 1.6, seed 1 does not
+    claim = {"method": "a", "baseline": "b"}
+    assert CL.evaluate_check(study, claim, {"metric": "wall", "stat": "speedup", "at_least": 1.6})["met"]
+    r = CL.evaluate_check(study, claim, {"metric": "wall", "stat": "speedup", "at_least": 1.6, "all_seeds": True})
+    assert r["per_seed"] == pytest.approx([2.0, 1.5]) and not r["met"]
+    assert CL.evaluate_check(study, claim, {"metric": "wall", "stat": "speedup", "at_least": 1.5,
+                                            "all_seeds": True})["met"]
