@@ -251,7 +251,8 @@ def _setting(stem, study, studies):
     unit = {"epochs": "epochs", "wall_seconds": "s of wall time per run", "bytes": "bytes"}[b["kind"]]
     hidden = model.get("hidden")
     mdl = model.get("name", "mlp") + (f" {list(hidden)}" if hidden else "")
-    parts = [data.get("dataset", "fashion-mnist"), mdl, f"{study['world_size']} ranks"]
+    n = study["world_size"]
+    parts = [data.get("dataset", "fashion-mnist"), mdl, f"{n} rank" + ("" if n == 1 else "s")]
     if topo.get("name"):
         parts.append(topo["name"] + (f" + {topo['schedule']} schedule" if topo.get("schedule") else ""))
     parts += [f"{b['value']:g} {unit}", f"seeds {', '.join(map(str, study['seeds']))}"]
