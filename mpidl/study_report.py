@@ -9,7 +9,10 @@ rewrites the same report.  Per run:
   file's clock: training plus the driver's evaluations and checkpoints),
   ``bytes_sent`` (all ranks together) and ``epoch``;
 * best: the highest ``test_acc`` of any eval row and the first row reaching it
-  (its ``epoch`` and ``wall``).
+  (its ``epoch`` and ``wall``);
+* ``first_metrics`` / ``final_metrics``: every numeric column of the first and the
+  last eval row, the algorithm's own metrics included (NEXT's ``stationarity``,
+  ``sparsity``, ``objective``; ``consensus_error``; ...).
 
 Per method, each quantity is the mean and the sample standard deviation
 (ddof = 1; 0 for a single seed) over the seeds with results.  Curves: for
@@ -50,12 +53,19 @@ def run_numbers(path) -> dict | None:
     if not ok.any():
         return None
     cur = {c: v[ok] for c, v in cur.items()}
+    cols = {c: np.asarray(v, dtype=np.float64)[ok] for c, v in ev.items()
+            if getattr(v, "ndim", 0) == 1 and np.asarray(v).dtype.kind in "fiu"}
     acc = cur["test_acc"]
     j = int(np.argmax(acc))  # the first row reaching the best accuracy
     final = {c: float(v[-1]) for c, v in cur.items()}
     best = {"test_acc": float(acc[j]), "epoch": float(cur["epoch"][j]), "wall": float(cur["wall"][j]),
             "step": float(cur["step"][j])}
+    # every numeric column of the first and the last eval row (the algorithm's own metrics too,
+    # e.g. NEXT's stationarity and sparsity); NaN -> None in study.json
+    first_metrics = {c: float(v[0]) for c, v in sorted(cols.items())}
+    final_metrics = {c: float(v[-1]) for c, v in sorted(cols.items())}
     return {"curve": {c: v.tolist() for c, v in cur.items()}, "final": final, "best": best,
+            "first_metrics": first_metrics, "final_metrics": final_metrics,
             "world_size": int(res["attrs"].get("world_size", 0))}
 
 
