@@ -8,6 +8,7 @@ import numpy as np
 
 from mpidl.comm.core import (_OPS, CollectiveError, _as_array, _device_buffer, _direct, _mpi,
                              _persistent_collectives, _pointers, _staged)
+from mpidl.comm.overlap import DEFAULT_BUCKET_MB, Overlap
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
@@ -21,11 +22,12 @@ class Pending:
 
     def test(self) -> bool:
         """Local. True when the communication has finished (wait() is then cheap)."""
-        return self._done or bool(self._request.Test())
+        return self._done or self._gc.overlap.test(self._request)
 
     def wait(self):
         """Local. Finish the collective, apply the combine kernel, return ``out``."""
         if not self._done:
+            self._gc.overlap.unwatch(self._request)
             self._request.Wait()
             self._plan.busy = False
             self._gc._combine(self._plan, self._x, self._out, self._writeback)
@@ -170,7 +172,8 @@ class GraphComm:
     """
 
     def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None, cuda_aware=False,
-                 stage_chunk: int = 8 << 20):
+                 stage_chunk: int = 8 << 20, progress: str = "none", bucket_mb: float = DEFAULT_BUCKET_MB,
+                 overlap: Overlap | None = None):
         MPI = _mpi()
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
@@ -206,6 +209,10 @@ class GraphComm:
         self.messages_sent = 0
         self.cuda_aware = bool(cuda_aware)
         self.stage_chunk = int(stage_chunk)      # bytes per chunk of a staged mix
+        # progress of pending requests during backward, gradient buckets (mpidl.comm.overlap);
+        # a shared ``overlap`` (a schedule's communicators share their base's) is not closed here
+        self._own_overlap = overlap is None
+        self.overlap = Overlap(progress, bucket_mb) if overlap is None else overlap
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -217,6 +224,8 @@ class GraphComm:
             _free_plan(plan)
         self._plans.clear()
         self._last = None
+        if self._own_overlap:
+            self.overlap.close()
         self.graph.Free()
         self.base.Free()
         self._closed = True
@@ -410,7 +419,25 @@ class GraphComm:
         ``x`` must not be modified until ``wait()`` returns.
         """
         plan, a, o, result, wb, request = self._start(x, out)
+        self.overlap.watch(request)
         return _PendingResult(self, plan, a, o, wb, request, result)
+
+    # -- overlap with backward (mpidl.comm.overlap) ----------------------
+    def attach(self, fm):
+        """Local. Hook this communicator's progress and gradient buckets onto ``fm`` (a
+        :class:`~mpidl.flat.FlatModel`): see :mod:`mpidl.comm.overlap`.  Returns ``self``."""
+        self.overlap.attach(fm)
+        return self
+
+    def gradient_mean(self, weight_decay: float = 0.0):
+        """Local. A reducer with ``reduce(g, x)`` (Collective): ``g <- mean_i (g_i + wd x_i)`` in place.
+
+        When the attached model's gradient is ``g`` and ``bucket_mb > 0`` (host buffers), the buckets
+        are reduced during backward (:mod:`mpidl.comm.overlap`) and ``reduce`` finishes them;
+        otherwise ``reduce`` adds ``wd x`` and makes one allreduce.  Make it once (at the algorithm's
+        ``init``, before the first backward).
+        """
+        return self.overlap.gradient_mean(self, weight_decay)
 
     # -- point-to-neighbour payloads ------------------------------------
     def exchange(self, send: dict) -> dict:
@@ -538,7 +565,8 @@ class GraphComm:
         o = np.empty_like(a)
         req = self.base.Iallreduce(a, o, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
         self._charge_allreduce(a.nbytes)
-        return _Reduction(req, a, o)
+        self.overlap.watch(req)
+        return _Reduction(req, a, o, self.overlap)
 
     def _charge_allreduce(self, nbytes):
         if self.size > 1:
@@ -633,16 +661,17 @@ class Exchange:
 class _Reduction:
     """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
 
-    def __init__(self, request, send, out):
-        self._request, self._send, self._out = request, send, out
+    def __init__(self, request, send, out, overlap):
+        self._request, self._send, self._out, self._overlap = request, send, out, overlap
 
     def test(self) -> bool:
         """Local. True when the reduction has finished."""
-        return self._request is None or bool(self._request.Test())
+        return self._request is None or self._overlap.test(self._request)
 
     def wait(self) -> np.ndarray:
         """Local. Finish the reduction and return the reduced array."""
         if self._request is not None:
+            self._overlap.unwatch(self._request)
             self._request.Wait()
             self._request = self._send = None
         return self._out
@@ -666,9 +695,10 @@ class ScheduledGraphComm:
     same schedule at the same step, so creation and eviction stay collective.
     """
 
-    def __init__(self, comm, schedule, *, cache=8, cuda_aware=False):
+    def __init__(self, comm, schedule, *, cache=8, cuda_aware=False, overlap=None):
         self.comm = comm
         self.cuda_aware = bool(cuda_aware)
+        self.overlap = overlap          # shared with the base communicator's model (None: each its own)
         self.schedule = schedule
         self._cache: OrderedDict = OrderedDict()
         self._max = max(1, int(cache))
@@ -681,7 +711,7 @@ class ScheduledGraphComm:
         topo = self.schedule(step)
         gc = self._cache.get(topo)
         if gc is None:
-            gc = GraphComm(self.comm, topo, cuda_aware=self.cuda_aware)
+            gc = GraphComm(self.comm, topo, cuda_aware=self.cuda_aware, overlap=self.overlap)
             self._cache[topo] = gc
             while len(self._cache) > self._max:
                 _, old = self._cache.popitem(last=False)
