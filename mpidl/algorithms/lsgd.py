@@ -60,6 +60,8 @@ tests/reference/lsgd.py.
 """
 from __future__ import annotations
 
+import logging
+import socket
 import time
 from dataclasses import dataclass
 
@@ -68,6 +70,8 @@ import numpy as np
 from mpidl import xp
 from mpidl.algorithms.base import check_lr, lr_at
 from mpidl.config import LRConfig, register_algorithm
+
+log = logging.getLogger("mpidl.lsgd")
 
 __all__ = ["LSGDConfig", "EASGDConfig", "LSGD", "EASGD", "LSGDState", "EASGDState"]
 
@@ -123,6 +127,22 @@ class LSGDConfig(LRConfig):
             raise ValueError(f"group_size must be >= 0, got {self.group_size}")
         if self.groups == "size" and self.group_size < 1:
             raise ValueError(f"groups = \"size\" needs group_size >= 1, got {self.group_size}")
+
+
+def _log_groups(lc, groups):
+    """Collective over ``lc.world``. Rank 0 logs the groups: their world ranks and hosts."""
+    rows = lc.world.gather((lc.group_id, lc.rank, socket.gethostname()))
+    if lc.rank != 0:
+        return
+    by_group = {}
+    for g, r, h in rows:
+        by_group.setdefault(g, []).append((r, h))
+    parts = []
+    for members in list(by_group.values())[:16]:
+        hosts = sorted({h for _, h in members})
+        parts.append(f"ranks {','.join(str(r) for r, _ in members)} on {','.join(hosts)}")
+    more = f"; ... {len(by_group) - 16} more" if len(by_group) > 16 else ""
+    log.info("lsgd groups = %s: %d group(s): %s%s", groups, len(by_group), "; ".join(parts), more)
 
 
 @dataclass(frozen=True)
@@ -223,6 +243,8 @@ class _Worker:
     def _setup(self, x0, comm, groups="all", group_size=0):
         from mpidl.comm import LeaderComm
         self.lc = LeaderComm(comm, groups, group_size)
+        if groups != "all":
+            _log_groups(self.lc, groups)
         self._slow = self.cfg.slow_factor > 1.0 and self.lc.rank == self.cfg.slow_rank
         self._tmp = xp.empty_like(x0)
         self._first = True

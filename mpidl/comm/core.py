@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from mpidl.errors import MpidlError
@@ -86,15 +88,47 @@ def check_launch(comm) -> None:
         raise LaunchError(*found)
 
 
-def node_split(comm, local_tag=None):
-    """Collective over ``comm`` (mpi4py). ``(node rank, node size, [local_tag of every rank on the
-    node])`` from a shared-memory split (``Split_type(COMM_TYPE_SHARED)``, ordered by rank)."""
+@dataclass(frozen=True)
+class NodeInfo:
+    """Where a rank runs, from one shared-memory split (computed once, handed to whoever needs it:
+    ``groups = "node"``, the rank -> GPU mapping, placement checks).
+
+    ``local_rank``/``local_size``: this rank's index among the ranks of its node and their number;
+    ``node``: the node's index, nodes numbered by their lowest world rank; ``n_nodes``: how many
+    nodes the communicator spans; ``leader``: the lowest world rank on this node;
+    ``local_tags``: the ``local_tag`` of every rank on the node, in node-rank order."""
+
+    local_rank: int
+    local_size: int
+    node: int
+    n_nodes: int
+    leader: int
+    local_tags: tuple = ()
+
+
+def node_info(comm, local_tag=None) -> NodeInfo:
+    """Collective over ``comm`` (mpi4py). This rank's :class:`NodeInfo`, from
+    ``Split_type(COMM_TYPE_SHARED)`` (ordered by rank): the MPI's own idea of a node (the ranks
+    that can share memory), never a guess from host names or the environment."""
     MPI = _mpi()
-    shm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    rank = comm.Get_rank()
+    shm = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     try:
-        return shm.Get_rank(), shm.Get_size(), shm.allgather(local_tag)
+        local_rank, local_size = shm.Get_rank(), shm.Get_size()
+        tags = tuple(shm.allgather((rank, local_tag)))
     finally:
         shm.Free()
+    leader = min(r for r, _ in tags)
+    leaders = sorted(set(comm.allgather(leader)))
+    return NodeInfo(local_rank, local_size, leaders.index(leader), len(leaders), leader,
+                    tuple(t for _, t in tags))
+
+
+def node_split(comm, local_tag=None):
+    """Collective over ``comm`` (mpi4py). ``(node rank, node size, [local_tag of every rank on the
+    node])``: the first fields of :func:`node_info`."""
+    info = node_info(comm, local_tag)
+    return info.local_rank, info.local_size, list(info.local_tags)
 
 
 def allgather_objects(comm, obj) -> list:

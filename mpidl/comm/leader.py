@@ -54,9 +54,8 @@ class LeaderComm:
                                  f"choose a divisor of {self.size} (or groups = \"node\" / \"all\")")
             color = self.rank // group_size
         elif groups == "node":
-            node = self.world.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
-            color = node.allreduce(self.rank, op=MPI.MIN)
-            node.Free()
+            from mpidl.comm.core import node_info
+            color = node_info(self.world).leader   # one group per node, named by its lowest rank
         else:
             self.world.Free()
             raise MpidlError(f"groups must be all, size or node, got {groups!r}")
