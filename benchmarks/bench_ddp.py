@@ -77,13 +77,18 @@ def main(argv=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(args.threads)
-    port = None
+    # gloo's rendezvous: rank 0's loopback on one node; on several nodes (an emulated cluster,
+    # scripts/cluster/vnodes.sh) the address rank 0's hostname resolves to
+    hosts = world.allgather(socket.gethostname())
+    addr, port = "127.0.0.1", None
     if rank == 0:
+        if len(set(hosts)) > 1:
+            addr = socket.gethostbyname(hosts[0])
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((addr, 0))
             port = s.getsockname()[1]
-    port = world.bcast(port, root=0)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    addr, port = world.bcast((addr, port), root=0)
+    os.environ["MASTER_ADDR"] = addr
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=size)
 

@@ -12,11 +12,13 @@ requests (a :class:`~mpidl.comm.graph.Pending` mix, a nonblocking allreduce, a g
 and pokes them:
 
 * ``"none"``: nothing (the MPI's own progress only);
-* ``"hooks"``: one ``MPI_Test`` of every pending request from a torch hook that runs after each
-  parameter's gradient is accumulated (``register_post_accumulate_grad_hook``), i.e. as many times
-  per backward as the model has parameter tensors;
-* ``"thread"``: a Python thread tests the pending requests every ``poll_us`` microseconds while
-  there are any (it sleeps on a condition otherwise).  Needs ``MPI_THREAD_MULTIPLE``
+* ``"hooks"``: one ``MPI_Test`` of every pending request from torch hooks: after each leaf
+  module's forward (``register_forward_hook``) and after each parameter's gradient is accumulated
+  (``register_post_accumulate_grad_hook``), i.e. (leaf modules + parameter tensors) times per step;
+* ``"thread"``: a Python thread waits (``MPI_Wait``, the GIL released) on the oldest pending
+  request, so the MPI library progresses every pending request continuously while the main
+  thread computes; it sleeps on a condition when nothing is pending.  ``wait()`` in the main
+  thread then returns once the thread's wait has.  Needs ``MPI_THREAD_MULTIPLE``
   (:func:`mpidl.comm.init_world` asks for it); a lower level is an error.
 
 Testing a request changes when its bytes move, never what they are: the combine and the update
@@ -66,11 +68,12 @@ class Overlap:
         self.bucket_bytes = int(float(bucket_mb) * (1 << 20))
         self.poll_s = max(0.0, float(poll_us)) * 1e-6
         self.fm = None
-        self.tests = 0                  # MPI_Test calls made by the hooks / the thread (benchmarks read it)
+        self.tests = 0                  # MPI_Test calls of the hooks, requests waited on by the thread
         self._watched = []
         self._handles = []
         self._reducer = None            # the armed _Buckets (one gradient_mean per model)
         self._cond = threading.Condition()
+        self._busy = None               # the request the thread is waiting on
         self._thread = None
         self._stop = False
 
@@ -97,7 +100,15 @@ class Overlap:
             return self                 # nothing to do in backward: no hooks at all
         for i, p in enumerate(fm.params_list):
             self._handles.append(p.register_post_accumulate_grad_hook(self._hook(i)))
+        if self.progress == "hooks":    # the mix starts before the forward: test it there as well
+            for mod in fm.model.modules():
+                if next(mod.children(), None) is None:
+                    self._handles.append(mod.register_forward_hook(self._forward_hook))
         return self
+
+    def _forward_hook(self, module, inputs, output):
+        if self._watched:
+            self.poke()
 
     def _hook(self, i):
         def hook(p):
@@ -116,8 +127,10 @@ class Overlap:
         if self._thread is not None:
             with self._cond:
                 self._stop = True
+                busy = self._busy is not None
                 self._cond.notify_all()
-            self._thread.join()
+            if not busy:                # a request never completed (an error elsewhere): leave the daemon
+                self._thread.join()
             self._thread = None
 
     # -- pending requests -----------------------------------------------
@@ -134,10 +147,15 @@ class Overlap:
                 self._cond.notify_all()
 
     def unwatch(self, request):
-        """Local. Stop testing ``request``; on return no other thread touches it (wait on it then)."""
+        """Local. Stop progressing ``request``; on return no other thread touches it (wait on it then).
+
+        When the progress thread is inside ``request.Wait()``, this returns once it has completed.
+        """
         if self.progress == "none":
             return
         with self._cond:
+            while self._busy is request:
+                self._cond.wait()
             try:
                 self._watched.remove(request)
             except ValueError:
@@ -148,15 +166,21 @@ class Overlap:
         if self.progress != "thread":
             return bool(request.Test())
         with self._cond:
+            if self._busy is request:
+                return False
             return bool(request.Test())
 
     def poke(self):
-        """Local. One ``Test`` of every watched request (the hooks' and the thread's progress call)."""
+        """Local. One ``Test`` of every watched request (the hooks' progress call)."""
         for r in self._watched:
             r.Test()
             self.tests += 1
 
     def _run(self):
+        """The progress thread: ``Wait()`` on the oldest watched MPI request, outside any lock (the
+        MPI library then progresses every pending request while it waits, and the GIL is free);
+        requests that are not MPI requests (a staged device mix) are tested every ``poll_us``."""
+        MPI = _mpi()
         cond = self._cond
         while True:
             with cond:
@@ -164,9 +188,26 @@ class Overlap:
                     cond.wait()
                 if self._stop:
                     return
-                self.poke()
-            if self.poll_s:
+                r = self._watched[0]
+                mpi_request = isinstance(r, MPI.Request)
+                if mpi_request:
+                    self._busy = r
+                else:
+                    self.poke()
+            if not mpi_request:
                 time.sleep(self.poll_s)
+                continue
+            try:
+                r.Wait()
+            finally:
+                with cond:
+                    self._busy = None
+                    self.tests += 1
+                    try:
+                        self._watched.remove(r)
+                    except ValueError:
+                        pass
+                    cond.notify_all()
 
     # -- gradient buckets -------------------------------------------------
     def gradient_mean(self, gc, weight_decay: float = 0.0):
