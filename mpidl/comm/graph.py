@@ -291,7 +291,8 @@ class GraphComm:
             _free_plan(old)
         return plan
 
-    def _start(self, x, out):
+    def _start(self, x, out, defer=False):
+        self.overlap.flush()                 # a mix the progress thread has not started yet goes first
         # Fast path: the same x and out objects as the last call (the usual
         # `mix(x, out=x)` loop) reuse its views and plan.  A NumPy array cannot
         # move while we hold it; a torch tensor can (set_, resize_), so its
@@ -302,7 +303,7 @@ class GraphComm:
             plan, a, o = last[3], last[4], last[5]
             if plan.busy:
                 raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
-            return self._launch(plan, a, o, out, None)
+            return self._launch(plan, a, o, out, None, defer)
         if _direct(x, self.cuda_aware):
             return self._start_direct(x, out)
         if _staged(x):
@@ -326,7 +327,7 @@ class GraphComm:
         if out is not None and wb is None:  # zero-copy host buffers only
             torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
             self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
-        return self._launch(plan, a, o, result, wb)
+        return self._launch(plan, a, o, result, wb, defer)
 
     def _start_staged(self, x, out):
         """A device tensor through the plan's pinned host buffer, chunk by chunk (:class:`_StagedPlan`)."""
@@ -380,10 +381,13 @@ class GraphComm:
         plan = self._tensor_plan("direct", a)
         return self._launch(plan, a, o, result, None)
 
-    def _launch(self, plan, a, o, result, wb):
+    def _launch(self, plan, a, o, result, wb, defer=False):
         if plan.request is not None:
-            plan.request.Start()
-            request = plan.request
+            request = plan.request           # progress "thread": the thread starts it (Overlap.defer)
+            if not (defer and self.overlap.defer(request, request.Start)):
+                request.Start()
+                if defer:
+                    self.overlap.watch(request)
         else:
             request = self.graph.Ineighbor_allgather(a if plan.send is None else plan.send, plan.recv)
         plan.busy = True
@@ -418,8 +422,9 @@ class GraphComm:
 
         ``x`` must not be modified until ``wait()`` returns.
         """
-        plan, a, o, result, wb, request = self._start(x, out)
-        self.overlap.watch(request)
+        plan, a, o, result, wb, request = self._start(x, out, defer=True)
+        if plan.request is None:             # not persistent (or staged): started here, watch it
+            self.overlap.watch(request)
         return _PendingResult(self, plan, a, o, wb, request, result)
 
     # -- overlap with backward (mpidl.comm.overlap) ----------------------
@@ -448,6 +453,7 @@ class GraphComm:
         is an error on every rank.
         """
         MPI = _mpi()
+        self.overlap.flush()                 # the graph communicator's collectives keep their order
         bad = [k for k in send if k not in self.out_neighbors]
         self.agree(None if not bad else
                    f"rank {self.rank}: exchange() to {bad}, which are not out-neighbours "
@@ -614,6 +620,7 @@ class GraphComm:
         between two ranks with the same tag arrive in the order they were started.
         """
         MPI = _mpi()
+        self.overlap.flush()
         bad = [j for j in send if j not in self.out_neighbors] + \
               [i for i in recv if i not in self.in_neighbors]
         if bad:

@@ -18,8 +18,13 @@ and pokes them:
 * ``"thread"``: a Python thread waits (``MPI_Wait``, the GIL released) on the oldest pending
   request, so the MPI library progresses every pending request continuously while the main
   thread computes; it sleeps on a condition when nothing is pending.  ``wait()`` in the main
-  thread then returns once the thread's wait has.  Needs ``MPI_THREAD_MULTIPLE``
-  (:func:`mpidl.comm.init_world` asks for it); a lower level is an error.
+  thread then returns once the thread's wait has.  The thread also *starts* a mix's persistent
+  request (:meth:`defer`): over TCP an MPI may push the first part of a large message inside
+  ``MPI_Start``, which would otherwise block the main thread before its gradient.  Starts stay
+  in the order the main thread asked for them (the thread starts them under the lock, and any
+  other operation on the same communicator starts what is queued first, :meth:`flush`).
+  Needs ``MPI_THREAD_MULTIPLE`` (:func:`mpidl.comm.init_world` asks for it); a lower level is
+  an error.
 
 Testing a request changes when its bytes move, never what they are: the combine and the update
 run after ``wait()`` exactly as before, so every mode gives the same bits
@@ -74,6 +79,7 @@ class Overlap:
         self._reducer = None            # the armed _Buckets (one gradient_mean per model)
         self._cond = threading.Condition()
         self._busy = None               # the request the thread is waiting on
+        self._unstarted = {}            # id(request) -> its Start, for requests the thread starts
         self._thread = None
         self._stop = False
 
@@ -146,16 +152,45 @@ class Overlap:
                     self._thread.start()
                 self._cond.notify_all()
 
+    def defer(self, request, start) -> bool:
+        """Local. In thread mode, queue ``request`` (not started) with ``start`` (its ``Start``) for
+        the thread to start and progress; returns False (nothing done) in the other modes."""
+        if self.progress != "thread":
+            return False
+        with self._cond:
+            self._unstarted[id(request)] = start
+        self.watch(request)
+        return True
+
+    def flush(self, upto=None):
+        """Local. Start every queued request (in order), or those up to ``upto``.  Call it before
+        another operation on a communicator a queued request belongs to."""
+        if not self._unstarted:
+            return
+        with self._cond:
+            self._flush(upto)
+
+    def _flush(self, upto=None):
+        for r in list(self._watched):
+            start = self._unstarted.pop(id(r), None)
+            if start is not None:
+                start()
+            if r is upto:
+                return
+
     def unwatch(self, request):
         """Local. Stop progressing ``request``; on return no other thread touches it (wait on it then).
 
-        When the progress thread is inside ``request.Wait()``, this returns once it has completed.
+        When the progress thread is inside ``request.Wait()``, this returns once it has completed;
+        a queued request is started first.
         """
         if self.progress == "none":
             return
         with self._cond:
             while self._busy is request:
                 self._cond.wait()
+            if id(request) in self._unstarted:
+                self._flush(request)
             try:
                 self._watched.remove(request)
             except ValueError:
@@ -166,15 +201,16 @@ class Overlap:
         if self.progress != "thread":
             return bool(request.Test())
         with self._cond:
-            if self._busy is request:
+            if self._busy is request or id(request) in self._unstarted:
                 return False
             return bool(request.Test())
 
     def poke(self):
-        """Local. One ``Test`` of every watched request (the hooks' progress call)."""
+        """Local. One ``Test`` of every watched (started) request (the hooks' progress call)."""
         for r in self._watched:
-            r.Test()
-            self.tests += 1
+            if id(r) not in self._unstarted:
+                r.Test()
+                self.tests += 1
 
     def _run(self):
         """The progress thread: ``Wait()`` on the oldest watched MPI request, outside any lock (the
@@ -192,6 +228,9 @@ class Overlap:
                 mpi_request = isinstance(r, MPI.Request)
                 if mpi_request:
                     self._busy = r
+                    start = self._unstarted.pop(id(r), None)
+                    if start is not None:
+                        start()         # under the lock: starts keep the main thread's order
                 else:
                     self.poke()
             if not mpi_request:
