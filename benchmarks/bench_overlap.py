@@ -13,7 +13,8 @@ method keeps its own state (all start from the same weights):
   forward, backward and update;
 * ``mix``: ``GraphComm.start_mix(x).wait()`` of the same flat vector, nothing else;
 * ``step(P)``: ``CDMSGD.step`` on a ``GraphComm`` with ``[comm] progress = P``: the mix is
-  started before the gradient and waited for after it.
+  started before the gradient and waited for after it.  ``thread:US`` sets the thread's poll
+  interval to US microseconds (0: the thread waits in ``MPI_Wait``).
 
 Timing: ``--windows`` windows of ``--steps`` steps; within a window the methods run one after the
 other (order rotated every window), each after a barrier, timed as the slowest rank's time.
@@ -93,7 +94,11 @@ def main(argv=None):
                              num_classes=shard.num_classes)
         gc = None
         if comm_progress is not None:
-            gc = GraphComm(world, topo, progress=comm_progress).attach(fm)
+            mode, _, poll = comm_progress.partition(":")
+            gc = GraphComm(world, topo, progress=mode)
+            if poll:                    # thread:POLL_US (0 = the thread waits in MPI_Wait)
+                gc.overlap.poll_s = float(poll) * 1e-6
+            gc.attach(fm)
         algo = CDMSGD(cfg, steps_per_epoch=spe, num_samples=len(shard.y))
         return {"fm": fm, "oracle": oracle, "gc": gc, "algo": algo, "state": algo.init(fm.x, gc), "k": 0}
 

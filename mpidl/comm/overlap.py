@@ -15,10 +15,12 @@ and pokes them:
 * ``"hooks"``: one ``MPI_Test`` of every pending request from torch hooks: after each leaf
   module's forward (``register_forward_hook``) and after each parameter's gradient is accumulated
   (``register_post_accumulate_grad_hook``), i.e. (leaf modules + parameter tensors) times per step;
-* ``"thread"``: a Python thread waits (``MPI_Wait``, the GIL released) on the oldest pending
-  request, so the MPI library progresses every pending request continuously while the main
-  thread computes; it sleeps on a condition when nothing is pending.  ``wait()`` in the main
-  thread then returns once the thread's wait has.  The thread also *starts* a mix's persistent
+* ``"thread"``: a Python thread tests every pending request every ``poll_us`` microseconds
+  (default 500), or with ``poll_us = 0`` waits (``MPI_Wait``, the GIL released) on the oldest
+  one, so that the MPI library progresses all of them continuously (and spins a core: measured
+  slower on a loaded machine, docs/benchmarks.md); it sleeps on a condition when nothing is
+  pending.  ``wait()`` in the main thread returns once the thread is done with the request.
+  The thread also *starts* a mix's persistent
   request (:meth:`defer`): over TCP an MPI may push the first part of a large message inside
   ``MPI_Start``, which would otherwise block the main thread before its gradient.  Starts stay
   in the order the main thread asked for them (the thread starts them under the lock, and any
@@ -59,12 +61,12 @@ DEFAULT_BUCKET_MB = 1.0
 class Overlap:
     """Local. The progress engine and gradient buckets of one model on one rank.
 
-    ``Overlap(progress="none", bucket_mb=DEFAULT_BUCKET_MB, poll_us=50)``; :meth:`attach` puts
+    ``Overlap(progress="none", bucket_mb=DEFAULT_BUCKET_MB, poll_us=500)``; :meth:`attach` puts
     the hooks on a :class:`~mpidl.flat.FlatModel`.  Shared by every :class:`GraphComm` that serves
     the model (a time-varying schedule's communicators share their base's).
     """
 
-    def __init__(self, progress: str = "none", bucket_mb: float = DEFAULT_BUCKET_MB, poll_us: float = 50.0):
+    def __init__(self, progress: str = "none", bucket_mb: float = DEFAULT_BUCKET_MB, poll_us: float = 500.0):
         if progress not in PROGRESS_MODES:
             raise ValueError(f"progress must be one of {', '.join(PROGRESS_MODES)}, got {progress!r}")
         if not bucket_mb >= 0:
@@ -213,9 +215,11 @@ class Overlap:
                 self.tests += 1
 
     def _run(self):
-        """The progress thread: ``Wait()`` on the oldest watched MPI request, outside any lock (the
-        MPI library then progresses every pending request while it waits, and the GIL is free);
-        requests that are not MPI requests (a staged device mix) are tested every ``poll_us``."""
+        """The progress thread.  ``poll_us > 0``: start what is queued and test every watched
+        request, under the lock, every ``poll_us`` microseconds.  ``poll_us = 0``: ``Wait()`` on
+        the oldest watched MPI request outside any lock (the MPI library then progresses every
+        pending request while it waits, and the GIL is free); requests that are not MPI requests
+        (a staged device mix) are tested every 50 microseconds."""
         MPI = _mpi()
         cond = self._cond
         while True:
@@ -225,8 +229,11 @@ class Overlap:
                 if self._stop:
                     return
                 r = self._watched[0]
-                mpi_request = isinstance(r, MPI.Request)
-                if mpi_request:
+                mpi_request = isinstance(r, MPI.Request) and not self.poll_s
+                if self.poll_s:
+                    self._flush()
+                    self.poke()
+                elif mpi_request:
                     self._busy = r
                     start = self._unstarted.pop(id(r), None)
                     if start is not None:
@@ -234,7 +241,7 @@ class Overlap:
                 else:
                     self.poke()
             if not mpi_request:
-                time.sleep(self.poll_s)
+                time.sleep(self.poll_s or 50e-6)
                 continue
             try:
                 r.Wait()
