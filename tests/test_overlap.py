@@ -53,3 +53,25 @@ def test_docs_worked_example_runs(tmp_path):
         if line.startswith("mpiexec"):
             assert acc and float(acc[0]) > 0.85, out[-2000:]     # the doc says "about 0.94"
     assert out.strip() == "same: True", out
+
+
+class _FakeMPI:
+    THREAD_SINGLE, THREAD_FUNNELED, THREAD_SERIALIZED, THREAD_MULTIPLE = 0, 1, 2, 3
+
+    @staticmethod
+    def Query_thread():
+        return 2
+
+
+def test_thread_mode_needs_thread_multiple(monkeypatch):
+    """A lower thread level is one clear error (the same on every rank: the same MPI everywhere)."""
+    import torch
+
+    from mpidl.comm import overlap
+    from mpidl.errors import MpidlError
+    from mpidl.flat import FlatModel
+    monkeypatch.setattr(overlap, "_mpi", lambda: _FakeMPI)
+    fm = FlatModel(torch.nn.Linear(3, 2))
+    with pytest.raises(MpidlError, match="MPI_THREAD_MULTIPLE.*'serialized'.*hooks"):
+        Overlap("thread").attach(fm)
+    Overlap("hooks").attach(fm)                  # a CPU model's hooks run on the calling thread

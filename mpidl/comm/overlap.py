@@ -95,14 +95,9 @@ class Overlap:
         if self.fm is not None:
             raise RuntimeError("this Overlap is already attached to a model")
         if self.progress == "thread":
-            MPI = _mpi()
-            level = MPI.Query_thread()
-            if level < MPI.THREAD_MULTIPLE:
-                names = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
-                         MPI.THREAD_SERIALIZED: "serialized"}
-                raise MpidlError(f"[comm] progress = \"thread\" needs MPI_THREAD_MULTIPLE; MPI was initialised "
-                                 f"with thread level {names.get(level, level)!r} (mpi4py.rc.thread_level); "
-                                 "use progress = \"hooks\"")
+            _need_thread_level("multiple", 'progress = "thread"', 'use progress = "hooks"')
+        elif self.progress == "hooks" and fm.device is not None:   # device autograd runs hooks off the main thread
+            _need_thread_level("serialized", 'progress = "hooks" on a device model', 'use progress = "none"')
         self.fm = fm
         if self.progress == "none" and self.bucket_bytes == 0:
             return self                 # nothing to do in backward: no hooks at all
@@ -150,6 +145,8 @@ class Overlap:
             self._watched.append(request)
             if self.progress == "thread":
                 if self._thread is None:
+                    if self.fm is None:     # never attached (a convex model): the check attach makes
+                        _need_thread_level("multiple", 'progress = "thread"', 'use progress = "hooks"')
                     self._thread = threading.Thread(target=self._run, name="mpidl-progress", daemon=True)
                     self._thread.start()
                 self._cond.notify_all()
@@ -266,6 +263,19 @@ class Overlap:
             raise RuntimeError("the model's gradient already has a reducer (one gradient_mean per model)")
         self._reducer = _Buckets(self, gc, fm, self.bucket_bytes, weight_decay)
         return self._reducer
+
+
+def _need_thread_level(name, what, instead):
+    """Local. Raise :class:`MpidlError` unless MPI runs at thread level ``name`` or above (every rank
+    runs the same MPI, initialised alike, so every rank raises together)."""
+    MPI = _mpi()
+    levels = {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
+              "serialized": MPI.THREAD_SERIALIZED, "multiple": MPI.THREAD_MULTIPLE}
+    level = MPI.Query_thread()
+    if level < levels[name]:
+        have = next((k for k, v in levels.items() if v == level), level)
+        raise MpidlError(f"[comm] {what} needs MPI_THREAD_{name.upper()}; MPI was initialised with thread level "
+                         f"{have!r} (mpi4py.rc.thread_level); {instead}")
 
 
 class _Whole:
