@@ -8,6 +8,9 @@
 * Progress: ``none``, ``hooks`` and ``thread`` give the same bits at every size (the combine and
   the update are the same code; only when bytes move changes).
 * Resume: a run with buckets and progress on, stopped and resumed, equals the straight run bitwise.
+
+The driver and ``mpidl.optim`` tests run at 2 ranks (the bitwise case) and 3 (the 1e-6 case)
+only, to keep this file's four launches short; the unit tests run at every size.
 """
 import numpy as np
 import pytest
@@ -31,6 +34,9 @@ STEPS = 12
 BASE = ["data.dataset=digits", "model.hidden=[16]", "run.batch_size=16", "run.log_every=100",
         "run.eval_every=1000", "data.eval_samples=50", f"run.steps={STEPS}", "run.checkpoint_every=6"]
 TINY = "comm.bucket_mb=0.001"   # 1048 bytes: the digits MLP (1210 floats) in 5 buckets
+
+
+slow_sizes_only = pytest.mark.skipif(N not in (2, 3), reason="driver / optim cases run at 2 and 3 ranks")
 
 
 def _same_or_close(a, b, what):
@@ -121,6 +127,7 @@ CENTRAL = ["algorithm.name=centralized", "algorithm.lr=0.1", "algorithm.momentum
            "algorithm.weight_decay=0.001"]
 
 
+@slow_sizes_only
 def test_driver_centralized_buckets_and_resume(shared_tmp):
     """[comm] bucket_mb and progress in the driver: equal to one allreduce; a resumed run equals the
     straight one bitwise (the buckets carry no state)."""
@@ -143,6 +150,7 @@ def test_driver_centralized_buckets_and_resume(shared_tmp):
 CDMSGD = ["algorithm.name=cdmsgd", "algorithm.lr=0.05", "algorithm.momentum=0.9", "topology.name=exponential"]
 
 
+@slow_sizes_only
 def test_driver_progress_modes_are_bitwise_and_resume(shared_tmp):
     """CDMSGD (the mix started before the gradient) and CDSGD: progress none = hooks = thread."""
     none, _ = _driver(shared_tmp, "none", CDMSGD + ["comm.progress=none"])
@@ -184,6 +192,7 @@ def test_progress_tests_the_pending_mix_during_backward(mode):
     assert_all(tests > 0, f"progress {mode}: no MPI_Test was made during backward")
 
 
+@slow_sizes_only
 def test_optim_centralized_buckets_equal_one_allreduce():
     """mpidl.optim.Centralized: the user's backward fills the buckets (SGD and another optimizer)."""
     out = {}
@@ -206,6 +215,7 @@ def test_optim_centralized_buckets_equal_one_allreduce():
         _same_or_close(out[0.001, kind], out[0, kind], f"optim.Centralized {kind}: buckets vs one allreduce")
 
 
+@slow_sizes_only
 def test_two_backwards_per_step_is_an_error_with_buckets():
     m = _mlp()
     opt = optim.Centralized(torch.optim.SGD(m.parameters(), lr=0.1), bucket_mb=0.001)
