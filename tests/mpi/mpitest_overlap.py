@@ -230,3 +230,15 @@ def test_two_backwards_per_step_is_an_error_with_buckets():
         err = e
     opt.close()
     assert_all(err is not None and "two backward passes" in str(err), f"got {err!r}")
+
+
+@slow_sizes_only
+def test_fdg_pipeline_messages_progress_modes_are_bitwise(shared_tmp):
+    """The decoupled pipeline's messages (pending while a stage computes) under every progress mode."""
+    fdg = ["algorithm.name=fdg", f"algorithm.stages={N}", "algorithm.momentum=0.9", "algorithm.lr=0.1",
+           "model.hidden=[12, 10, 8]", 'model.dtype="float32"']
+    ref, _ = _driver(shared_tmp, "fdg-none", fdg)
+    for mode in ("hooks", "thread"):
+        got, _ = _driver(shared_tmp, f"fdg-{mode}", fdg + [f"comm.progress={mode}"])
+        same = all(np.array_equal(got[k], ref[k]) for k in ref)
+        assert_all(same, f"fdg K={N}: progress {mode} differs from none")
