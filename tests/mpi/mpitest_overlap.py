@@ -152,16 +152,13 @@ CDMSGD = ["algorithm.name=cdmsgd", "algorithm.lr=0.05", "algorithm.momentum=0.9"
 
 @slow_sizes_only
 def test_driver_progress_modes_are_bitwise_and_resume(shared_tmp):
-    """CDMSGD (the mix started before the gradient) and CDSGD: progress none = hooks = thread."""
+    """CDMSGD (the mix started before the gradient): progress none = hooks = thread.  (CDSGD's cta
+    step starts and waits for its mix the same way, through the same GraphComm calls.)"""
     none, _ = _driver(shared_tmp, "none", CDMSGD + ["comm.progress=none"])
     for mode in ("hooks", "thread"):
         got, _ = _driver(shared_tmp, mode, CDMSGD + [f"comm.progress={mode}"])
         same = all(np.array_equal(got[k], none[k]) for k in none)
         assert_all(same, f"cdmsgd: progress {mode} differs from none")
-    cds = ["algorithm.name=cdsgd", "algorithm.lr=0.1", "algorithm.weight_decay=0.01"]
-    a, _ = _driver(shared_tmp, "cdsgd-none", cds)
-    b, _ = _driver(shared_tmp, "cdsgd-hooks", cds + ["comm.progress=hooks"])
-    assert_all(np.array_equal(a["x"], b["x"]), "cdsgd: progress hooks differs from none")
     cfg = config.load(None, BASE + [f'run.out="{shared_tmp}"', "run.name=resumed"] + CDMSGD
                       + ["comm.progress=hooks"])
     train(cfg, W, max_steps=6)
@@ -238,7 +235,7 @@ def test_fdg_pipeline_messages_progress_modes_are_bitwise(shared_tmp):
     fdg = ["algorithm.name=fdg", f"algorithm.stages={N}", "algorithm.momentum=0.9", "algorithm.lr=0.1",
            "model.hidden=[12, 10, 8]", 'model.dtype="float32"']
     ref, _ = _driver(shared_tmp, "fdg-none", fdg)
-    for mode in ("hooks", "thread"):
+    for mode in ("hooks",) if N == 2 else ("thread",):      # one mode per size: both are covered
         got, _ = _driver(shared_tmp, f"fdg-{mode}", fdg + [f"comm.progress={mode}"])
         same = all(np.array_equal(got[k], ref[k]) for k in ref)
         assert_all(same, f"fdg K={N}: progress {mode} differs from none")
