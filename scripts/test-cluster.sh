@@ -7,7 +7,9 @@
 #   4. starts munged + slurmctld + slurmd (scripts/cluster/slurm.sh, everything under a
 #      temporary folder, MpiDefault=none like Debian's) and runs tests/cluster/slurm_checks.py
 #      with the README's MPICH set-up (.venv);
-#   5. stops what it started (trap), prints the time taken, exits non-zero if any check failed.
+#   5. starts an emulated 2-node cluster (scripts/cluster/vnodes.sh, links shaped to 100 Mbit/s)
+#      and runs tests/cluster/multinode_checks.py on it under MPICH and Open MPI;
+#   6. stops what it started (trap), prints the time taken, exits non-zero if any check failed.
 # It needs root and apt-get; elsewhere (or when apt-get cannot install the packages) it prints
 # "SKIPPED: <why>" and exits 0 without checking anything; MPIDL_REQUIRE_CLUSTER=1 makes a skip
 # an error (exit 1).  Extra arguments go to every pytest call (e.g. -x, -k name).
@@ -31,7 +33,7 @@ if ! flock -n 9; then
 fi
 
 set -e
-pkgs="openmpi-bin libopenmpi-dev slurm-wlm munge"
+pkgs="openmpi-bin libopenmpi-dev slurm-wlm munge iproute2"
 missing=$(for p in $pkgs; do dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q "install ok installed" || echo "$p"; done)
 if [ -n "$missing" ]; then
     say "installing $(echo $missing)"
@@ -87,9 +89,12 @@ t_ompi=$(date +%s)
 say "MPI tests under Open MPI: $((t_ompi - t_build)) s"
 
 slurm_dir=$(mktemp -d /tmp/mpidl-slurm.XXXXXX)
+vn_dir=$(mktemp -d /tmp/mpidl-vnodes.XXXXXX)
 cleanup() {
     bash scripts/cluster/slurm.sh stop "$slurm_dir" >/dev/null 2>&1 || true
     rm -rf "$slurm_dir"
+    [ -f "$vn_dir/c/vnodes.env" ] && bash scripts/cluster/vnodes.sh stop "$vn_dir/c" >/dev/null 2>&1
+    rm -rf "$vn_dir"
 }
 trap cleanup EXIT
 trap 'cleanup; exit 130' INT TERM
@@ -112,9 +117,26 @@ if bash scripts/cluster/slurm.sh start "$slurm_dir"; then
 else
     failed+=("starting Slurm")
 fi
+t_slurm=$(date +%s)
+bash scripts/cluster/slurm.sh stop "$slurm_dir" >/dev/null 2>&1 || true
+
+# Multi-node: 2 emulated nodes x 2 ranks, links shaped to 100 Mbit/s, under MPICH and Open MPI.
+vn_out=$(bash scripts/cluster/vnodes.sh start 2 "$vn_dir/c" --rate 100mbit 2>&1); vn_rc=$?
+echo "$vn_out"
+if [ $vn_rc = 0 ] && [ -f "$vn_dir/c/vnodes.env" ]; then
+    say "multi-node checks (tests/cluster/multinode_checks.py) on 2 emulated nodes"
+    MPIDL_VNODES="$vn_dir/c" MPIDL_OMPI_PYTHON="$venv/bin/python" \
+        .venv/bin/python -m pytest -v tests/cluster/multinode_checks.py "$@" || failed+=("multi-node checks")
+    bash scripts/cluster/vnodes.sh stop "$vn_dir/c" || failed+=("stopping the emulated cluster")
+elif [ $vn_rc = 0 ]; then
+    say "multi-node checks SKIPPED (vnodes.sh: ${vn_out##*SKIPPED: })"
+    [ "${MPIDL_REQUIRE_CLUSTER:-0}" = 1 ] && failed+=("multi-node checks (skipped)")
+else
+    failed+=("starting the emulated cluster")
+fi
 t_end=$(date +%s)
 say "times: packages $((t_apt - t0)) s, venvs $((t_build - t_apt)) s, Open MPI tests $((t_ompi - t_build)) s," \
-    "Slurm $((t_end - t_ompi)) s; total $((t_end - t0)) s"
+    "Slurm $((t_slurm - t_ompi)) s, multi-node $((t_end - t_slurm)) s; total $((t_end - t0)) s"
 if [ ${#failed[@]} -gt 0 ]; then
     say "FAILED: ${failed[*]}"
     exit 1

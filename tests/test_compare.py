@@ -117,6 +117,19 @@ def test_two_methods_two_seeds_report_matches_results_files(tmp_path):
             assert study["methods"][m]["runs"]["1"]["curve"]["test_acc"] == f["eval/test_acc"][()].tolist()
         grid = study["methods"][m]["grid"]["epoch"]
         assert len(grid["x"]) == len(grid["mean"]) == len(grid["std"]) > 1
+        # the curves' mean and std over seeds on each grid, recomputed from the files: the seeds'
+        # accuracies differ, so a mean that is one seed's curve or a zero std would show
+        for col in ("epoch", "wall", "bytes_sent"):
+            g = study["methods"][m]["grid"][col]
+            ys = []
+            for s in (0, 1):
+                with h5py.File(out / m / f"seed{s}" / "results.h5", "r") as f:
+                    cx, cy = f[f"eval/{col}"][()], f["eval/test_acc"][()]
+                assert cx[0] - 1e-9 <= g["x"][0] and g["x"][-1] <= cx[-1] + 1e-9, (m, col)
+                ys.append(np.interp(g["x"], cx, cy))
+            assert not np.allclose(ys[0], ys[1]), (m, col, "the seeds' curves are equal")
+            assert g["seeds"] == 2 and np.allclose(g["mean"], np.mean(ys, 0), rtol=0, atol=1e-12), (m, col)
+            assert np.allclose(g["std"], np.std(ys, 0, ddof=1), rtol=0, atol=1e-12), (m, col)
     for tag in ("wall", "bytes", "epoch"):
         assert (out / f"test_acc_vs_{tag}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.tmp")), "half-written files left behind"

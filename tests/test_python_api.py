@@ -66,3 +66,33 @@ def test_import_mpidl_and_public_names_stay_light():
             "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("algorithm,topology,options,expect", [
+    ("cdsgd", "complete", {"form": "atc", "comm_period": 3},
+     {"algorithm.form": "atc", "algorithm.comm_period": 3, "topology.name": "complete"}),
+    ("cdmsgd", "torus", {"momentum_form": "heavy-ball", "schedule": "one_peer_exponential"},
+     {"algorithm.momentum_form": "heavy-ball", "topology.name": "torus", "topology.schedule": "one_peer_exponential"}),
+    ("fedavg", "ring", {"local_steps": 3}, {"algorithm.local_steps": 3}),
+    ("lsgd", "ring", {"tau_G": 5, "tau": 2, "groups": "size", "group_size": 2},
+     {"algorithm.tau_G": 5, "algorithm.tau": 2, "algorithm.groups": "size", "algorithm.group_size": 2}),
+])
+def test_fit_keywords_with_non_default_values_reach_the_config(algorithm, topology, options, expect):
+    """mpidl.fit's periods, forms, partition and topology keywords land in the Config that runs (a
+    dropped keyword would run the default silently); the defaults differ from every value used here."""
+    import numpy as np
+
+    from mpidl.api import _build_config
+    from mpidl.config import Config
+    from mpidl.sources import unregister_arrays
+    x, y = np.zeros((8, 3), np.float32), np.arange(8) % 2
+    cfg, path = _build_config("mlp", (x, y), None, algorithm, topology, 1.0, 4, None, None, "by-class", 0,
+                              dict(options))
+    try:
+        default = Config.from_dict({"algorithm": {"name": algorithm}})
+        for key, want in dict(expect, **{"data.partition": "by-class"}).items():
+            sec, name = key.split(".")
+            got = getattr(getattr(cfg, sec), name)
+            assert got == want and getattr(getattr(default, sec), name) != want, (key, got)
+    finally:
+        unregister_arrays(path)

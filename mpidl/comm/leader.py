@@ -182,6 +182,17 @@ class TornReadError(MpidlError):
     """A model read from a ModelWindow kept changing while it was read (should never happen)."""
 
 
+def window_hint(MPI, err) -> str:
+    """Local. The error for a failed ``MPI_Win_allocate``, with the known cause and cure."""
+    msg = f"MPI could not create the RMA window of LSGD/EASGD ({err})"
+    if "Open MPI" in MPI.Get_library_version():
+        msg += ("; Open MPI 4.1 without an RDMA network (TCP between nodes) has only the pt2pt one-sided "
+                "component, which refuses MPI_THREAD_MULTIPLE (mpi4py's default thread level): export "
+                "MPI4PY_RC_THREAD_LEVEL=serialized OMPI_MCA_osc=sm,pt2pt before mpirun (docs/clusters.md, "
+                "\"Open MPI over TCP\")")
+    return msg
+
+
 class ModelWindow:
     """Collective to build and free. One model in an MPI RMA window hosted by rank 0 of ``comm``.
 
@@ -227,7 +238,10 @@ class ModelWindow:
         self.slot = self.HDR + self.nbytes
         self.is_host = comm.Get_rank() == 0
         size = self.OFF + 2 * self.slot if self.is_host else 0
-        self.win = MPI.Win.Allocate(size, 1, comm=comm)
+        try:
+            self.win = MPI.Win.Allocate(size, 1, comm=comm)
+        except MPI.Exception as e:
+            raise MpidlError(window_hint(MPI, e)) from None
         if self.is_host:
             np.frombuffer(self.win.tomemory(), dtype=np.uint8)[:self.OFF + self.HDR] = 0
         comm.Barrier()

@@ -71,11 +71,15 @@ case $mpi in
         [ -n "$launcher" ] || { say "no Open MPI mpirun (mpirun.openmpi) found"; exit 2; }
         if [ "$(id -u)" = 0 ]; then export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1; fi
         export OMPI_MCA_btl_vader_single_copy_mechanism=${OMPI_MCA_btl_vader_single_copy_mechanism:-none}
+        # One-sided (LSGD/EASGD windows) between nodes over TCP: Open MPI 4.1's rdma component needs
+        # an RDMA network and fails with MPI_ERR_WIN; pt2pt works but refuses MPI_THREAD_MULTIPLE,
+        # which mpi4py asks for by default (docs/clusters.md, "Open MPI over TCP").
+        export OMPI_MCA_osc=${OMPI_MCA_osc:-sm,pt2pt} MPI4PY_RC_THREAD_LEVEL=${MPI4PY_RC_THREAD_LEVEL:-serialized}
         cmd=("$launcher" --host "$hostlist" --mca plm_rsh_agent "$dir/agent" --mca pml ob1
              --mca btl self,vader,tcp --mca btl_tcp_if_include "$VN_SUBNET" --mca oob_tcp_if_include "$VN_SUBNET"
              --bind-to none --oversubscribe -n "$n" "${opts[@]}" "$@") ;;
     *) say "MPIDL_VNODES_MPI must be mpich or openmpi, got '$mpi'"; exit 2 ;;
 esac
-if [ "${MPIDL_VNODES_DRY:-0}" = 1 ]; then printf '%q ' "${cmd[@]}"; echo; exit 0; fi
+if [ "${MPIDL_VNODES_DRY:-0}" = 1 ]; then echo "${cmd[*]}"; exit 0; fi
 # Run the launcher on vnode0. The agent joins words like ssh, so quote each one.
 exec "$dir/agent" vnode0 "cd $(printf '%q' "$PWD") && exec $(printf '%q ' "${cmd[@]}")"

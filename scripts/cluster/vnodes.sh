@@ -6,6 +6,8 @@
 #                                                      DIR/hostfile and DIR/mpiexec
 #   scripts/cluster/vnodes.sh stop DIR                 kill every process inside the nodes, remove
 #                                                      every namespace and link start made
+#   scripts/cluster/vnodes.sh rate DIR R               reshape every link of a running cluster to R
+#                                                      ("unshaped" removes the shaping)
 #   scripts/cluster/vnodes.sh status DIR               what start made, and whether it is still there
 #
 # What a node is: a network namespace (its own loopback and one veth "eth0" with the address
@@ -24,7 +26,9 @@
 #     UCX_TLS=tcp,self unless UCX_TLS is set: otherwise UCX sees one machine behind the namespaces
 #     and moves "inter-node" bytes through shared memory, and the shaped link carries nothing.
 #   * Open MPI: mpirun with plm_rsh_agent DIR/agent, pml ob1, btl self,vader,tcp, and the TCP BTL
-#     and the out-of-band channel restricted to the nodes' subnet.
+#     and the out-of-band channel restricted to the nodes' subnet; OMPI_MCA_osc=sm,pt2pt and
+#     MPI4PY_RC_THREAD_LEVEL=serialized unless set (Open MPI 4.1 has no one-sided component for
+#     TCP that accepts MPI_THREAD_MULTIPLE: LSGD/EASGD's windows fail without them).
 # Inside a node ranks share memory as on a real node (MPICH's shm, Open MPI's vader); between
 # nodes they talk TCP over the shaped link. The launcher itself runs on vnode0, as on a real
 # cluster's first node. DIR/agent HOST CMD is the "ssh": it enters HOST's namespaces and runs CMD
@@ -45,7 +49,7 @@ skip() {
     exit 0
 }
 usage() {
-    echo "usage: $PROG start K DIR [--rate R] | stop DIR | status DIR" >&2
+    echo "usage: $PROG start K DIR [--rate R] | stop DIR | rate DIR R|unshaped | status DIR" >&2
     exit 2
 }
 
@@ -200,6 +204,33 @@ cmd_stop() {
     echo "[vnodes] stopped: $VN_K node(s), id $VN_ID ($dir)"
 }
 
+cmd_rate() {
+    local dir=${1:-} rate=${2:-} bits="" burst="" i ns sw
+    [ -n "$dir" ] && [ -n "$rate" ] || usage
+    dir=$(realpath -m "$dir")
+    [ -f "$dir/vnodes.env" ] || die "$dir holds no running emulated cluster"
+    if [ "$rate" != unshaped ]; then
+        bits=$(rate_bits "$rate")
+        [ -n "$bits" ] || die "rate '$rate' is not one tc accepts here (e.g. 1gbit, 100mbit; or unshaped)"
+        burst=$(( bits / 8 / 100 )); [ "$burst" -ge 32768 ] || burst=32768
+    fi
+    prereqs
+    # shellcheck disable=SC1091
+    . "$dir/vnodes.env"
+    sw=$(ns_switch "$VN_ID")
+    for i in $(seq 0 $((VN_K - 1))); do
+        ns=$(ns_node "$VN_ID" "$i")
+        if [ "$rate" = unshaped ]; then
+            ip netns exec "$ns" tc qdisc del dev eth0 root 2>/dev/null || true
+            ip netns exec "$sw" tc qdisc del dev "p$i" root 2>/dev/null || true
+        else
+            shape "$ns" eth0 "$rate" "$burst" && shape "$sw" "p$i" "$rate" "$burst" || die "tc refused rate '$rate'"
+        fi
+    done
+    sed -i -e "s/^VN_RATE=.*/VN_RATE=$rate/" -e "s/^VN_RATE_BITS=.*/VN_RATE_BITS=${bits:-0}/" "$dir/vnodes.env"
+    echo "[vnodes] links of $VN_K node(s) now $rate"
+}
+
 cmd_status() {
     local dir=${1:-}
     [ -n "$dir" ] || usage
@@ -223,6 +254,7 @@ cmd_status() {
 case ${1:-} in
     start) shift; cmd_start "$@" ;;
     stop) shift; cmd_stop "$@" ;;
+    rate) shift; cmd_rate "$@" ;;
     status) shift; cmd_status "$@" ;;
     *) usage ;;
 esac

@@ -193,6 +193,11 @@ def test_convex_models_match_stacked_next_and_metrics(out, kind):
         # NEXT reports the loss of step k's batch at the new iterate; the row averages the window
         losses = [refs[i].loss_grad(trace[j][i], j)[0] for j in range(k - 3, k + 1) for i in range(N)]
         expect_train[k] = {"train_loss": np.mean(losses), "bytes_sent": k * n_edges * 2 * d * 8}
+        if kind == "logistic":      # the agents' training accuracies differ: their mean, not one agent's
+            accs = [refs[i].evaluate(trace[j][i], refs[i].X, refs[i].y)[1] for j in range(k - 3, k + 1)
+                    for i in range(N)]
+            expect_train[k]["train_acc"] = np.mean(accs)
+            assert_all(N == 1 or np.ptp(accs[-N:]) > 0, f"the agents' training accuracies are equal: {accs[-N:]}")
     for k in (6, 12):
         Xk = trace[k]
         wbar = Xk.mean(0)
