@@ -1,6 +1,9 @@
-"""Issue 4 throughput: mpidl CDSGD steps/s vs torch DistributedDataParallel (gloo), side by side.
+"""Issues 4 and 29 throughput: mpidl CDSGD and centralized steps/s vs torch DistributedDataParallel
+(gloo), side by side.
 
     mpiexec -n 2 python benchmarks/bench_ddp.py [--models mlp,cnn] [--windows 7] [--steps 40]
+                                                [--buckets 0,1] [--progress none]
+                                                [--methods cdsgd,central,ddp]
                                                 [--json benchmarks/results/ddp_n2.json] [--doc]
 
 One MPI job runs both.  Rank and world size come from MPI; torch.distributed is
@@ -19,6 +22,10 @@ batch indices as ``TorchOracle.indices``):
   step k and completed at step k + 1);
 * ``cdsgd+allreduce``: the same plus the check as it was before issue 10, one
   blocking scalar allreduce per step;
+* ``central(B)``: the driver's inner loop of ``centralized`` (momentum 0, the same lr as DDP's
+  SGD): ``Centralized.step`` with the ``TorchOracle`` and a ``GraphComm`` attached to the
+  model with ``[comm] bucket_mb = B`` (``--buckets``, one method per size; 0 = one blocking
+  allreduce after backward) and ``[comm] progress`` = ``--progress``;
 * ``ddp``: ``DistributedDataParallel(model)`` forward, cross-entropy,
   ``zero_grad``, backward (gradient allreduce in the hooks), ``SGD.step``,
   ``loss.item()``.
@@ -26,7 +33,9 @@ batch indices as ``TorchOracle.indices``):
 Timing: ``--windows`` windows of ``--steps`` steps each; within a window the
 methods run one after the other (order rotated every window), each started
 after a barrier and timed as the slowest rank's time.  Reported: median
-steps/s over windows, and the ratio cdsgd / ddp.
+steps/s over windows, the ratio cdsgd / ddp and every central(B) / ddp.
+``--methods`` picks families (``cdsgd`` = the three cdsgd rows, ``central``, ``ddp``).
+The load average before and after is printed and stored in the JSON.
 """
 from __future__ import annotations
 
@@ -54,6 +63,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default="")
     p.add_argument("--profile", action="store_true", help="also time the parts of one CDSGD step")
+    p.add_argument("--buckets", default="0,1", help="central(B) rows: [comm] bucket_mb values (0 = one allreduce)")
+    p.add_argument("--progress", default="none", help="[comm] progress of the central rows")
+    p.add_argument("--methods", default="cdsgd,central,ddp", help="families to time: cdsgd, central, ddp")
     args = p.parse_args(argv)
 
     from mpi4py import MPI
@@ -65,18 +77,23 @@ def main(argv=None):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(args.threads)
-    port = None
+    # gloo's rendezvous: rank 0's loopback on one node; on several nodes (an emulated cluster,
+    # scripts/cluster/vnodes.sh) the address rank 0's hostname resolves to
+    hosts = world.allgather(socket.gethostname())
+    addr, port = "127.0.0.1", None
     if rank == 0:
+        if len(set(hosts)) > 1:
+            addr = socket.gethostbyname(hosts[0])
         with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
+            s.bind((addr, 0))
             port = s.getsockname()[1]
-    port = world.bcast(port, root=0)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    addr, port = world.bcast((addr, port), root=0)
+    os.environ["MASTER_ADDR"] = addr
     os.environ["MASTER_PORT"] = str(port)
     dist.init_process_group("gloo", rank=rank, world_size=size)
 
     from mpidl import topology as T
-    from mpidl.algorithms.cdsgd import CDSGD, CDSGDConfig
+    from mpidl.algorithms.cdsgd import CDSGD, CDSGDConfig, Centralized, CentralizedConfig
     from mpidl.checkpoint import PreemptionGuard
     from mpidl.comm import GraphComm
     from mpidl.data import load_agent_data
@@ -90,6 +107,11 @@ def main(argv=None):
     batch = args.batch
     spe = int(mc.allreduce(len(shard.y) // batch, op="min"))
     results = {}
+    families = set(args.methods.split(","))
+    load0 = os.getloadavg()
+    if rank == 0:
+        print(f"load average before: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; MPI thread level "
+              f"{MPI.Query_thread()} (multiple = {MPI.THREAD_MULTIPLE})", flush=True)
 
     def timed(fn, n):
         world.Barrier()
@@ -155,8 +177,39 @@ def main(argv=None):
                 k += 1
             dk["k"] = k
 
-        methods = {"cdsgd": run_cdsgd, "cdsgd+guard": lambda n: run_cdsgd(n, True),
-                   "cdsgd+allreduce": lambda n: run_cdsgd(n, blocking_check=True), "ddp": run_ddp}
+        # -- mpidl centralized (driver inner loop), one method per bucket size --
+        central, closers = {}, []
+        for mb in ([float(b) for b in args.buckets.split(",")] if "central" in families else []):
+            fmc = FlatModel(build_model(model_name, shard.input_shape, shard.num_classes, (256, 128), seed=0))
+            gcc = GraphComm(world, T.ring(size), progress=args.progress, bucket_mb=mb).attach(fmc)
+            closers.append(gcc)
+            orc = TorchOracle(fmc, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe, seed=0, rank=rank,
+                              num_classes=shard.num_classes)
+            alc = Centralized(CentralizedConfig(lr=args.lr), steps_per_epoch=spe, num_samples=len(shard.y))
+            stc = {"state": alc.init(fmc.x, gcc), "k": 0}
+
+            def run_central(n, alc=alc, orc=orc, gcc=gcc, stc=stc):
+                state, k = stc["state"], stc["k"]
+                bad, wl, wa, wn = -1, 0.0, 0.0, 0
+                for _ in range(n):
+                    state, m = alc.step(k, state, orc, gcc)
+                    loss = m["loss"]
+                    if bad < 0 and not np.isfinite(loss):
+                        bad = k
+                    wl += loss
+                    wa += orc.last_correct
+                    wn += 1
+                    k += 1
+                stc["state"], stc["k"] = state, k
+            central[f"central({mb:g})"] = run_central
+
+        methods = {}
+        if "cdsgd" in families:
+            methods.update({"cdsgd": run_cdsgd, "cdsgd+guard": lambda n: run_cdsgd(n, True),
+                            "cdsgd+allreduce": lambda n: run_cdsgd(n, blocking_check=True)})
+        methods.update(central)
+        if "ddp" in families:
+            methods["ddp"] = run_ddp
         for fn in methods.values():
             fn(args.warmup)
         rates = {m: [] for m in methods}
@@ -166,23 +219,28 @@ def main(argv=None):
             for m in order:
                 rates[m].append(steps / timed(methods[m], steps))
         guard.__exit__(None, None, None)
+        for c in closers:
+            c.close()
         med = {m: statistics.median(v) for m, v in rates.items()}
         res = {"params": fm.dim, "steps_per_window": steps, "windows": args.windows,
-               "steps_per_s": rates, "median_steps_per_s": med,
-               "ratio_cdsgd_over_ddp": med["cdsgd"] / med["ddp"],
-               "ratio_cdsgd_guard_over_ddp": med["cdsgd+guard"] / med["ddp"],
-               "ratio_cdsgd_guard_over_cdsgd": med["cdsgd+guard"] / med["cdsgd"],
-               "ratio_cdsgd_allreduce_over_cdsgd": med["cdsgd+allreduce"] / med["cdsgd"]}
+               "steps_per_s": rates, "median_steps_per_s": med, "progress": args.progress}
+        if "cdsgd" in med and "ddp" in med:
+            res.update({"ratio_cdsgd_over_ddp": med["cdsgd"] / med["ddp"],
+                        "ratio_cdsgd_guard_over_ddp": med["cdsgd+guard"] / med["ddp"]})
+        if "cdsgd" in med:
+            res.update({"ratio_cdsgd_guard_over_cdsgd": med["cdsgd+guard"] / med["cdsgd"],
+                        "ratio_cdsgd_allreduce_over_cdsgd": med["cdsgd+allreduce"] / med["cdsgd"]})
+        if "ddp" in med:
+            res.update({f"ratio_{m}_over_ddp": med[m] / med["ddp"] for m in central})
         if args.profile:
             res["profile_ms"] = _profile(algo, st, oracle, gc, ddp, opt, X, Y, ddp_indices, world, torch)
         results[model_name] = res
         if rank == 0:
+            ratios = {k[len("ratio_"):].replace("_over_", "/"): v for k, v in res.items() if k.startswith("ratio_")}
             print(f"{model_name} ({fm.dim} params, batch {batch}, {size} ranks, {args.windows} windows x "
-                  f"{steps} steps): " + ", ".join(f"{m} {v:.1f} steps/s" for m, v in med.items())
-                  + f"; cdsgd/ddp = {res['ratio_cdsgd_over_ddp']:.3f}"
-                  + f", cdsgd+guard/ddp = {res['ratio_cdsgd_guard_over_ddp']:.3f}"
-                  + f", cdsgd+guard/cdsgd = {res['ratio_cdsgd_guard_over_cdsgd']:.3f}"
-                  + f", cdsgd+allreduce/cdsgd = {res['ratio_cdsgd_allreduce_over_cdsgd']:.3f}", flush=True)
+                  f"{steps} steps, progress {args.progress}): "
+                  + ", ".join(f"{m} {v:.1f} steps/s" for m, v in med.items())
+                  + "; " + ", ".join(f"{k} = {v:.3f}" for k, v in ratios.items()), flush=True)
             if args.profile:
                 print("  profile (median ms per step, rank 0): " +
                       ", ".join(f"{k} {v:.3f}" for k, v in res["profile_ms"].items()), flush=True)
@@ -192,9 +250,13 @@ def main(argv=None):
                 "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
                 "mpi": MPI.Get_library_version().splitlines()[0],
                 "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MPIR_CVAR_ENABLE_HEAVY_YIELD")},
-                "load_avg": os.getloadavg(), "command": " ".join(sys.argv), "results": results}
+                "load_avg_before": load0, "load_avg": os.getloadavg(), "command": " ".join(sys.argv),
+                "results": results}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(meta, indent=1))
+    if rank == 0:
+        load1 = os.getloadavg()
+        print(f"load average after: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}", flush=True)
     import faulthandler
     faulthandler.dump_traceback_later(60, exit=True)  # never hang at teardown
     mc.close()

@@ -219,9 +219,14 @@ class RunConfig:
 @dataclass(frozen=True)
 class CommConfig:
     cuda_aware: str = "auto"            # auto | true | false: hand device tensors to MPI (see mpidl.device)
+    progress: str = "none"              # none | hooks | thread: progress of pending requests in backward
+    bucket_mb: float = 1.0              # centralized: gradient buckets of this many MiB (0 = one allreduce)
+    # (the default equals mpidl.comm.overlap.DEFAULT_BUCKET_MB; tests/test_overlap.py checks it)
 
     def validate(self):
         check_choice(self, "cuda_aware", ("auto", "true", "false"))
+        check_choice(self, "progress", ("none", "hooks", "thread"))
+        check_float(self, "bucket_mb", lo=0.0)
 
 
 _ALGOS: dict = {}

@@ -274,9 +274,11 @@ class AgentSession(Session):
     def _build(self, cfg, world, topo, schedule, rank, size):
         from mpidl.comm import GraphComm, ScheduledGraphComm
 
-        self.gc = GraphComm(world, topo, cuda_aware=self.cuda_aware)
+        cc = cfg.comm
+        self.gc = GraphComm(world, topo, cuda_aware=self.cuda_aware, progress=cc.progress, bucket_mb=cc.bucket_mb)
         self.mc = GraphComm(world, topo)  # control traffic (host arrays), kept off the algorithm's counters
-        self._sched = None if schedule is None else ScheduledGraphComm(world, schedule, cuda_aware=self.cuda_aware)
+        self._sched = None if schedule is None else ScheduledGraphComm(world, schedule, cuda_aware=self.cuda_aware,
+                                                                       overlap=self.gc.overlap)
         self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
         d, r = cfg.data, cfg.run
         shard = load_shard(cfg, self.mc, rank, size)
@@ -308,6 +310,7 @@ class AgentSession(Session):
             self.oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
                                            num_classes=shard.num_classes, loss=cfg.model.loss)
             x0, self.xbuf, self.dim = self.fm.x, fm_eval.x, self.fm.dim
+            self.gc.attach(self.fm)     # progress and gradient buckets during backward ([comm])
         _, factory = C.algorithm_registry()[cfg.algorithm.name]
         self.algo = factory(cfg.algorithm, steps_per_epoch=spe, num_samples=len(shard.y))
         self.state = self.algo.init(x0, self.comm)

@@ -207,10 +207,11 @@ class _Distributed(StateDictMixin):
 
     needs_loss = False
 
-    def __init__(self, optimizer, *, topology="ring", comm=None, cuda_aware="auto", **kw):
+    def __init__(self, optimizer, *, topology="ring", comm=None, cuda_aware="auto", overlap=None, **kw):
         from mpidl import config as C
         from mpidl import topology as T
         from mpidl.comm import GraphComm
+        from mpidl.comm.overlap import Overlap
         from mpidl.flat import FlatModel
         from mpidl.layouts import build_topology
 
@@ -229,12 +230,16 @@ class _Distributed(StateDictMixin):
             try:
                 params = _local_params(optimizer, who)
                 self._prepare(_sgd_hyper(optimizer, who), who, **kw)
+                ov = None if overlap is None else Overlap(**overlap)     # progress / bucket_mb
             except (TypeError, ValueError, MpidlError) as e:
                 err = e
             if cuda_aware not in ("auto", True, False):
                 err = err or ValueError(f"{who}: cuda_aware must be \"auto\", True or False, got {cuda_aware!r}")
             _agree(self.gc, err, params, who)
             self.fm = FlatModel(_Params(params), params[0].dtype)   # on the parameters' device
+            if ov is not None:                  # hooks on the parameters: buckets during backward
+                self.gc.overlap = ov
+                self.gc.attach(self.fm)
             self.gc.cuda_aware = _cuda_aware(base, cuda_aware, self.fm.params.device)
             self.oracle = _GivenGradient(self.fm)
             self.gc.reset_counters()            # count the algorithm's traffic only, as the driver does
@@ -372,16 +377,24 @@ class Consensus(_Distributed):
 
 
 class Centralized(_Distributed):
-    """Collective. Data-parallel SGD: the gradient averaged over all ranks (one allreduce) per step.
+    """Collective. Data-parallel SGD: the gradient averaged over all ranks per step.
 
-    ``Centralized(optimizer, comm=None)``.  With ``torch.optim.SGD``
+    ``Centralized(optimizer, comm=None, bucket_mb=1.0, progress="none")``.  With ``torch.optim.SGD``
     it runs the driver's ``centralized`` algorithm (momentum and Nesterov in
     torch's convention); with another optimizer the averaged gradient feeds
-    your optimizer's step (Horovod's DistributedOptimizer).
+    your optimizer's step (Horovod's DistributedOptimizer).  The average is made
+    in buckets of ``bucket_mb`` MiB while your ``backward`` runs, as torch DDP does
+    (``[comm] bucket_mb``, :mod:`mpidl.comm.overlap`; 0 = one allreduce in ``step``),
+    so call ``backward`` once per ``step``; ``progress`` is ``[comm] progress``.
     """
 
-    def __init__(self, optimizer, *, comm=None, cuda_aware="auto"):
-        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware)
+    def __init__(self, optimizer, *, comm=None, cuda_aware="auto", bucket_mb=None, progress="none"):
+        from mpidl.comm.overlap import DEFAULT_BUCKET_MB
+        bucket_mb = DEFAULT_BUCKET_MB if bucket_mb is None else bucket_mb
+        super().__init__(optimizer, topology="ring", comm=comm, cuda_aware=cuda_aware,
+                         overlap={"progress": progress, "bucket_mb": bucket_mb})
+        if self.algo is None:
+            self._mean = self.gc.gradient_mean()
 
     def _prepare(self, sgd, who):
         from mpidl.algorithms import cdsgd
@@ -393,7 +406,7 @@ class Centralized(_Distributed):
     def _step(self, k):
         if self.algo is not None:
             return super()._step(k)
-        self.gc.allreduce(self.fm.g, op="mean", out=self.fm.g)
+        self._mean.reduce(self.fm.g, self.fm.x)
         self.optimizer.step()
 
 

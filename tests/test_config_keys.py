@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 BAD = {
     # [comm]
     "comm.cuda_aware": ['"yes"', "1", '""'],
+    "comm.progress": ['"always"', '""', "1"],
+    "comm.bucket_mb": ["-1", "nan", "inf", '"big"'],
     # [data]
     "data.dataset": ['"nope"', '""'],
     "data.data_dir": ['"{tmp}/missing"', '"{tmp}/afile"'],

@@ -188,13 +188,21 @@ class Centralized(_Base):
     state_cls = MomentumState
 
     def init(self, x0, comm):
+        """Local. The gradient's reducer comes from the communicator: with a torch model attached
+        and ``[comm] bucket_mb > 0`` it averages buckets while backward runs (mpidl.comm.overlap)."""
+        make = getattr(comm, "gradient_mean", None)
+        self._mean = make(self.cfg.weight_decay) if make is not None else None
         return MomentumState(x=x0, v=xp.zeros_like(x0))
 
     def step(self, k, state, oracle, comm):
-        """Collective (one allreduce of the gradient)."""
+        """Collective (one allreduce of the gradient, or one per bucket)."""
         x, v, lr, mu = state.x, state.v, self.lr(k), self.cfg.momentum
-        loss, g = self._grad(oracle, x, k)
-        comm.allreduce(g, op="mean", out=g)
+        if self._mean is not None:      # g <- mean_i (g_i + wd x_i), bucketed or whole
+            loss, g = oracle.loss_grad(x, k)
+            self._mean.reduce(g, x)
+        else:
+            loss, g = self._grad(oracle, x, k)
+            comm.allreduce(g, op="mean", out=g)
         if mu:
             v *= mu
             v += g

@@ -209,7 +209,7 @@ def setup_grid(cfg, world, device=None, cuda_aware=False):
     torch.set_num_threads(max(1, r.threads))
     mc = GraphComm(world, T.ring(size))
     try:
-        grid = GridComm(world, M, K, **({"cuda_aware": True} if cuda_aware else {}))
+        grid = GridComm(world, M, K, progress=cfg.comm.progress, **({"cuda_aware": True} if cuda_aware else {}))
     except Exception:
         mc.close()
         raise
@@ -252,6 +252,7 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K, device=None):
             h = s(h)
             shapes.append(tuple(h.shape[1:]))
     fm = FlatModel(stages[k], dtype, device=device)
+    grid.stage.attach(fm)       # [comm] progress of the pipeline's messages during the stage's compute
     algo = FDG(acfg, fm=fm, k=k, K=K, batch=batch, shapes=shapes, steps_per_epoch=spe, total_steps=total,
                loss=cfg.model.loss, num_classes=shard.num_classes)
     state = algo.init(fm.x, grid)

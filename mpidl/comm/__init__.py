@@ -11,6 +11,9 @@ Modules, one concept each:
   (a path of layers) and as every family's control communicator.
 * :mod:`mpidl.comm.grid`: :class:`GridComm`, the M x K replicas x stages grid of the decoupled
   pipeline (``Split`` into stage groups and pipeline paths; nonblocking point-to-point links).
+* :mod:`mpidl.comm.overlap`: :class:`Overlap`, progress of pending requests while torch computes
+  (``[comm] progress``: hooks or a thread) and the gradient buckets of ``centralized``
+  (``[comm] bucket_mb``), attached to a model with ``GraphComm.attach(fm)``.
 * :mod:`mpidl.comm.leader`: :class:`LeaderComm` (groups, MINLOC leader election, leader
   broadcast) and :class:`ModelWindow` (a one-sided RMA slot holding one model) for Leader SGD
   and EASGD.

@@ -8,6 +8,7 @@ import numpy as np
 
 from mpidl.comm.core import (_OPS, CollectiveError, _as_array, _device_buffer, _direct, _mpi,
                              _persistent_collectives, _pointers, _staged)
+from mpidl.comm.overlap import DEFAULT_BUCKET_MB, Overlap
 from mpidl.kernels.mixing import combine_prepared
 from mpidl.topology import Topology, TopologyError
 
@@ -21,11 +22,12 @@ class Pending:
 
     def test(self) -> bool:
         """Local. True when the communication has finished (wait() is then cheap)."""
-        return self._done or bool(self._request.Test())
+        return self._done or self._gc.overlap.test(self._request)
 
     def wait(self):
         """Local. Finish the collective, apply the combine kernel, return ``out``."""
         if not self._done:
+            self._gc.overlap.unwatch(self._request)
             self._request.Wait()
             self._plan.busy = False
             self._gc._combine(self._plan, self._x, self._out, self._writeback)
@@ -170,7 +172,8 @@ class GraphComm:
     """
 
     def __init__(self, comm, topology: Topology, *, plan_cache: int = 4, persistent=None, cuda_aware=False,
-                 stage_chunk: int = 8 << 20):
+                 stage_chunk: int = 8 << 20, progress: str = "none", bucket_mb: float = DEFAULT_BUCKET_MB,
+                 overlap: Overlap | None = None):
         MPI = _mpi()
         if not isinstance(topology, Topology):
             raise TypeError(f"topology must be a mpidl.topology.Topology, got {type(topology).__name__}")
@@ -206,6 +209,10 @@ class GraphComm:
         self.messages_sent = 0
         self.cuda_aware = bool(cuda_aware)
         self.stage_chunk = int(stage_chunk)      # bytes per chunk of a staged mix
+        # progress of pending requests during backward, gradient buckets (mpidl.comm.overlap);
+        # a shared ``overlap`` (a schedule's communicators share their base's) is not closed here
+        self._own_overlap = overlap is None
+        self.overlap = Overlap(progress, bucket_mb) if overlap is None else overlap
         self._closed = False
 
     # -- lifecycle -------------------------------------------------------
@@ -217,6 +224,8 @@ class GraphComm:
             _free_plan(plan)
         self._plans.clear()
         self._last = None
+        if self._own_overlap:
+            self.overlap.close()
         self.graph.Free()
         self.base.Free()
         self._closed = True
@@ -282,7 +291,8 @@ class GraphComm:
             _free_plan(old)
         return plan
 
-    def _start(self, x, out):
+    def _start(self, x, out, defer=False):
+        self.overlap.flush()                 # a mix the progress thread has not started yet goes first
         # Fast path: the same x and out objects as the last call (the usual
         # `mix(x, out=x)` loop) reuse its views and plan.  A NumPy array cannot
         # move while we hold it; a torch tensor can (set_, resize_), so its
@@ -293,7 +303,7 @@ class GraphComm:
             plan, a, o = last[3], last[4], last[5]
             if plan.busy:
                 raise RuntimeError("a nonblocking mix of this buffer is still pending; wait() first")
-            return self._launch(plan, a, o, out, None)
+            return self._launch(plan, a, o, out, None, defer)
         if _direct(x, self.cuda_aware):
             return self._start_direct(x, out)
         if _staged(x):
@@ -317,7 +327,7 @@ class GraphComm:
         if out is not None and wb is None:  # zero-copy host buffers only
             torchy = type(x).__module__.startswith("torch") or type(out).__module__.startswith("torch")
             self._last = (x, out, _pointers(x, out) if torchy else None, plan, a, o)
-        return self._launch(plan, a, o, result, wb)
+        return self._launch(plan, a, o, result, wb, defer)
 
     def _start_staged(self, x, out):
         """A device tensor through the plan's pinned host buffer, chunk by chunk (:class:`_StagedPlan`)."""
@@ -371,10 +381,13 @@ class GraphComm:
         plan = self._tensor_plan("direct", a)
         return self._launch(plan, a, o, result, None)
 
-    def _launch(self, plan, a, o, result, wb):
+    def _launch(self, plan, a, o, result, wb, defer=False):
         if plan.request is not None:
-            plan.request.Start()
-            request = plan.request
+            request = plan.request           # progress "thread": the thread starts it (Overlap.defer)
+            if not (defer and self.overlap.defer(request, request.Start)):
+                request.Start()
+                if defer:
+                    self.overlap.watch(request)
         else:
             request = self.graph.Ineighbor_allgather(a if plan.send is None else plan.send, plan.recv)
         plan.busy = True
@@ -409,8 +422,27 @@ class GraphComm:
 
         ``x`` must not be modified until ``wait()`` returns.
         """
-        plan, a, o, result, wb, request = self._start(x, out)
+        plan, a, o, result, wb, request = self._start(x, out, defer=True)
+        if plan.request is None:             # not persistent (or staged): started here, watch it
+            self.overlap.watch(request)
         return _PendingResult(self, plan, a, o, wb, request, result)
+
+    # -- overlap with backward (mpidl.comm.overlap) ----------------------
+    def attach(self, fm):
+        """Local. Hook this communicator's progress and gradient buckets onto ``fm`` (a
+        :class:`~mpidl.flat.FlatModel`): see :mod:`mpidl.comm.overlap`.  Returns ``self``."""
+        self.overlap.attach(fm)
+        return self
+
+    def gradient_mean(self, weight_decay: float = 0.0):
+        """Local. A reducer with ``reduce(g, x)`` (Collective): ``g <- mean_i (g_i + wd x_i)`` in place.
+
+        When the attached model's gradient is ``g`` and ``bucket_mb > 0`` (host buffers), the buckets
+        are reduced during backward (:mod:`mpidl.comm.overlap`) and ``reduce`` finishes them;
+        otherwise ``reduce`` adds ``wd x`` and makes one allreduce.  Make it once (at the algorithm's
+        ``init``, before the first backward).
+        """
+        return self.overlap.gradient_mean(self, weight_decay)
 
     # -- point-to-neighbour payloads ------------------------------------
     def exchange(self, send: dict) -> dict:
@@ -421,6 +453,7 @@ class GraphComm:
         is an error on every rank.
         """
         MPI = _mpi()
+        self.overlap.flush()                 # the graph communicator's collectives keep their order
         bad = [k for k in send if k not in self.out_neighbors]
         self.agree(None if not bad else
                    f"rank {self.rank}: exchange() to {bad}, which are not out-neighbours "
@@ -538,7 +571,8 @@ class GraphComm:
         o = np.empty_like(a)
         req = self.base.Iallreduce(a, o, op={"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op])
         self._charge_allreduce(a.nbytes)
-        return _Reduction(req, a, o)
+        self.overlap.watch(req)
+        return _Reduction(req, a, o, self.overlap)
 
     def _charge_allreduce(self, nbytes):
         if self.size > 1:
@@ -586,6 +620,7 @@ class GraphComm:
         between two ranks with the same tag arrive in the order they were started.
         """
         MPI = _mpi()
+        self.overlap.flush()
         bad = [j for j in send if j not in self.out_neighbors] + \
               [i for i in recv if i not in self.in_neighbors]
         if bad:
@@ -633,16 +668,17 @@ class Exchange:
 class _Reduction:
     """Handle of :meth:`GraphComm.start_allreduce`: ``test()``, ``wait() -> array``."""
 
-    def __init__(self, request, send, out):
-        self._request, self._send, self._out = request, send, out
+    def __init__(self, request, send, out, overlap):
+        self._request, self._send, self._out, self._overlap = request, send, out, overlap
 
     def test(self) -> bool:
         """Local. True when the reduction has finished."""
-        return self._request is None or bool(self._request.Test())
+        return self._request is None or self._overlap.test(self._request)
 
     def wait(self) -> np.ndarray:
         """Local. Finish the reduction and return the reduced array."""
         if self._request is not None:
+            self._overlap.unwatch(self._request)
             self._request.Wait()
             self._request = self._send = None
         return self._out
@@ -666,9 +702,10 @@ class ScheduledGraphComm:
     same schedule at the same step, so creation and eviction stay collective.
     """
 
-    def __init__(self, comm, schedule, *, cache=8, cuda_aware=False):
+    def __init__(self, comm, schedule, *, cache=8, cuda_aware=False, overlap=None):
         self.comm = comm
         self.cuda_aware = bool(cuda_aware)
+        self.overlap = overlap          # shared with the base communicator's model (None: each its own)
         self.schedule = schedule
         self._cache: OrderedDict = OrderedDict()
         self._max = max(1, int(cache))
@@ -681,7 +718,7 @@ class ScheduledGraphComm:
         topo = self.schedule(step)
         gc = self._cache.get(topo)
         if gc is None:
-            gc = GraphComm(self.comm, topo, cuda_aware=self.cuda_aware)
+            gc = GraphComm(self.comm, topo, cuda_aware=self.cuda_aware, overlap=self.overlap)
             self._cache[topo] = gc
             while len(self._cache) > self._max:
                 _, old = self._cache.popitem(last=False)

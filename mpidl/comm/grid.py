@@ -37,7 +37,7 @@ class GridComm:
 
     TAG_ACT, TAG_GRAD, TAG_EVAL = 11, 12, 13
 
-    def __init__(self, comm, M: int, K: int, cuda_aware: bool = False):
+    def __init__(self, comm, M: int, K: int, cuda_aware: bool = False, progress: str = "none"):
         size = comm.Get_size()
         M, K = int(M), int(K)
         if M < 1 or K < 1 or M * K != size:
@@ -52,7 +52,11 @@ class GridComm:
         self.m, self.k = divmod(self.rank, K)
         split = self.base.Split(self.k, self.m)
         try:
-            self.stage = GraphComm(split, T.complete(M), cuda_aware=self.cuda_aware)
+            # the stage's GraphComm owns the progress engine of the pipeline's messages as well
+            # (``[comm] progress``: they are tested, or waited on by the thread, while the stage
+            # computes; attach the stage's model with ``grid.stage.attach(fm)``)
+            self.stage = GraphComm(split, T.complete(M), cuda_aware=self.cuda_aware, progress=progress,
+                                   bucket_mb=0)
         finally:
             split.Free()
         self.path = self.base.Split(self.m, self.k)
@@ -118,6 +122,7 @@ class GridComm:
             nbytes = a.nbytes
         req = self.path.Isend(a, dest=peer, tag=tag)
         self._requests.append(req)
+        self.stage.overlap.watch(req)
         self._keep.append(a)
         self.link_bytes[direction] += int(nbytes)
         self.link_messages[direction] += 1
@@ -136,6 +141,7 @@ class GridComm:
             a, wb = _as_array(out, fill=False)
         req = self.path.Irecv(a, source=peer, tag=tag)
         self._requests.append(req)
+        self.stage.overlap.watch(req)
         self._keep.append(a)
         if wb is not None:
             self._writebacks.append(wb)
@@ -145,6 +151,8 @@ class GridComm:
         """Local. Complete every message started by :meth:`isend` / :meth:`irecv` (and copy staged
         receives to their tensors)."""
         if self._requests:
+            for r in self._requests:
+                self.stage.overlap.unwatch(r)
             _mpi().Request.Waitall(self._requests)
             self._requests = []
         writebacks, self._writebacks, self._keep = self._writebacks, [], []
