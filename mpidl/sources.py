@@ -6,9 +6,11 @@ rows: a NumPy array, or a :class:`Rows` view of an HDF5 dataset that reads
 only the rows asked for.  A rank therefore holds its batch, its evaluation
 slices and the HDF5 chunk cache, never the whole training set.
 
-``[data] path`` names a file (``.npz``, ``.h5``/``.hdf5``) or, from Python,
-an in-memory set registered with :func:`register_arrays` (``memory:<key>``).
-Both file kinds hold four arrays: ``x_train, y_train, x_test, y_test``
+``[data] path`` names a file (``.npz``, ``.h5``/``.hdf5``), a folder of
+``.npy`` files (``x_train.npy, y_train.npy, x_test.npy, y_test.npy``, inputs
+memory-mapped: :class:`MappedRows`) or, from Python, an in-memory set
+registered with :func:`register_arrays` (``memory:<key>``).
+Every kind holds four arrays: ``x_train, y_train, x_test, y_test``
 (integer ``y``: classification with ``num_classes = max label + 1``, or the
 optional scalar ``num_classes`` key / HDF5 root attribute; float ``y``:
 regression).  ``x`` may have any trailing shape (vectors, ``N, C, H, W``
@@ -35,11 +37,14 @@ import numpy as np
 
 from mpidl.errors import MpidlError
 
-__all__ = ["ArrayData", "Rows", "open_path", "read_cifar", "register_arrays", "unregister_arrays",
+__all__ = ["ArrayData", "Rows", "MappedRows", "is_lazy", "open_path", "first_bad_row", "read_cifar",
+           "register_arrays", "unregister_arrays",
            "fingerprint", "augment_batch", "SourceError", "CIFAR"]
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 _CHECK_ROWS = 4096          # rows per read when a lazy source is scanned for NaN/inf
+_DENSE = 4                  # a read whose rows fill >= 1/_DENSE of their span reads the span in one slab
+NPY_FILES = tuple(f"{k}.npy" for k in KEYS)
 
 
 class SourceError(MpidlError, ValueError):
@@ -64,6 +69,8 @@ class Rows:
         self.shape = (len(self.index),) + tuple(dset.shape[1:])
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
+        self.filtered = _filtered(dset)
+        self.block_rows = int(dset.chunks[0]) if dset.chunks else _mib_rows(self.shape)
 
     def __len__(self):
         return len(self.index)
@@ -71,6 +78,10 @@ class Rows:
     def view(self, index) -> "Rows":
         """Local. The rows ``index`` (positions in this view) as a new lazy view."""
         return Rows(self.path, self.name, self.index[index], _file=self._f)
+
+    def file_rows(self, pos) -> np.ndarray:
+        """Local. Row numbers in the file of positions ``pos`` of this view."""
+        return self.index[np.asarray(pos, dtype=np.int64)]
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -88,7 +99,16 @@ class Rows:
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo == len(uniq):                            # one contiguous block: a hyperslab read
             block = self._dset[lo:hi]
-        else:
+        elif hi - lo <= _DENSE * len(uniq):                 # dense: one slab, then pick the rows
+            block = self._dset[lo:hi][uniq - lo]
+        elif not self.filtered:
+            # scattered rows of an unfiltered dataset: one simple read per row (h5py's fast path,
+            # a few microseconds each, with the chunk cache off), far cheaper than a point selection
+            block = np.empty((len(uniq),) + tuple(self._dset.shape[1:]), self._dset.dtype)
+            d = self._dset
+            for i, r in enumerate(uniq.tolist()):
+                block[i] = d[r]
+        else:                                               # compressed chunks: one selection, cached chunks
             block = self._dset[uniq]
         return np.asarray(block, dtype=np.float32)[inv.reshape(-1)]
 
@@ -98,6 +118,100 @@ class Rows:
 
     def __repr__(self):
         return f"Rows({self.path}:{self.name}, {len(self)} of {self._dset.shape[0]} rows)"
+
+
+class MappedRows:
+    """Local. A view of some rows of a memory-mapped ``.npy`` array, read on demand as float32.
+
+    The same interface as :class:`Rows`: ``rows[int array]`` reads those rows,
+    ``rows[slice]`` is a narrower view, ``np.asarray(rows)`` reads the view.
+    The operating system pages the file in and out, so the array may be larger
+    than memory.
+    """
+
+    def __init__(self, path, name, index=None, *, _array=None):
+        self.path, self.name = os.fspath(path), name
+        self._a = _array if _array is not None else _npy_map(self.path)
+        self.index = np.arange(self._a.shape[0], dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        self.shape = (len(self.index),) + tuple(self._a.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.filtered = False
+        self.block_rows = _mib_rows(self.shape)
+
+    def __len__(self):
+        return len(self.index)
+
+    def view(self, index) -> "MappedRows":
+        """Local. The rows ``index`` (positions in this view) as a new lazy view."""
+        return MappedRows(self.path, self.name, self.index[index], _array=self._a)
+
+    def file_rows(self, pos) -> np.ndarray:
+        """Local. Row numbers in the file of positions ``pos`` of this view."""
+        return self.index[np.asarray(pos, dtype=np.int64)]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.view(key)
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0]
+        return self.read(np.asarray(key))
+
+    def read(self, pos) -> np.ndarray:
+        """Local. Rows at positions ``pos`` of this view, in that order (float32 ndarray)."""
+        rows = self.index[np.asarray(pos, dtype=np.int64)]
+        if rows.size == 0:
+            return np.empty((0,) + self.shape[1:], np.float32)
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo == rows.size and np.all(np.diff(rows) == 1):
+            return np.array(self._a[lo:hi], dtype=np.float32)
+        return np.asarray(self._a[rows], dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"MappedRows({self.path}, {len(self)} of {self._a.shape[0]} rows)"
+
+
+def is_lazy(x) -> bool:
+    """Local. True for inputs read on demand (:class:`Rows`, :class:`MappedRows`)."""
+    return isinstance(x, (Rows, MappedRows))
+
+
+def _filtered(dset) -> bool:
+    """Whether an HDF5 dataset's chunks pass through filters (compression, shuffle, checksums)."""
+    try:
+        return dset.id.get_create_plist().get_nfilters() > 0
+    except Exception:      # noqa: BLE001  (an unusual dataset: assume the general path)
+        return True
+
+
+def _mib_rows(shape) -> int:
+    """Rows of ``shape``'s trailing size (float32) in 1 MiB: the block of an unchunked source."""
+    row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
+    return max(1, (1 << 20) // max(1, row))
+
+
+def _npy_map(path):
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise SourceError(f"cannot read {path}: {e}") from None
+    if not isinstance(a, np.ndarray):
+        raise SourceError(f"{path} does not hold one array")
+    return a
+
+
+def first_bad_row(x) -> int:
+    """Local. Position of the first row of the batch ``x`` (ndarray or tensor) holding NaN/inf, or -1."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+        ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
+        return -1 if bool(ok.all()) else int(torch.nonzero(~ok)[0, 0])
+    ok = np.isfinite(np.asarray(x).reshape(len(x), -1)).all(1)
+    return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
 
 
 @dataclass
@@ -158,10 +272,14 @@ def fingerprint(path) -> dict:
     p = os.fspath(path)
     if p.startswith("memory:"):
         return {"data_file": p}
+    files = [os.path.join(p, f) for f in NPY_FILES] if os.path.isdir(p) else [p]
     try:
-        size = os.path.getsize(p)
-        with open(p, "rb") as f:
-            head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+        size, h = 0, hashlib.sha256()
+        for q in files:       # a folder: the four .npy files in a fixed order, the first MiB of each
+            size += os.path.getsize(q)
+            with open(q, "rb") as f:
+                h.update(f.read(1 << 20))
+        head = h.hexdigest()
     except OSError as e:
         raise SourceError(f"cannot read data file {p}: {e}") from None
     return {"data_file": os.path.abspath(p), "data_bytes": int(size), "data_sha256_head": head}
@@ -185,13 +303,15 @@ def open_path(path, *, check: bool = True) -> ArrayData:
         return _validate(p, dict(zip(KEYS, arrs)), ncls, p, check, {"data_file": p})
     if not os.path.exists(p):
         raise SourceError(f"data file {p} not found")
+    if os.path.isdir(p):
+        return _open_npy_dir(p, check)
     ext = Path(p).suffix.lower()
     if ext == ".npz":
         return _open_npz(p, check)
     if ext in (".h5", ".hdf5", ".hdf"):
         return _open_h5(p, check)
-    raise SourceError(f"data file {p}: unknown kind {ext!r}; use .npz (numpy.savez) or .h5 (HDF5) "
-                      f"holding {', '.join(KEYS)}")
+    raise SourceError(f"data file {p}: unknown kind {ext!r}; use .npz (numpy.savez), .h5 (HDF5) or a folder "
+                      f"of .npy files, holding {', '.join(KEYS)}")
 
 
 def _open_npz(p, check):
@@ -211,6 +331,26 @@ def _open_npz(p, check):
     return _validate(p, arrs, ncls, Path(p).stem, check, fingerprint(p))
 
 
+def missing_npy(folder) -> list:
+    """Local. The files of :data:`NPY_FILES` that ``folder`` lacks."""
+    return [f for f in NPY_FILES if not os.path.isfile(os.path.join(folder, f))]
+
+
+def _open_npy_dir(p, check):
+    missing = missing_npy(p)
+    if missing:
+        held = ", ".join(sorted(f for f in os.listdir(p) if f.endswith(".npy"))) or "no .npy file"
+        raise SourceError(f"data folder {p} has no {missing[0]} (it holds {held}; needs {', '.join(NPY_FILES)})")
+    arrs = {}
+    for k in KEYS:
+        a = _npy_map(os.path.join(p, f"{k}.npy"))
+        if k.startswith("x") and a.ndim >= 2 and (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            arrs[k] = MappedRows(os.path.join(p, f"{k}.npy"), k, _array=a)
+        else:                    # labels in memory (the partition needs them); odd inputs fail in _validate
+            arrs[k] = np.array(a)
+    return _validate(p, arrs, None, Path(p).name, check, fingerprint(p))
+
+
 def _open_h5(p, check):
     f = _h5_open(p)
     missing = [k for k in KEYS if k not in f]
@@ -219,6 +359,11 @@ def _open_h5(p, check):
         f.close()
         raise SourceError(f"data file {p} has no dataset {missing[0]!r} (it holds {names}; "
                           f"needs {', '.join(KEYS)})")
+    if not any(_filtered(f[k]) for k in ("x_train", "x_test")):
+        # no compression: the chunk cache only slows scattered row reads (every row pulled a whole
+        # chunk through it), so read without one
+        f.close()
+        f = _h5_open(p, 0)
     try:
         ys = {k: f[k][...] for k in ("y_train", "y_test")}
         ncls = int(f.attrs["num_classes"]) if "num_classes" in f.attrs else None
@@ -259,7 +404,9 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
         k = hi + 1 if ncls is None else int(ncls)
         if lo < 0 or hi >= k:
             bad = lo if lo < 0 else hi
-            raise SourceError(f"{where}: label {bad} is outside 0..{k - 1}"
+            split, y = ("train", ytr) if bad in (int(ytr.min()), int(ytr.max())) else ("test", yte)
+            row = int(np.flatnonzero(y == bad)[0])
+            raise SourceError(f"{where}: label {bad} (y_{split} row {row}) is outside 0..{k - 1}"
                               + (f" (num_classes = {k})" if ncls is not None else ""))
         if k < 2:
             raise SourceError(f"{where}: classification needs at least 2 classes, the labels give {k}")
@@ -272,12 +419,12 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
     xs = {}
     for split in ("train", "test"):
         x = a[f"x_{split}"]
-        if not isinstance(x, Rows):
+        if not is_lazy(x):
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
                 raise SourceError(f"{where}: x_{split} has dtype {x.dtype}, not numbers")
             x = np.asarray(x, dtype=np.float32)
-            if check and not np.all(np.isfinite(x)):
-                raise SourceError(f"{where}: x_{split} holds NaN or inf")
+            if check and (bad := first_bad_row(x)) >= 0:
+                raise SourceError(f"{where}: x_{split} row {bad} holds NaN or inf")
         xs[split] = x
     return ArrayData(name=str(name), x_train=xs["train"], y_train=ytr, x_test=xs["test"], y_test=yte,
                      num_classes=k, input_shape=tuple(int(s) for s in a["x_train"].shape[1:]), provenance=prov)
@@ -286,13 +433,17 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
 def check_finite_rows(x, where: str, what: str) -> None:
     """Local. Raise :class:`SourceError` when the rows of ``x`` (ndarray or :class:`Rows`) hold NaN/inf.
 
-    Lazy rows are read in blocks of a few thousand, so memory stays bounded.
+    Lazy rows are read in blocks of a few thousand, so memory stays bounded.  The message names
+    the first bad row (its row number in the file for lazy rows).
     """
     n = len(x)
     for a in range(0, n, _CHECK_ROWS):
-        block = x.read(np.arange(a, min(n, a + _CHECK_ROWS))) if isinstance(x, Rows) else x[a:a + _CHECK_ROWS]
-        if not np.all(np.isfinite(block)):
-            raise SourceError(f"{where}: {what} holds NaN or inf")
+        pos = np.arange(a, min(n, a + _CHECK_ROWS))
+        block = x.read(pos) if is_lazy(x) else x[a:a + _CHECK_ROWS]
+        bad = first_bad_row(block)
+        if bad >= 0:
+            row = int(x.file_rows(pos[bad:bad + 1])[0]) if is_lazy(x) else a + bad
+            raise SourceError(f"{where}: {what} row {row} holds NaN or inf")
 
 
 # -- CIFAR ---------------------------------------------------------------------
