@@ -181,6 +181,8 @@ def test_staged_batches_on_the_cpu_equal_the_plain_path(tmp_path, monkeypatch):
     def spy(self):
         early.append(self.early_copies)
         close(self)
+    train(_cfg(tmp_path, "block", f"data.path={h5}", 'data.shuffle="block"'), MPI.COMM_SELF)
+    assert not _same(_state(tmp_path, "plain", 12), _state(tmp_path, "block", 12))   # another order
     monkeypatch.setattr(O, "STAGE_ON_CPU", True)
     monkeypatch.setattr(O.BatchStream, "close", spy)
     train(_cfg(tmp_path, "staged", f"data.path={h5}", "data.prefetch=2"), MPI.COMM_SELF)
