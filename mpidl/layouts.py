@@ -282,7 +282,10 @@ class AgentSession(Session):
         self._sched = None if schedule is None else ScheduledGraphComm(world, schedule, cuda_aware=self.cuda_aware)
         self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
         d, r = cfg.data, cfg.run
-        shard = load_shard(cfg, self.mc, rank, size, batch_checks=cfg.model.name not in CONVEX_MODELS)
+        # per-batch checks where the loss comes from TorchOracle.loss_grad (NEXT's Gauss-Newton surrogate
+        # and the convex oracles read their batches elsewhere: they get the start-up scan)
+        shard = load_shard(cfg, self.mc, rank, size,
+                           batch_checks=cfg.model.name not in CONVEX_MODELS and cfg.algorithm.name != "next")
         self.regression = shard.num_classes == 0
         self.target_width = 1 if np.ndim(shard.y) == 1 else int(np.shape(shard.y)[1])
         batch, spe = steps_per_epoch(self.mc, len(shard.y), r.batch_size)

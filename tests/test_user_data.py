@@ -375,7 +375,7 @@ def doc_files(doc: Path) -> dict:
 def test_docs_worked_example(tmp_path):
     doc = ROOT / "docs" / "your-model-your-data.md"
     files = doc_files(doc)
-    assert set(files) == {"mymodel.py", "make_data.py", "mine.toml"}
+    assert set(files) == {"mymodel.py", "make_data.py", "mine.toml", "make_npy.py"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
     subprocess.run([sys.executable, "make_data.py"], cwd=tmp_path, check=True)
@@ -393,6 +393,31 @@ def test_docs_worked_example(tmp_path):
     # 4 classes: chance is about 0.25; each family learns the problem
     assert all(a > 0.6 for a in accs.values()), accs
     assert (tmp_path / "runs" / "cdmsgd_ring" / "results.h5").is_file()
+
+
+def test_docs_npy_folder_example(tmp_path):
+    """The .npy folder of docs/your-model-your-data.md: written in blocks by make_npy.py, trained by
+    the documented command (2 ranks); it learns the problem, and memory-maps the inputs."""
+    doc = ROOT / "docs" / "your-model-your-data.md"
+    files = doc_files(doc)
+    for name in ("mymodel.py", "mine.toml", "make_npy.py"):
+        (tmp_path / name).write_text(files[name])
+    subprocess.run([sys.executable, "make_npy.py"], cwd=tmp_path, check=True)
+    assert sorted(p.name for p in (tmp_path / "mynpy").iterdir()) == sorted(
+        ["x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy"])
+    src = open_path(tmp_path / "mynpy")
+    assert type(src.x_train).__name__ == "MappedRows" and src.x_train.shape == (2400, 20)
+    cmds = re.findall(r"^mpiexec -n 2 python -m mpidl run (mine\.toml --set data\.path=mynpy)$", doc.read_text(),
+                      flags=re.M)
+    assert len(cmds) == 1, cmds
+    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "-m", "mpidl", "run", *cmds[0].split()],
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"finished \(done\) at step \d+/\d+: test acc ([0-9.]+)", proc.stdout)
+    assert m and float(m.group(1)) > 0.6, proc.stdout[-2000:]
+    with h5py.File(tmp_path / "runs" / "cdmsgd_ring" / "results.h5") as f:
+        assert f.attrs["data_file"] == str(tmp_path / "mynpy")
 
 
 @pytest.mark.parametrize("method", ["cdmsgd", "fdg", "lsgd"])
