@@ -22,6 +22,9 @@ the end, one evaluation included) and the table gives medians and the ratio to t
 of the same round.
 
     python benchmarks/bench_data_h5.py --speed --rows 120000 --steps 600 --rounds 3 [--before DIR]
+
+``--speed --cold`` drops each file's pages from the page cache (``posix_fadvise(DONTNEED)``)
+before every run instead of reading them in first: the reads then come from the disk.
 """
 import argparse
 import json
@@ -133,25 +136,40 @@ def speed(a, mpiexec):
                 (".npy folder (mmap)", npy, [], None)]
     if a.before:
         variants.insert(1, ("h5, before (main)", h5, [], a.before))
-    for path in (h5, npz, *(p for p in npy.iterdir())):      # page-cache every file first
-        with open(path, "rb") as f:
-            while f.read(1 << 24):
-                pass
+    files = (h5, npz, *(p for p in npy.iterdir()))
+    if a.cold:
+        variants = [v for v in variants if v[0] in ("npz (in memory)", "h5, prefetch 0", "h5, prefetch 2 (default)",
+                                                     "h5, block shuffle")]
+    else:
+        for path in files:      # page-cache every file first
+            with open(path, "rb") as f:
+                while f.read(1 << 24):
+                    pass
     times = {v[0]: [] for v in variants}
+    starts = {v[0]: [] for v in variants}
     load = [os.getloadavg()[0]]
     for r in range(a.rounds):
         for name, path, sets, pp in variants:
+            if a.cold:
+                for p in files:
+                    fd = os.open(p, os.O_RDONLY)
+                    os.fsync(fd)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                    os.close(fd)
             res = launch(mpiexec, a.ranks, path, a.steps, True, sets, pp)
             times[name].append(res["train_s"])
+            starts[name].append(res["startup_s"])
             print(f"round {r} {name}: {res['train_s']:.2f} s, acc {res['test_acc']:.3f}", file=sys.stderr, flush=True)
         load.append(os.getloadavg()[0])
     base = np.array(times["npz (in memory)"])
     print(f"load average (1 min) before / during rounds: {' / '.join(f'{x:.1f}' for x in load)}")
-    print(f"| source | training s (median of {a.rounds}) | steps/s | vs npz (median of per-round ratios) |")
-    print("|---|---|---|---|")
+    print(f"| source | training s (median of {a.rounds}) | steps/s | vs npz (median of per-round ratios) "
+          "| start-up s |")
+    print("|---|---|---|---|---|")
     for name, *_ in variants:
         t = np.array(times[name])
-        print(f"| {name} | {np.median(t):.2f} | {a.steps / np.median(t):.1f} | {np.median(base / t):.2f}x |")
+        print(f"| {name} | {np.median(t):.2f} | {a.steps / np.median(t):.1f} | {np.median(base / t):.2f}x "
+              f"| {np.median(starts[name]):.1f} |")
 
 
 def main():
@@ -162,6 +180,7 @@ def main():
     ap.add_argument("--dir", default="/tmp/bench_h5")
     ap.add_argument("--speed", action="store_true", help="steps/s of HDF5 / .npy against .npz (issue 30)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cold", action="store_true", help="--speed: drop the files from the page cache before each run")
     ap.add_argument("--before", default=None, help="--speed: also run the mpidl package in this folder")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--set", dest="sets", action="append", default=[], help=argparse.SUPPRESS)

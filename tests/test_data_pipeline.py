@@ -103,12 +103,18 @@ def test_lazy_reads_equal_numpy_in_every_pattern(tmp_path, compression):
     a = _arrays(n=2000)
     src = S.open_path(_write_h5(tmp_path / "a.h5", a, compression=compression))
     assert src.x_train.filtered == (compression is not None) and src.x_train.block_rows == 32
+    assert bool(src.x_train._raw) == (compression is None)     # uncompressed: preadv at the rows' offsets
     x = a["x_train"]
     rng = np.random.default_rng(0)
     for pos in (rng.choice(2000, 64, replace=False),              # scattered: one read per row
                 np.arange(100, 160)[::-1], rng.integers(500, 600, 70),   # a slab / dense with repeats
                 np.array([5]), np.array([], np.int64)):
         assert np.array_equal(src.x_train.read(pos), x[pos])
+    with h5py.File(tmp_path / "c.h5", "w") as f:                     # contiguous layout, other dtype
+        f.create_dataset("x", data=(x * 100).astype(">i4"))
+    c = S.Rows(tmp_path / "c.h5", "x")
+    pos = rng.choice(2000, 50, replace=False)
+    assert bool(c._raw) and np.array_equal(c.read(pos), (x[pos] * 100).astype(">i4").astype(np.float32))
     v = src.x_train.view(np.arange(1, 2000, 3))
     assert np.array_equal(v.read(np.array([4, 0, 600])), x[np.arange(1, 2000, 3)[[4, 0, 600]]])
     assert np.array_equal(v.file_rows([4]), [13])
