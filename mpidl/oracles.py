@@ -125,6 +125,8 @@ class BatchStream:
         self.stage = (dev is not None if stage is None else bool(stage)) or STAGE_ON_CPU
         self.device = dev if dev is not None else (torch.device("cpu") if self.stage else None)
         self.pin = self.device is not None and self.device.type == "cuda"
+        # a GPU: copies run on their own stream, so the next batch's copy overlaps the step's kernels
+        self._copy_stream = torch.cuda.Stream(device=self.device) if self.pin else None
         self._blocks = OrderedDict() if order.shuffle == "block" and self.x.lazy else None
         self._lock = threading.Lock()
         self._pf = None
@@ -181,22 +183,38 @@ class BatchStream:
         return xb, yb
 
     def _to_device(self, xb, yb):
+        """Start the copy of a host batch to the device: ``(inputs, labels, event or None)``."""
         if self.device is None:
-            return xb, yb
-        return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            return xb, yb, None
+        if self._copy_stream is None:                       # the CPU run of this path (tests)
+            return xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True), None
+        with torch.cuda.stream(self._copy_stream):
+            dx, dy = xb.to(self.device, non_blocking=True), yb.to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        return dx, dy, done
+
+    def _use(self, dx, dy, done):
+        """The batch for the step: the step's stream waits for its copy (and keeps its memory)."""
+        if done is not None:
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(done)
+            dx.record_stream(cur)
+            dy.record_stream(cur)
+        return dx, dy
 
     def get(self, k: int):
         """Local. Step ``k``'s ``(inputs, labels)`` on the device; raises :class:`BatchError`."""
         k = int(k)
         staged, self._staged = self._staged, None
         if staged is not None and staged[0] == k:
-            out = staged[1:]
+            moved = staged[1]
         else:
-            out = self._to_device(*(self._pf.get(k) if self._pf is not None else self.assemble(k)))
+            moved = self._to_device(*(self._pf.get(k) if self._pf is not None else self.assemble(k)))
         if self.stage and self._pf is not None and self._pf.ready(k + 1) is not None:
-            self._staged = (k + 1, *self._to_device(*self._pf.get(k + 1)))   # overlaps step k
+            self._staged = (k + 1, self._to_device(*self._pf.get(k + 1)))   # its copy overlaps step k
             self.early_copies += 1
-        return out
+        return self._use(*moved)
 
     def close(self) -> None:
         """Local. Stop the reader thread."""
