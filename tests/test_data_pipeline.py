@@ -127,6 +127,10 @@ def test_npy_folder_is_memory_mapped_and_trains_like_the_npz(tmp_path, monkeypat
     src = S.open_path(folder)
     assert isinstance(src.x_train, S.MappedRows) and isinstance(src.x_train._a, np.memmap)
     assert np.array_equal(src.x_train.read(np.array([7, 3, 3])), a["x_train"][[7, 3, 3]])
+    assert bool(src.x_train._raw)                     # C order: preadv at the rows' offsets
+    np.save(tmp_path / "f.npy", np.asfortranarray(a["x_train"]))
+    f = S.MappedRows(tmp_path / "f.npy", "x_train")     # Fortran order: through the map
+    assert not f._raw and np.array_equal(f.read(np.array([9, 1, 9])), a["x_train"][[9, 1, 9]])
     assert np.array_equal(np.asarray(src.x_test), a["x_test"]) and src.num_classes == 4
     fp = S.fingerprint(folder)
     assert fp["data_bytes"] == sum((tmp_path / "data" / f).stat().st_size for f in S.NPY_FILES)
