@@ -100,9 +100,10 @@ class DataConfig:
     seed: int = 0                       # partition seed
     eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
     prefetch: int = 2                   # training batches a reader thread builds ahead (0 = read in the step)
-    shuffle: str = "global"             # global (a permutation of all rows) | block (chunk-sized blocks, see shuffle_buffer)
+    shuffle: str = "global"             # global (permute all rows) | block (chunk-sized blocks, see shuffle_buffer)
     shuffle_buffer: int = 8             # block shuffle: rows are permuted within runs of this many blocks
-    check: str = "auto"                 # NaN/inf in x: full (scan at start-up) | batch (each batch as read) | off; auto = batch for HDF5 / .npy folders, full in memory
+    check: str = "auto"                 # NaN/inf in x: full (start-up scan) | batch (each batch read) | off | auto
+    #                                     (auto: batch for HDF5 files and .npy folders, full for data in memory)
 
     def validate(self):
         from mpidl.convex import SHUFFLES
