@@ -287,12 +287,17 @@ def _npy_map(path):
 
 
 def first_bad_row(x) -> int:
-    """Local. Position of the first row of the batch ``x`` (ndarray or tensor) holding NaN/inf, or -1."""
-    if type(x).__module__.startswith("torch"):
-        import torch
-        ok = torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
-        return -1 if bool(ok.all()) else int(torch.nonzero(~ok)[0, 0])
-    ok = np.isfinite(np.asarray(x).reshape(len(x), -1)).all(1)
+    """Local. Position of the first row of the batch ``x`` (ndarray or CPU tensor) holding NaN/inf, or -1.
+
+    One float64 sum first: NaN and inf propagate into it, and finite float32 values cannot
+    overflow it, so a finite sum clears the batch at the cost of one pass; only a batch whose
+    sum is not finite is scanned row by row.
+    """
+    a = x.detach().numpy() if type(x).__module__.startswith("torch") else np.asarray(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if len(a) == 0 or np.isfinite(a.sum(dtype=np.float64)):
+            return -1
+    ok = np.isfinite(a.reshape(len(a), -1)).all(1)
     return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
 
 

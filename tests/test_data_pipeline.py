@@ -246,3 +246,14 @@ def test_truncated_hdf5_file_is_one_clear_error(tmp_path):
     with pytest.raises(MpidlError) as e:
         train(_cfg(tmp_path, "trunc", f"data.path={tmp_path / 't.h5'}"), MPI.COMM_SELF)
     assert "t.h5" in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_first_bad_row_finds_nan_and_inf_and_not_large_values():
+    import torch
+    a = np.ones((6, 2, 3), np.float32)
+    assert S.first_bad_row(a) == -1 and S.first_bad_row(np.full((4, 3), 3e38, np.float32)) == -1
+    assert S.first_bad_row(np.full((4, 3), 1e308)) == -1            # a float64 sum that overflows: no bad row
+    a[4, 1, 2], a[2, 0, 0] = np.inf, -np.inf                        # inf - inf: the sum is NaN
+    assert S.first_bad_row(a) == 2 and S.first_bad_row(torch.from_numpy(a)) == 2
+    a[1, 1, 1] = np.nan
+    assert S.first_bad_row(a) == 1
