@@ -145,7 +145,8 @@ class MappedRows:
         self.block_rows = _mib_rows(self.shape)
         if _raw is None:     # a C-ordered map: rows read with preadv at their offsets (no page faults, no GIL)
             a = self._a
-            ok = isinstance(a, np.memmap) and a.flags.c_contiguous and a.dtype.kind in "biuf" and a.shape[0] > 0
+            ok = isinstance(a, np.memmap) and a.flags.c_contiguous and a.dtype.kind in "biuf" and a.shape[0] > 0 \
+                and hasattr(os, "preadv")
             _raw = _RawRows(self.path, a.dtype, a.shape, base=int(a.offset)) if ok else False
         self._raw = _raw
 
@@ -209,6 +210,8 @@ class _RawRows:
 
     @classmethod
     def of(cls, path, dset):
+        if not hasattr(os, "preadv"):                # not every platform has it: h5py reads
+            return None
         try:
             if _filtered(dset) or dset.dtype.hasobject or dset.dtype.kind not in "biuf" or dset.ndim < 1 \
                     or dset.shape[0] == 0 or getattr(dset, "is_virtual", False) or dset.external:
