@@ -256,7 +256,7 @@ def fit(model, train, test=None, *, algorithm: str = "cdmsgd", topology: str = "
       ``[run]``'s (``steps``, ``log_every``, ``eval_every``,
       ``checkpoint_every``, ``resume``, ``name`` is ``run_name``...),
       ``[model]``'s (``hidden``, ``loss``, ``dtype``, ``dropout``),
-      ``[data]``'s (``alpha``, ``eval_samples``, ``augment``) and
+      ``[data]``'s (``alpha``, ``eval_samples``, ``augment``, ``prefetch``, ``shuffle``, ...) and
       ``[topology]``'s (``weights``, ``schedule``, ``shape``, ``p``); plus
       ``num_classes``.  An unknown name is a TypeError listing the valid ones.
 

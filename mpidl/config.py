@@ -99,14 +99,24 @@ class DataConfig:
     alpha: float = 0.5                  # Dirichlet concentration
     seed: int = 0                       # partition seed
     eval_samples: int = 2000            # test samples for per-agent accuracy (0 = all)
+    prefetch: int = 2                   # training batches a reader thread builds ahead (0 = read in the step)
+    shuffle: str = "global"             # global (permute all rows) | block (chunk-sized blocks, see shuffle_buffer)
+    shuffle_buffer: int = 8             # block shuffle: rows are permuted within runs of this many blocks
+    check: str = "auto"                 # NaN/inf in x: full (start-up scan) | batch (each batch read) | off | auto
+    #                                     (auto: batch for HDF5 files and .npy folders, full for data in memory)
 
     def validate(self):
+        from mpidl.convex import SHUFFLES
         from mpidl.data import DATASETS, SCHEMES
         check_choice(self, "dataset", DATASETS)
         check_choice(self, "partition", SCHEMES + ("given",))   # given: mpidl.fit, each rank its own set
         check_float(self, "alpha", lo=0, lo_open=True)
         check_int(self, "seed", lo=0)
         check_int(self, "eval_samples", lo=0)
+        check_int(self, "prefetch", lo=0)
+        check_choice(self, "shuffle", SHUFFLES)
+        check_int(self, "shuffle_buffer", lo=1)
+        check_choice(self, "check", ("auto", "full", "batch", "off"))
 
 
 @dataclass(frozen=True)
@@ -494,8 +504,15 @@ def check_paths(cfg: Config) -> None:
     d, out = cfg.data, cfg.run.out
     if d.data_dir and not Path(d.data_dir).is_dir():
         raise ConfigError(f"[data] data_dir {d.data_dir!r} is not a folder")
-    if d.path and not d.path.startswith("memory:") and not Path(d.path).is_file():
-        raise ConfigError(f"[data] path {d.path!r}: no such file (an .npz or .h5 file, or memory:NAME)")
+    if d.path and not d.path.startswith("memory:") and Path(d.path).is_dir():
+        from mpidl.sources import NPY_FILES, missing_npy
+        gone = missing_npy(d.path)
+        if gone:
+            raise ConfigError(f"[data] path {d.path!r}: the folder has no {gone[0]} (a folder of .npy files "
+                              f"needs {', '.join(NPY_FILES)})")
+    elif d.path and not d.path.startswith("memory:") and not Path(d.path).is_file():
+        raise ConfigError(f"[data] path {d.path!r}: no such file (an .npz or .h5 file, a folder of .npy files, "
+                          "or memory:NAME)")
     if d.shards and not Path(d.shards).is_file():
         raise ConfigError(f"[data] shards {d.shards!r}: no such file (write one with `mpidl shard`)")
     target = Path(out).expanduser().absolute() / cfg.run_name

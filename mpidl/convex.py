@@ -8,19 +8,76 @@ The minibatch of step k is a pure function of (seed, rank, k): epoch
 ``steps_per_epoch * batch < n`` (the agreed steps per epoch come from the
 smallest shard) the rest of the permutation is not reached in that epoch and
 the next epoch draws a fresh permutation (docs/data.md, "Unequal shards").
+
+``shuffle = "block"`` ([data] shuffle) draws the epoch's permutation so that it
+suits chunked storage (:class:`Order`): the rows are cut into contiguous blocks
+of ``block`` rows, the same generator permutes the blocks, and the rows of each
+run of ``buffer`` consecutive blocks (in that order) are permuted among
+themselves.  A batch then touches at most ``2 * buffer`` blocks (it may span two
+runs), and a reader that keeps the last ``2 * buffer`` blocks it read reads each
+block once per epoch.
 """
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["ConvexOracle", "batch_indices"]
+__all__ = ["ConvexOracle", "batch_indices", "Order", "SHUFFLES"]
+
+SHUFFLES = ("global", "block")
 
 
-def batch_indices(n: int, batch: int, steps_per_epoch: int, seed: int, rank: int, k: int) -> np.ndarray:
+def epoch_permutation(n: int, seed: int, rank: int, epoch: int, shuffle: str = "global", block: int = 1,
+                      buffer: int = 1) -> np.ndarray:
+    """Local. The order of this agent's ``n`` rows in ``epoch`` (see the module docstring)."""
+    rng = np.random.default_rng([int(seed), int(rank), int(epoch)])
+    if shuffle == "global":
+        return rng.permutation(n)
+    if shuffle != "block":
+        raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+    block, buffer = max(1, int(block)), max(1, int(buffer))
+    nb = -(-n // block)
+    order = rng.permutation(nb)
+    parts = []
+    for g in range(0, nb, buffer):
+        rows = np.concatenate([np.arange(b * block, min(n, (b + 1) * block)) for b in order[g:g + buffer]])
+        parts.append(rows[rng.permutation(len(rows))])
+    return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+
+def batch_indices(n: int, batch: int, steps_per_epoch: int, seed: int, rank: int, k: int,
+                  shuffle: str = "global", block: int = 1, buffer: int = 1) -> np.ndarray:
     """Local. Sample indices of step ``k`` (see the module docstring)."""
     epoch, j = divmod(int(k), int(steps_per_epoch))
-    perm = np.random.default_rng([int(seed), int(rank), epoch]).permutation(n)
+    perm = epoch_permutation(n, seed, rank, epoch, shuffle, block, buffer)
     return perm[j * batch:(j + 1) * batch]
+
+
+class Order:
+    """Local. The batches of one agent: :func:`batch_indices` with the epoch's permutation kept.
+
+    Thread-safe (a prefetching reader and the training loop may both ask).
+    """
+
+    def __init__(self, n, batch, steps_per_epoch, seed=0, rank=0, shuffle="global", block=1, buffer=1):
+        import threading
+        self.n, self.batch, self.spe = int(n), int(batch), int(steps_per_epoch)
+        self.seed, self.rank, self.shuffle = int(seed), int(rank), str(shuffle)
+        self.block, self.buffer = max(1, int(block)), max(1, int(buffer))
+        if self.shuffle not in SHUFFLES:
+            raise ValueError(f"shuffle must be one of {SHUFFLES}, got {shuffle!r}")
+        self._lock = threading.Lock()
+        self._perm, self._epoch = None, None
+
+    def indices(self, k: int) -> np.ndarray:
+        """Local. Positions of step ``k``'s batch."""
+        epoch, j = divmod(int(k), self.spe)
+        with self._lock:
+            if epoch != self._epoch:
+                self._perm = epoch_permutation(self.n, self.seed, self.rank, epoch, self.shuffle, self.block,
+                                               self.buffer)
+                self._epoch = epoch
+            perm = self._perm
+        return perm[j * self.batch:(j + 1) * self.batch]
 
 
 class ConvexOracle:
@@ -34,7 +91,7 @@ class ConvexOracle:
     """
 
     def __init__(self, X, y, kind="logistic", *, batch_size=0, steps_per_epoch=1, seed=0, rank=0,
-                 blocks=1):
+                 blocks=1, shuffle="global", block=1, buffer=1):
         from mpidl import kernels as K
         self.K = K
         self.kind = kind
@@ -46,6 +103,8 @@ class ConvexOracle:
         self.spe, self.seed, self.rank, self.blocks = int(steps_per_epoch), int(seed), int(rank), int(blocks)
         self._g = np.empty(self.dim)
         self.last_correct = 0.0
+        self.order = Order(self.n, self.batch, self.spe, self.seed, self.rank, shuffle, block, buffer) \
+            if self.batch > 0 else None
 
     def _eval(self, w, X, t, out):
         K = self.K
@@ -57,7 +116,7 @@ class ConvexOracle:
     def indices(self, k):
         if self.batch <= 0:
             return None
-        return batch_indices(self.n, self.batch, self.spe, self.seed, self.rank, k)
+        return self.order.indices(k)
 
     def loss_grad(self, x, k):
         idx = self.indices(k)

@@ -372,7 +372,7 @@ def _agree(comm, err):
 
 
 def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alpha=0.5, seed=0,
-                    rank=0, world_size=1, shards=None, comm=None, path=None, **kwargs) -> Shard:
+                    rank=0, world_size=1, shards=None, comm=None, path=None, check="auto", **kwargs) -> Shard:
     """Local (Collective when ``comm`` is given). This agent's training data plus the test set.
 
     With ``shards`` (a path) the rank reads its group of that shard file;
@@ -384,6 +384,14 @@ def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alp
     ``partition(y_train, world_size, partition, seed, alpha)``, the same
     split on every rank.  Pass ``comm`` (a GraphComm) so that a problem seen
     by one rank only (a missing file on one node) is raised on every rank.
+
+    ``check`` (``[data] check``) says how a ``path`` file's inputs are checked
+    for NaN/inf here: ``"full"`` scans every row this rank serves (lazy
+    sources in blocks), ``"batch"`` and ``"off"`` scan nothing (with
+    ``"batch"`` the training loop checks each batch as it is read), ``"auto"``
+    is ``"batch"`` for lazy sources (HDF5, ``.npy`` folders) and ``"full"``
+    for sources loaded into memory.  Labels are always checked (they are in
+    memory).
     """
     err, out = None, None
     try:
@@ -393,7 +401,7 @@ def load_agent_data(dataset="fashion-mnist", data_dir=None, partition="iid", alp
             if dataset and src and src != dataset:
                 log.warning("shard file %s holds %r, not %r: using the shard file", shards, src, dataset)
         elif path:
-            out = _file_part(path, partition, alpha, seed, rank, world_size)
+            out = _file_part(path, partition, alpha, seed, rank, world_size, check)
         else:
             out = _agent_part(dataset, data_dir, partition, alpha, seed, rank, world_size, kwargs)
     except MpidlError as e:
@@ -435,23 +443,32 @@ def _agent_part(name, data_dir, scheme, alpha, seed, rank, world_size, kwargs):
                  attrs=attrs, rank=rank, world_size=world_size, indices=idx, w_true=w_true)
 
 
-def _file_part(path, scheme, alpha, seed, rank, world_size):
-    """This rank's part of a user's data file or in-memory set (rows of HDF5 files stay lazy)."""
-    from mpidl.sources import Rows, check_finite_rows, open_path
+def check_mode(check: str, lazy: bool) -> str:
+    """Local. ``[data] check`` resolved for a source: ``auto`` is ``batch`` for lazy inputs, else ``full``."""
+    if check == "auto":
+        return "batch" if lazy else "full"
+    return check
+
+
+def _file_part(path, scheme, alpha, seed, rank, world_size, check="auto"):
+    """This rank's part of a user's data file or in-memory set (rows of HDF5 / .npy files stay lazy)."""
+    from mpidl.sources import check_finite_rows, is_lazy, open_path
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside a world of {world_size}")
-    src = open_path(path)
+    src = open_path(path, check=False)
+    mode = check_mode(check, is_lazy(src.x_train))
     if scheme == "given":                        # mpidl.fit(partition="given"): each rank's set is its shard
         idx = np.arange(len(src.y_train))
     else:
         idx = partition(src.y_train, world_size, scheme, seed=seed, alpha=alpha)[rank]
-    if isinstance(src.x_train, Rows):            # lazy rows: scan what this rank serves for NaN/inf
-        x = src.x_train.view(idx)
-        check_finite_rows(x, str(path), "x_train")
-        check_finite_rows(src.x_test.view(slice(rank, None, world_size)), str(path), "x_test")
-    else:
-        x = src.x_train[idx]
+    lazy = is_lazy(src.x_train)
+    x = src.x_train.view(idx) if lazy else src.x_train[idx]
+    if mode == "full":                           # the rows this rank serves (lazy: read in blocks)
+        check_finite_rows(x if lazy else src.x_train, str(path), "x_train")
+        check_finite_rows(src.x_test.view(slice(rank, None, world_size)) if lazy else src.x_test, str(path),
+                          "x_test")
     attrs = {"dataset": src.name, "partition": scheme, "seed": seed, "alpha": alpha,
-             "num_agents": world_size, "source": str(path), **src.provenance}
+             "num_agents": world_size, "source": str(path), "check": mode, **src.provenance}
     return Shard(x=x, y=src.y_train[idx], x_test=src.x_test, y_test=src.y_test, num_classes=src.num_classes,
-                 input_shape=tuple(src.input_shape), attrs=attrs, rank=rank, world_size=world_size, indices=idx)
+                 input_shape=tuple(src.input_shape), attrs=attrs, rank=rank, world_size=world_size, indices=idx,
+                 block_rows=int(getattr(src.x_train, "block_rows", 0)))

@@ -19,7 +19,10 @@ returns the state with those contents copied in.
 Non-finite losses are noted locally at every step and agreed at each log,
 eval and checkpoint boundary (before any save), so a diverging run stops with
 one message naming the first bad step and rank, and the newest checkpoint is
-one taken before it.
+one taken before it.  A training batch that could not be used (the oracle's
+``data_error``: NaN/inf found by ``[data] check = "batch"``, or a reader
+that failed) is noted and agreed the same way, in the same reduction, and
+stops the run with that batch's message (:class:`DataStepError`).
 """
 from __future__ import annotations
 
@@ -43,11 +46,15 @@ log = logging.getLogger("mpidl.driver")
 PROVENANCE = ("model_factory", "data_file", "data_bytes", "data_sha256_head")
 """Keys of a session's ``expect`` that the results file records as root attributes as well."""
 
-__all__ = ["train", "headline", "build_topology", "DivergenceError", "CONVEX_MODELS"]
+__all__ = ["train", "headline", "build_topology", "DivergenceError", "DataStepError", "CONVEX_MODELS"]
 
 
 class DivergenceError(MpidlError):
     """The loss became NaN or infinite."""
+
+
+class DataStepError(MpidlError):
+    """A training batch could not be used (bad values or a failed read), agreed over all ranks."""
 
 
 def headline(ev: dict) -> str:
@@ -169,7 +176,16 @@ def _loop(cfg, session, max_steps, should_stop=None):
     evaluated = False
     progress = Progress(total, mc, every=r.log_every, start=start)
 
+    data_step, data_msg = -1, ""
+    oracle = getattr(session, "oracle", None)
+
     def check_finite():
+        first, agent = mc.argmin(data_step if data_step >= 0 else total + 1)
+        if first <= total:                 # a batch that could not be used: its message, on every rank
+            msg = mc.bcast(data_msg if rank == agent else None, root=int(agent))
+            newest = store.latest()
+            raise DataStepError(msg + ". " + (f"Last good checkpoint: step {newest} in {store.root}" if newest
+                                              is not None else "No checkpoint was written."))
         first, agent = mc.argmin(bad_step if bad_step >= 0 else total + 1)
         if first <= total:
             newest = store.latest()
@@ -197,6 +213,8 @@ def _loop(cfg, session, max_steps, should_stop=None):
             session.before_step(k)
             session.state, m = algo.step(k, session.state, session.oracle, session.comm)
             loss, acc = m.get("loss"), m.get("acc")
+            if data_step < 0 and getattr(oracle, "data_error", None) is not None:
+                data_step, data_msg = oracle.data_error
             if acc is None and loss is not None:
                 acc = getattr(session.oracle, "last_correct", None)
             if loss is not None:

@@ -46,7 +46,7 @@ from mpidl import xp
 from mpidl.errors import MpidlError
 
 __all__ = ["Session", "AgentSession", "setup_agents", "build_topology", "setup_for", "CONVEX_MODELS",
-           "steps_per_epoch", "agreed", "load_shard", "user_model", "provenance"]
+           "steps_per_epoch", "agreed", "load_shard", "batch_options", "user_model", "provenance"]
 
 CONVEX_MODELS = {"convex-logistic": "logistic", "convex-lsq": "lsq"}
 """Model names served by the Numba convex oracles instead of a torch model."""
@@ -171,13 +171,29 @@ def agreed(mc, fn, *args, **kwargs):
     return out
 
 
-def load_shard(cfg: C.Config, mc, rank: int, size: int):
+def load_shard(cfg: C.Config, mc, rank: int, size: int, batch_checks: bool = False):
     """Collective over ``mc``. Agent ``rank`` of ``size``'s data from ``cfg.data`` (built-in set,
-    ``[data] path`` file, or shard file); one error on every rank when any rank fails."""
+    ``[data] path`` file, or shard file); one error on every rank when any rank fails.
+
+    ``batch_checks``: the caller checks each training batch as it is read (a
+    :class:`mpidl.oracles.TorchOracle`), so ``[data] check = "batch"`` (and
+    ``"auto"`` on lazy inputs) skips the start-up scan; other callers get the
+    full scan unless ``check = "off"``.
+    """
     from mpidl.data import load_agent_data
     d = cfg.data
+    check = d.check if batch_checks or d.check == "off" else "full"
     return load_agent_data(d.dataset, d.data_dir or None, d.partition, d.alpha, d.seed, rank=rank,
-                           world_size=size, shards=d.shards or None, comm=mc, path=d.path or None)
+                           world_size=size, shards=d.shards or None, comm=mc, path=d.path or None, check=check)
+
+
+def batch_options(cfg: C.Config, shard) -> dict:
+    """Local. The keyword arguments of :class:`mpidl.oracles.TorchOracle` that ``[data]`` sets."""
+    from mpidl.sources import _mib_rows
+    d = cfg.data
+    return dict(shuffle=d.shuffle, block=shard.block_rows or _mib_rows(tuple(shard.x.shape)),
+                buffer=d.shuffle_buffer, prefetch=d.prefetch, check=shard.attrs.get("check") == "batch",
+                where=d.path or shard.attrs.get("source", ""), file_rows=shard.indices)
 
 
 def user_model(cfg: C.Config, shard, mc, dtype):
@@ -281,7 +297,10 @@ class AgentSession(Session):
                                                                        overlap=self.gc.overlap)
         self.comm = self.gc if schedule is None else _ScheduledComm(self.gc, self._sched)
         d, r = cfg.data, cfg.run
-        shard = load_shard(cfg, self.mc, rank, size)
+        # per-batch checks where the loss comes from TorchOracle.loss_grad (NEXT's Gauss-Newton surrogate
+        # and the convex oracles read their batches elsewhere: they get the start-up scan)
+        shard = load_shard(cfg, self.mc, rank, size,
+                           batch_checks=cfg.model.name not in CONVEX_MODELS and cfg.algorithm.name != "next")
         self.regression = shard.num_classes == 0
         self.target_width = 1 if np.ndim(shard.y) == 1 else int(np.shape(shard.y)[1])
         batch, spe = steps_per_epoch(self.mc, len(shard.y), r.batch_size)
@@ -290,9 +309,11 @@ class AgentSession(Session):
         if cfg.model.name in CONVEX_MODELS:  # NumPy + Numba only: a convex run never imports torch
             from mpidl.convex import ConvexOracle
             check_convex_data(cfg, self.mc, shard.num_classes)
+            opts = batch_options(cfg, shard)
             self.oracle = ConvexOracle(shard.x, shard.y, CONVEX_MODELS[cfg.model.name],
                                        batch_size=0 if full_batch else batch, steps_per_epoch=spe,
-                                       seed=r.seed, rank=rank)
+                                       seed=r.seed, rank=rank, shuffle=opts["shuffle"], block=opts["block"],
+                                       buffer=opts["buffer"])
             self.oracle_eval, self.fm = self.oracle, None
             x0, self.xbuf, self.dim = np.zeros(self.oracle.dim), np.zeros(self.oracle.dim), self.oracle.dim
         else:
@@ -306,7 +327,7 @@ class AgentSession(Session):
                                  for _ in range(2))
             self.oracle = TorchOracle(self.fm, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe,
                                       seed=r.seed, rank=rank, num_classes=shard.num_classes,
-                                      loss=cfg.model.loss, augment=d.augment)
+                                      loss=cfg.model.loss, augment=d.augment, **batch_options(cfg, shard))
             self.oracle_eval = TorchOracle(fm_eval, shard.x[:1], shard.y[:1], batch_size=1, steps_per_epoch=1,
                                            num_classes=shard.num_classes, loss=cfg.model.loss)
             x0, self.xbuf, self.dim = self.fm.x, fm_eval.x, self.fm.dim
@@ -425,6 +446,9 @@ class AgentSession(Session):
                 f"consensus {ev['consensus_error']:.3e}, gap {ev['generalization_gap']:.4f}")
 
     def close(self):
+        oracle_close = getattr(getattr(self, "oracle", None), "close", None)
+        if oracle_close is not None:  # the batch reader thread
+            oracle_close()
         algo_close = getattr(getattr(self, "algo", None), "close", None)
         if algo_close is not None:  # algorithms with their own communicators / RMA windows (LSGD, EASGD)
             algo_close()

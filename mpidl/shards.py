@@ -54,6 +54,7 @@ class Shard:
     world_size: int = 1
     indices: np.ndarray | None = None
     w_true: np.ndarray | None = None
+    block_rows: int = 0         # rows per block of [data] shuffle = "block" (0: the rows of 1 MiB)
 
     def __len__(self):
         return len(self.y)

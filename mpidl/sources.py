@@ -6,9 +6,11 @@ rows: a NumPy array, or a :class:`Rows` view of an HDF5 dataset that reads
 only the rows asked for.  A rank therefore holds its batch, its evaluation
 slices and the HDF5 chunk cache, never the whole training set.
 
-``[data] path`` names a file (``.npz``, ``.h5``/``.hdf5``) or, from Python,
-an in-memory set registered with :func:`register_arrays` (``memory:<key>``).
-Both file kinds hold four arrays: ``x_train, y_train, x_test, y_test``
+``[data] path`` names a file (``.npz``, ``.h5``/``.hdf5``), a folder of
+``.npy`` files (``x_train.npy, y_train.npy, x_test.npy, y_test.npy``, inputs
+memory-mapped: :class:`MappedRows`) or, from Python, an in-memory set
+registered with :func:`register_arrays` (``memory:<key>``).
+Every kind holds four arrays: ``x_train, y_train, x_test, y_test``
 (integer ``y``: classification with ``num_classes = max label + 1``, or the
 optional scalar ``num_classes`` key / HDF5 root attribute; float ``y``:
 regression).  ``x`` may have any trailing shape (vectors, ``N, C, H, W``
@@ -35,11 +37,14 @@ import numpy as np
 
 from mpidl.errors import MpidlError
 
-__all__ = ["ArrayData", "Rows", "open_path", "read_cifar", "register_arrays", "unregister_arrays",
+__all__ = ["ArrayData", "Rows", "MappedRows", "is_lazy", "open_path", "first_bad_row", "read_cifar",
+           "register_arrays", "unregister_arrays",
            "fingerprint", "augment_batch", "SourceError", "CIFAR"]
 
 KEYS = ("x_train", "y_train", "x_test", "y_test")
 _CHECK_ROWS = 4096          # rows per read when a lazy source is scanned for NaN/inf
+_DENSE = 4                  # a read whose rows fill >= 1/_DENSE of their span reads the span in one slab
+NPY_FILES = tuple(f"{k}.npy" for k in KEYS)
 
 
 class SourceError(MpidlError, ValueError):
@@ -55,7 +60,7 @@ class Rows:
     once per process (read-only, with a chunk cache of ``cache_bytes``).
     """
 
-    def __init__(self, path, name, index=None, *, cache_bytes: int = 4 << 20, _file=None):
+    def __init__(self, path, name, index=None, *, cache_bytes: int = 4 << 20, _file=None, _raw=None):
         self.path, self.name = os.fspath(path), name
         self._f = _file if _file is not None else _h5_open(self.path, cache_bytes)
         dset = self._f[name]
@@ -64,13 +69,21 @@ class Rows:
         self.shape = (len(self.index),) + tuple(dset.shape[1:])
         self.dtype = np.dtype(np.float32)
         self.ndim = len(self.shape)
+        self.filtered = _filtered(dset)
+        self.block_rows = int(dset.chunks[0]) if dset.chunks else _mib_rows(self.shape)
+        # rows read straight from the file when the layout allows (shared by the views; False: h5py reads)
+        self._raw = (_RawRows.of(self.path, dset) or False) if _raw is None else _raw
 
     def __len__(self):
         return len(self.index)
 
     def view(self, index) -> "Rows":
         """Local. The rows ``index`` (positions in this view) as a new lazy view."""
-        return Rows(self.path, self.name, self.index[index], _file=self._f)
+        return Rows(self.path, self.name, self.index[index], _file=self._f, _raw=self._raw)
+
+    def file_rows(self, pos) -> np.ndarray:
+        """Local. Row numbers in the file of positions ``pos`` of this view."""
+        return self.index[np.asarray(pos, dtype=np.int64)]
 
     def __getitem__(self, key):
         if isinstance(key, slice):
@@ -85,10 +98,21 @@ class Rows:
         if rows.size == 0:
             return np.empty((0,) + self.shape[1:], np.float32)
         uniq, inv = np.unique(rows, return_inverse=True)   # h5py wants increasing, distinct indices
+        if self._raw:                                       # rows straight from the file (no GIL held)
+            return np.asarray(self._raw.read(uniq), dtype=np.float32)[inv.reshape(-1)]
         lo, hi = int(uniq[0]), int(uniq[-1]) + 1
         if hi - lo == len(uniq):                            # one contiguous block: a hyperslab read
             block = self._dset[lo:hi]
-        else:
+        elif hi - lo <= _DENSE * len(uniq):                 # dense: one slab, then pick the rows
+            block = self._dset[lo:hi][uniq - lo]
+        elif not self.filtered:
+            # scattered rows of an unfiltered dataset: one simple read per row (h5py's fast path,
+            # a few microseconds each, with the chunk cache off), far cheaper than a point selection
+            block = np.empty((len(uniq),) + tuple(self._dset.shape[1:]), self._dset.dtype)
+            d = self._dset
+            for i, r in enumerate(uniq.tolist()):
+                block[i] = d[r]
+        else:                                               # compressed chunks: one selection, cached chunks
             block = self._dset[uniq]
         return np.asarray(block, dtype=np.float32)[inv.reshape(-1)]
 
@@ -98,6 +122,186 @@ class Rows:
 
     def __repr__(self):
         return f"Rows({self.path}:{self.name}, {len(self)} of {self._dset.shape[0]} rows)"
+
+
+class MappedRows:
+    """Local. A view of some rows of a memory-mapped ``.npy`` array, read on demand as float32.
+
+    The same interface as :class:`Rows`: ``rows[int array]`` reads those rows,
+    ``rows[slice]`` is a narrower view, ``np.asarray(rows)`` reads the view.
+    Nothing is loaded at open; a C-ordered array's rows are read with
+    ``os.preadv`` at their offsets (as :class:`Rows` reads uncompressed HDF5),
+    others through the map.  Either way the array may be larger than memory.
+    """
+
+    def __init__(self, path, name, index=None, *, _array=None, _raw=None):
+        self.path, self.name = os.fspath(path), name
+        self._a = _array if _array is not None else _npy_map(self.path)
+        self.index = np.arange(self._a.shape[0], dtype=np.int64) if index is None else np.asarray(index, np.int64)
+        self.shape = (len(self.index),) + tuple(self._a.shape[1:])
+        self.dtype = np.dtype(np.float32)
+        self.ndim = len(self.shape)
+        self.filtered = False
+        self.block_rows = _mib_rows(self.shape)
+        if _raw is None:     # a C-ordered map: rows read with preadv at their offsets (no page faults, no GIL)
+            a = self._a
+            ok = isinstance(a, np.memmap) and a.flags.c_contiguous and a.dtype.kind in "biuf" and a.shape[0] > 0 \
+                and hasattr(os, "preadv")
+            _raw = _RawRows(self.path, a.dtype, a.shape, base=int(a.offset)) if ok else False
+        self._raw = _raw
+
+    def __len__(self):
+        return len(self.index)
+
+    def view(self, index) -> "MappedRows":
+        """Local. The rows ``index`` (positions in this view) as a new lazy view."""
+        return MappedRows(self.path, self.name, self.index[index], _array=self._a, _raw=self._raw)
+
+    def file_rows(self, pos) -> np.ndarray:
+        """Local. Row numbers in the file of positions ``pos`` of this view."""
+        return self.index[np.asarray(pos, dtype=np.int64)]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.view(key)
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0]
+        return self.read(np.asarray(key))
+
+    def read(self, pos) -> np.ndarray:
+        """Local. Rows at positions ``pos`` of this view, in that order (float32 ndarray)."""
+        rows = self.index[np.asarray(pos, dtype=np.int64)]
+        if rows.size == 0:
+            return np.empty((0,) + self.shape[1:], np.float32)
+        if self._raw:
+            uniq, inv = np.unique(rows, return_inverse=True)
+            return np.asarray(self._raw.read(uniq), dtype=np.float32)[inv.reshape(-1)]
+        lo, hi = int(rows.min()), int(rows.max()) + 1
+        if hi - lo == rows.size and np.all(np.diff(rows) == 1):
+            return np.array(self._a[lo:hi], dtype=np.float32)
+        return np.asarray(self._a[rows], dtype=np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self.read(np.arange(len(self)))
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+    def __repr__(self):
+        return f"MappedRows({self.path}, {len(self)} of {self._a.shape[0]} rows)"
+
+
+class _RawRows:
+    """Local. Rows of an uncompressed HDF5 dataset read with ``os.preadv`` at their byte offsets.
+
+    An unfiltered dataset stores each row's bytes contiguously in the file: at
+    ``offset + row * rowbytes`` (contiguous layout), or inside its chunk when
+    the chunks span whole rows.  The chunks' file offsets come from HDF5's
+    chunk index once, at open; every later read is one ``preadv`` per run of
+    adjacent rows: no h5py call, and the GIL is released during the read, so a
+    reader thread does not hold up the training step.  The bytes are the ones
+    h5py would return.  :meth:`of` gives None for any other layout (then h5py
+    reads the rows).
+    """
+
+    def __init__(self, path, dtype, shape, base=None, chunk_rows=0, chunk_addr=None):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.dtype, self.shape = np.dtype(dtype), tuple(shape)
+        self.rowbytes = self.dtype.itemsize * int(np.prod(self.shape[1:], dtype=np.int64))
+        self.base, self.B, self.addr = base, int(chunk_rows), chunk_addr
+
+    @classmethod
+    def of(cls, path, dset):
+        if not hasattr(os, "preadv"):                # not every platform has it: h5py reads
+            return None
+        try:
+            if _filtered(dset) or dset.dtype.hasobject or dset.dtype.kind not in "biuf" or dset.ndim < 1 \
+                    or dset.shape[0] == 0 or getattr(dset, "is_virtual", False) or dset.external:
+                return None
+            if dset.chunks is None:
+                off = dset.id.get_offset()
+                return None if off is None else cls(path, dset.dtype, dset.shape, base=int(off))
+            if tuple(dset.chunks[1:]) != tuple(dset.shape[1:]):
+                return None                          # a row spans several chunks
+            B = int(dset.chunks[0])
+            nch = -(-dset.shape[0] // B)
+            if dset.id.get_num_chunks() != nch:      # unwritten chunks hold the fill value: h5py knows it
+                return None
+            addr = np.empty(nch, np.int64)
+            for i in range(nch):
+                info = dset.id.get_chunk_info(i)
+                addr[info.chunk_offset[0] // B] = info.byte_offset
+            return cls(path, dset.dtype, dset.shape, chunk_rows=B, chunk_addr=addr)
+        except Exception:      # noqa: BLE001  (an HDF5 library without the chunk queries: h5py reads)
+            return None
+
+    def __del__(self):
+        try:
+            os.close(self.fd)
+        except (OSError, AttributeError, TypeError):
+            pass
+
+    def offsets(self, rows: np.ndarray) -> np.ndarray:
+        if self.addr is None:
+            return self.base + rows * self.rowbytes
+        return self.addr[rows // self.B] + (rows % self.B) * self.rowbytes
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        """Local. The increasing, distinct ``rows``, in the dataset's dtype and shape."""
+        rb = self.rowbytes
+        out = np.empty((len(rows), rb), np.uint8)
+        offs = self.offsets(rows)
+        cuts = np.flatnonzero(np.diff(offs) != rb) + 1        # runs of rows adjacent in the file
+        starts = np.concatenate([[0], cuts]).tolist()
+        ends = np.concatenate([cuts, [len(rows)]]).tolist()
+        flat = memoryview(out.reshape(-1))
+        for a, b in zip(starts, ends):
+            n = os.preadv(self.fd, [flat[a * rb:b * rb]], int(offs[a]))
+            if n != (b - a) * rb:
+                raise OSError(f"short read: {n} of {(b - a) * rb} bytes at offset {int(offs[a])} (truncated file?)")
+        return out.view(self.dtype).reshape((len(rows),) + self.shape[1:])
+
+
+def is_lazy(x) -> bool:
+    """Local. True for inputs read on demand (:class:`Rows`, :class:`MappedRows`)."""
+    return isinstance(x, (Rows, MappedRows))
+
+
+def _filtered(dset) -> bool:
+    """Whether an HDF5 dataset's chunks pass through filters (compression, shuffle, checksums)."""
+    try:
+        return dset.id.get_create_plist().get_nfilters() > 0
+    except Exception:      # noqa: BLE001  (an unusual dataset: assume the general path)
+        return True
+
+
+def _mib_rows(shape) -> int:
+    """Rows of ``shape``'s trailing size (float32) in 1 MiB: the block of an unchunked source."""
+    row = 4 * int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 4
+    return max(1, (1 << 20) // max(1, row))
+
+
+def _npy_map(path):
+    try:
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise SourceError(f"cannot read {path}: {e}") from None
+    if not isinstance(a, np.ndarray):
+        raise SourceError(f"{path} does not hold one array")
+    return a
+
+
+def first_bad_row(x) -> int:
+    """Local. Position of the first row of the batch ``x`` (ndarray or CPU tensor) holding NaN/inf, or -1.
+
+    One float64 sum first: NaN and inf propagate into it, and finite float32 values cannot
+    overflow it, so a finite sum clears the batch at the cost of one pass; only a batch whose
+    sum is not finite is scanned row by row.
+    """
+    a = x.detach().numpy() if type(x).__module__.startswith("torch") else np.asarray(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if len(a) == 0 or np.isfinite(a.sum(dtype=np.float64)):
+            return -1
+    ok = np.isfinite(a.reshape(len(a), -1)).all(1)
+    return -1 if ok.all() else int(np.flatnonzero(~ok)[0])
 
 
 @dataclass
@@ -158,10 +362,14 @@ def fingerprint(path) -> dict:
     p = os.fspath(path)
     if p.startswith("memory:"):
         return {"data_file": p}
+    files = [os.path.join(p, f) for f in NPY_FILES] if os.path.isdir(p) else [p]
     try:
-        size = os.path.getsize(p)
-        with open(p, "rb") as f:
-            head = hashlib.sha256(f.read(1 << 20)).hexdigest()
+        size, h = 0, hashlib.sha256()
+        for q in files:       # a folder: the four .npy files in a fixed order, the first MiB of each
+            size += os.path.getsize(q)
+            with open(q, "rb") as f:
+                h.update(f.read(1 << 20))
+        head = h.hexdigest()
     except OSError as e:
         raise SourceError(f"cannot read data file {p}: {e}") from None
     return {"data_file": os.path.abspath(p), "data_bytes": int(size), "data_sha256_head": head}
@@ -185,13 +393,15 @@ def open_path(path, *, check: bool = True) -> ArrayData:
         return _validate(p, dict(zip(KEYS, arrs)), ncls, p, check, {"data_file": p})
     if not os.path.exists(p):
         raise SourceError(f"data file {p} not found")
+    if os.path.isdir(p):
+        return _open_npy_dir(p, check)
     ext = Path(p).suffix.lower()
     if ext == ".npz":
         return _open_npz(p, check)
     if ext in (".h5", ".hdf5", ".hdf"):
         return _open_h5(p, check)
-    raise SourceError(f"data file {p}: unknown kind {ext!r}; use .npz (numpy.savez) or .h5 (HDF5) "
-                      f"holding {', '.join(KEYS)}")
+    raise SourceError(f"data file {p}: unknown kind {ext!r}; use .npz (numpy.savez), .h5 (HDF5) or a folder "
+                      f"of .npy files, holding {', '.join(KEYS)}")
 
 
 def _open_npz(p, check):
@@ -211,6 +421,26 @@ def _open_npz(p, check):
     return _validate(p, arrs, ncls, Path(p).stem, check, fingerprint(p))
 
 
+def missing_npy(folder) -> list:
+    """Local. The files of :data:`NPY_FILES` that ``folder`` lacks."""
+    return [f for f in NPY_FILES if not os.path.isfile(os.path.join(folder, f))]
+
+
+def _open_npy_dir(p, check):
+    missing = missing_npy(p)
+    if missing:
+        held = ", ".join(sorted(f for f in os.listdir(p) if f.endswith(".npy"))) or "no .npy file"
+        raise SourceError(f"data folder {p} has no {missing[0]} (it holds {held}; needs {', '.join(NPY_FILES)})")
+    arrs = {}
+    for k in KEYS:
+        a = _npy_map(os.path.join(p, f"{k}.npy"))
+        if k.startswith("x") and a.ndim >= 2 and (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+            arrs[k] = MappedRows(os.path.join(p, f"{k}.npy"), k, _array=a)
+        else:                    # labels in memory (the partition needs them); odd inputs fail in _validate
+            arrs[k] = np.array(a)
+    return _validate(p, arrs, None, Path(p).name, check, fingerprint(p))
+
+
 def _open_h5(p, check):
     f = _h5_open(p)
     missing = [k for k in KEYS if k not in f]
@@ -219,6 +449,11 @@ def _open_h5(p, check):
         f.close()
         raise SourceError(f"data file {p} has no dataset {missing[0]!r} (it holds {names}; "
                           f"needs {', '.join(KEYS)})")
+    if not any(_filtered(f[k]) for k in ("x_train", "x_test")):
+        # no compression: the chunk cache only slows scattered row reads (every row pulled a whole
+        # chunk through it), so read without one
+        f.close()
+        f = _h5_open(p, 0)
     try:
         ys = {k: f[k][...] for k in ("y_train", "y_test")}
         ncls = int(f.attrs["num_classes"]) if "num_classes" in f.attrs else None
@@ -259,7 +494,9 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
         k = hi + 1 if ncls is None else int(ncls)
         if lo < 0 or hi >= k:
             bad = lo if lo < 0 else hi
-            raise SourceError(f"{where}: label {bad} is outside 0..{k - 1}"
+            split, y = ("train", ytr) if bad in (int(ytr.min()), int(ytr.max())) else ("test", yte)
+            row = int(np.flatnonzero(y == bad)[0])
+            raise SourceError(f"{where}: label {bad} (y_{split} row {row}) is outside 0..{k - 1}"
                               + (f" (num_classes = {k})" if ncls is not None else ""))
         if k < 2:
             raise SourceError(f"{where}: classification needs at least 2 classes, the labels give {k}")
@@ -272,12 +509,12 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
     xs = {}
     for split in ("train", "test"):
         x = a[f"x_{split}"]
-        if not isinstance(x, Rows):
+        if not is_lazy(x):
             if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
                 raise SourceError(f"{where}: x_{split} has dtype {x.dtype}, not numbers")
             x = np.asarray(x, dtype=np.float32)
-            if check and not np.all(np.isfinite(x)):
-                raise SourceError(f"{where}: x_{split} holds NaN or inf")
+            if check and (bad := first_bad_row(x)) >= 0:
+                raise SourceError(f"{where}: x_{split} row {bad} holds NaN or inf")
         xs[split] = x
     return ArrayData(name=str(name), x_train=xs["train"], y_train=ytr, x_test=xs["test"], y_test=yte,
                      num_classes=k, input_shape=tuple(int(s) for s in a["x_train"].shape[1:]), provenance=prov)
@@ -286,13 +523,17 @@ def _validate(where, a, ncls, name, check, prov) -> ArrayData:
 def check_finite_rows(x, where: str, what: str) -> None:
     """Local. Raise :class:`SourceError` when the rows of ``x`` (ndarray or :class:`Rows`) hold NaN/inf.
 
-    Lazy rows are read in blocks of a few thousand, so memory stays bounded.
+    Lazy rows are read in blocks of a few thousand, so memory stays bounded.  The message names
+    the first bad row (its row number in the file for lazy rows).
     """
     n = len(x)
     for a in range(0, n, _CHECK_ROWS):
-        block = x.read(np.arange(a, min(n, a + _CHECK_ROWS))) if isinstance(x, Rows) else x[a:a + _CHECK_ROWS]
-        if not np.all(np.isfinite(block)):
-            raise SourceError(f"{where}: {what} holds NaN or inf")
+        pos = np.arange(a, min(n, a + _CHECK_ROWS))
+        block = x.read(pos) if is_lazy(x) else x[a:a + _CHECK_ROWS]
+        bad = first_bad_row(block)
+        if bad >= 0:
+            row = int(x.file_rows(pos[bad:bad + 1])[0]) if is_lazy(x) else a + bad
+            raise SourceError(f"{where}: {what} row {row} holds NaN or inf")
 
 
 # -- CIFAR ---------------------------------------------------------------------

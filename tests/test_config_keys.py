@@ -42,6 +42,10 @@ BAD = {
     "data.alpha": ["0", "-1", "nan", "inf"],
     "data.seed": ["-1", "1.5"],
     "data.eval_samples": ["-1"],
+    "data.prefetch": ["-1", "1.5", "true"],
+    "data.shuffle": ['"chunk"', '""'],
+    "data.shuffle_buffer": ["0", "-2"],
+    "data.check": ['"yes"', '""', "true"],
     # [model]
     "model.name": ['"nope"', '"MLP"'],
     "model.hidden": ["[-5]", "[0]", "[16, 0]", "[1.5]", "[true]", "3"],

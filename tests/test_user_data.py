@@ -254,9 +254,9 @@ def _bad_files(tmp_path):
     cases["missing key"] = (npz("nokey.npz", y_test=None), "no array 'y_test'")
     cases["length mismatch"] = (npz("len.npz", y_train=a["y_train"][:-1]), "x_train has 300 rows but y_train has 299")
     cases["negative label"] = (npz("neg.npz", y_train=np.where(np.arange(300) == 7, -1, a["y_train"])),
-                               "label -1 is outside")
+                               "label -1 (y_train row 7) is outside")
     np.savez(tmp_path / "big.npz", **a, num_classes=2)
-    cases["label >= classes"] = ("big.npz", "label 2 is outside 0..1")
+    cases["label >= classes"] = ("big.npz", "is outside 0..1")
     xn = a["x_train"].copy()
     xn[11, 2] = np.nan
     cases["nan"] = (npz("nan.npz", x_train=xn), "NaN or inf")
@@ -266,7 +266,7 @@ def _bad_files(tmp_path):
     xh = a["x_train"].copy()
     xh[299, 0] = np.inf
     _write_h5(tmp_path / "inf.h5", dict(a, x_train=xh))
-    cases["inf in h5 (last row)"] = ("inf.h5", "NaN or inf")
+    cases["inf in h5 (last row)"] = ("inf.h5", "x_train row 299 holds NaN or inf")
     _write_h5(tmp_path / "nokey.h5", {k: v for k, v in a.items() if k != "x_test"})
     cases["h5 missing key"] = ("nokey.h5", "no dataset 'x_test'")
     np.savez(tmp_path / "good.npz", **a)
@@ -296,20 +296,26 @@ def _setup_error(tmp_path, sets, monkeypatch):
 
 def test_every_bad_input_is_one_clear_error(tmp_path, monkeypatch):
     cases = _bad_files(tmp_path)
-    runs = [([f"data.path={f}", "model.factory=m.py:make"], m) for f, m in cases.values()]
+    runs = [([f"data.path={f}", "model.factory=m.py:make", 'data.check="full"'], m) for f, m in cases.values()]
     runs += [(["data.path=good.npz", f"model.factory={spec}"], m) for spec, m in FACTORY_CASES]
     for sets, match in runs:
         msg = _setup_error(tmp_path, sets, monkeypatch)
         assert match in msg and "\n" not in msg, (sets, msg)
 
 
-@pytest.mark.parametrize("case", ["inf in h5 (last row)", "factory raises", "label >= classes"])
+@pytest.mark.parametrize("case", ["inf in h5 (last row)", "inf in h5 (check = batch)", "factory raises",
+                                  "label >= classes"])
 def test_bad_input_through_the_cli_is_one_line_and_exit_2(tmp_path, case):
     """At 3 ranks: one line from rank 0, exit 2 everywhere, nothing under run.out.  The inf sits in
-    the last training row, which only one rank's shard holds (the error is agreed)."""
+    the last training row, which only one rank's shard holds (the error is agreed).  With
+    ``check = "batch"`` (the HDF5 default) it is found when its batch is read: the run has started,
+    and the message names the step and the last good checkpoint."""
     cases = _bad_files(tmp_path)
-    sets = {"inf in h5 (last row)": (["data.path=inf.h5", "model.factory=m.py:make",
+    sets = {"inf in h5 (last row)": (["data.path=inf.h5", "model.factory=m.py:make", 'data.check="full"',
                                       "data.partition=contiguous"], cases["inf in h5 (last row)"][1]),
+            "inf in h5 (check = batch)": (["data.path=inf.h5", "model.factory=m.py:make", "run.steps=20",
+                                           "run.checkpoint_every=1", "data.partition=contiguous"],
+                                          "x_train row 299 holds NaN or inf (read for step"),
             "factory raises": (["data.path=good.npz", "model.factory=m.py:boom"], FACTORY_CASES[2][1]),
             "label >= classes": (["data.path=big.npz", "algorithm.name=fdg", "algorithm.stages=3",
                                   "model.factory=m.py:make"], cases["label >= classes"][1])}[case]
@@ -323,7 +329,11 @@ def test_bad_input_through_the_cli_is_one_line_and_exit_2(tmp_path, case):
     assert len(lines) == 1 and "error:" in lines[0] and sets[1] in lines[0], err[0][-2000:]
     assert all(not err[r].strip() for r in range(1, n)), err
     assert not any("Traceback" in out[r] for r in range(n))
-    assert not out_dir.exists(), f"{out_dir} was created"
+    if "batch" in case:
+        assert "on rank 2" in lines[0] and "Last good checkpoint: step" in lines[0], lines[0]
+        assert (out_dir / "default" / "checkpoints").is_dir() or any(out_dir.rglob("checkpoints")), lines[0]
+    else:
+        assert not out_dir.exists(), f"{out_dir} was created"
 
 
 def test_resume_with_another_data_file_is_an_error(tmp_path):
@@ -365,7 +375,7 @@ def doc_files(doc: Path) -> dict:
 def test_docs_worked_example(tmp_path):
     doc = ROOT / "docs" / "your-model-your-data.md"
     files = doc_files(doc)
-    assert set(files) == {"mymodel.py", "make_data.py", "mine.toml"}
+    assert set(files) == {"mymodel.py", "make_data.py", "mine.toml", "make_npy.py"}
     for name, body in files.items():
         (tmp_path / name).write_text(body)
     subprocess.run([sys.executable, "make_data.py"], cwd=tmp_path, check=True)
@@ -383,6 +393,31 @@ def test_docs_worked_example(tmp_path):
     # 4 classes: chance is about 0.25; each family learns the problem
     assert all(a > 0.6 for a in accs.values()), accs
     assert (tmp_path / "runs" / "cdmsgd_ring" / "results.h5").is_file()
+
+
+def test_docs_npy_folder_example(tmp_path):
+    """The .npy folder of docs/your-model-your-data.md: written in blocks by make_npy.py, trained by
+    the documented command (2 ranks); it learns the problem, and memory-maps the inputs."""
+    doc = ROOT / "docs" / "your-model-your-data.md"
+    files = doc_files(doc)
+    for name in ("mymodel.py", "mine.toml", "make_npy.py"):
+        (tmp_path / name).write_text(files[name])
+    subprocess.run([sys.executable, "make_npy.py"], cwd=tmp_path, check=True)
+    assert sorted(p.name for p in (tmp_path / "mynpy").iterdir()) == sorted(
+        ["x_train.npy", "y_train.npy", "x_test.npy", "y_test.npy"])
+    src = open_path(tmp_path / "mynpy")
+    assert type(src.x_train).__name__ == "MappedRows" and src.x_train.shape == (2400, 20)
+    cmds = re.findall(r"^mpiexec -n 2 python -m mpidl run (mine\.toml --set data\.path=mynpy)$", doc.read_text(),
+                      flags=re.M)
+    assert len(cmds) == 1, cmds
+    proc = subprocess.run([*mpiexec(), "-n", "2", sys.executable, "-m", "mpidl", "run", *cmds[0].split()],
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = re.search(r"finished \(done\) at step \d+/\d+: test acc ([0-9.]+)", proc.stdout)
+    assert m and float(m.group(1)) > 0.6, proc.stdout[-2000:]
+    with h5py.File(tmp_path / "runs" / "cdmsgd_ring" / "results.h5") as f:
+        assert f.attrs["data_file"] == str(tmp_path / "mynpy")
 
 
 @pytest.mark.parametrize("method", ["cdmsgd", "fdg", "lsgd"])

@@ -118,25 +118,25 @@ class StageData:
     """Local. Replica m's minibatches, in the order of :class:`mpidl.oracles.TorchOracle`.
 
     Batch b uses the permutation ``default_rng([seed, m, b // spe])`` of the
-    replica's shard and takes slice ``b mod spe``; only the first and last
-    stage read data (inputs / labels).
+    replica's shard (or its block permutation, ``[data] shuffle = "block"``) and
+    takes slice ``b mod spe``; only the first and last stage read data (inputs /
+    labels), in the step (no reader thread), and the inputs were checked for
+    NaN/inf at start-up.
     """
 
-    def __init__(self, x, y, *, batch, steps_per_epoch, seed, replica, dtype, num_classes, augment=False):
+    def __init__(self, x, y, *, batch, steps_per_epoch, seed, replica, dtype, num_classes, augment=False,
+                 shuffle="global", block=1, buffer=1):
+        from mpidl.convex import Order
         from mpidl.oracles import Batches
         self.x = Batches(x, dtype, augment=augment, seed=seed, stream=replica)
         self.regression = num_classes == 0
         self.y = torch.as_tensor(np.asarray(y)).to(dtype if self.regression else torch.long)
         self.batch, self.spe, self.seed, self.m = int(batch), int(steps_per_epoch), int(seed), int(replica)
         self.n = self.y.shape[0]
-        self._perm, self._epoch = None, None
+        self.order = Order(self.n, self.batch, self.spe, self.seed, self.m, shuffle, block, buffer)
 
     def indices(self, b: int) -> torch.Tensor:
-        epoch, j = divmod(int(b), self.spe)
-        if epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, self.m, epoch]).permutation(self.n)
-            self._epoch = epoch
-        return torch.from_numpy(self._perm[j * self.batch:(j + 1) * self.batch])
+        return torch.from_numpy(self.order.indices(b))
 
     def inputs(self, b):
         return self.x.take(self.indices(b).numpy(), b)

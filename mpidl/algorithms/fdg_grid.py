@@ -32,7 +32,7 @@ from mpidl.config import register_algorithm
 from mpidl.comm import GraphComm, GridComm
 from mpidl.errors import MpidlError
 from mpidl.flat import FlatModel
-from mpidl.layouts import Session, load_shard, provenance, steps_per_epoch, user_model
+from mpidl.layouts import Session, batch_options, load_shard, provenance, steps_per_epoch, user_model
 from mpidl.models import balanced_cuts, check_cuts, model_units, slice_model, unit_costs
 from mpidl.oracles import as_batch
 
@@ -256,8 +256,10 @@ def _setup(cfg, acfg, d, r, mc, grid, M, K, device=None):
     algo = FDG(acfg, fm=fm, k=k, K=K, batch=batch, shapes=shapes, steps_per_epoch=spe, total_steps=total,
                loss=cfg.model.loss, num_classes=shard.num_classes)
     state = algo.init(fm.x, grid)
+    opts = batch_options(cfg, shard)
     data = StageData(shard.x if k == 0 else shard.x[:0], shard.y, batch=batch, steps_per_epoch=spe,
-                     seed=r.seed, replica=m, dtype=dtype, num_classes=shard.num_classes, augment=d.augment)
+                     seed=r.seed, replica=m, dtype=dtype, num_classes=shard.num_classes, augment=d.augment,
+                     shuffle=opts["shuffle"], block=opts["block"], buffer=opts["buffer"])
     test_x, test_y = shard.x_test[m::M], shard.y_test[m::M]
     sess = GridSession(mc=mc, algo=algo, state=state, comm=grid, oracle=data, data=data,
                        steps_per_epoch=spe, total=total, fm=fm, M=M, K=K, cuts=cuts, n_units=len(units),

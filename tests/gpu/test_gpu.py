@@ -134,3 +134,31 @@ def test_two_ranks_staged_and_auto_match_cpu(tmp_path, aware):
     _mpiexec_run(2, _settings(tmp_path, "cpu", "cdmsgd", "cpu", "float64", []), tmp_path)
     for r in range(2):
         _close(_params(tmp_path, "gpu", r), _params(tmp_path, "cpu", r), f"cuda_aware={aware} rank {r}")
+
+
+def test_pinned_prefetched_batches_match_and_overlap(tmp_path, monkeypatch):
+    """Issue 30: batches assembled in pinned memory by the reader thread, copied on a side stream
+    (the next one during the step): the GPU run with prefetch 3 equals prefetch 0 bitwise, the
+    batches are pinned, and copies were issued early."""
+    import mpidl.oracles as O
+    seen = []
+    assemble, close = O.BatchStream.assemble, O.BatchStream.close
+
+    def spy_assemble(self, k):
+        xb, yb = assemble(self, k)
+        seen.append(xb.is_pinned() and yb.is_pinned())
+        return xb, yb
+
+    def spy_close(self):
+        seen.append(("early", self.early_copies))
+        close(self)
+    monkeypatch.setattr(O.BatchStream, "assemble", spy_assemble)
+    monkeypatch.setattr(O.BatchStream, "close", spy_close)
+    world = MPI.COMM_WORLD
+    for name, pf in (("pf0", 0), ("pf3", 3)):
+        train(C.load(None, _settings(tmp_path, name, "cdmsgd", "cuda", "float32", [f"data.prefetch={pf}"])), world)
+    a, b = _params(tmp_path, "pf0", 0), _params(tmp_path, "pf3", 0)
+    assert np.array_equal(np.asarray(a["algo"]["x"]), np.asarray(b["algo"]["x"]))
+    assert all(s for s in seen if not isinstance(s, tuple)), "a batch was not pinned"
+    early = [s[1] for s in seen if isinstance(s, tuple)]
+    assert early[-1] > 0, early

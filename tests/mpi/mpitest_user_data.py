@@ -108,3 +108,50 @@ def test_factory_model_trains_like_the_same_builtin_model(files):
     b = train(cfg, WORLD)
     assert_all(_same(_state(files, "factory", 12), _state(files, "builtin", 12)), "factory != built-in mlp")
     assert_all(a["test_acc"] == b["test_acc"], f"{a['test_acc']} vs {b['test_acc']}")
+
+
+# -- issue 30: prefetch, block shuffle, per-batch checks -------------------------------------
+@pytest.mark.parametrize("shuffle", ["global", "block"])
+def test_prefetch_is_bitwise_and_resumes_mid_epoch(files, shuffle):
+    """HDF5 rows with a reader thread 3 batches ahead == read in the step; 7 + resume 7 (mid-epoch at
+    every size: 30, 15 or 10 steps per epoch) with the thread == 14 straight."""
+    extra = ["algorithm.name=cdmsgd", "run.steps=14", "run.checkpoint_every=7", f"data.path={files}/d.h5",
+             f'data.shuffle="{shuffle}"', "data.shuffle_buffer=2"]
+    train(_cfg(files, f"pf0_{shuffle}", *extra, "data.prefetch=0"), WORLD)
+    train(_cfg(files, f"pf3_{shuffle}", *extra, "data.prefetch=3"), WORLD)
+    first = train(_cfg(files, f"pfr_{shuffle}", *extra, "data.prefetch=3"), WORLD, max_steps=7)
+    assert_all(first["stop"] == "max_steps", str(first))
+    train(_cfg(files, f"pfr_{shuffle}", *extra, "data.prefetch=3", "run.resume=auto"), WORLD)
+    ref = _state(files, f"pf0_{shuffle}", 14)
+    assert_all(_same(ref, _state(files, f"pf3_{shuffle}", 14)), f"{shuffle}: prefetch changed the run")
+    assert_all(_same(ref, _state(files, f"pfr_{shuffle}", 14)), f"{shuffle}: resume with prefetch differs")
+
+
+def test_bad_row_read_by_one_rank_stops_every_rank_at_its_step(files):
+    """A NaN in the last training row (contiguous partition: only the last rank serves it), found when
+    its batch is read ([data] check = "batch", the HDF5 default): every rank raises the same
+    DataStepError naming the file, the row and the step; the checkpoint before it is intact."""
+    from mpidl.driver import DataStepError
+    bad = f"{files}/bad.h5"
+    if R == 0:
+        with h5py.File(f"{files}/d.h5") as f, h5py.File(bad, "w") as g:
+            for k in f:
+                v = f[k][...]
+                if k == "x_train":
+                    v[-1, 1, 2, 3] = np.nan
+                g.create_dataset(k, data=v, chunks=((32,) + v.shape[1:]) if v.ndim > 1 else None)
+    WORLD.Barrier()
+    cfg = _cfg(files, "badrow", "algorithm.name=cdmsgd", "run.steps=60", "run.checkpoint_every=2",
+               "run.log_every=2", f"data.path={bad}", "data.partition=contiguous", "data.prefetch=2")
+    err = None
+    try:
+        train(cfg, WORLD)
+    except DataStepError as e:
+        err = str(e)
+    msgs = WORLD.allgather(err)
+    assert_all(all(m is not None and m == msgs[0] for m in msgs), f"not one error on every rank: {msgs}")
+    assert_all("bad.h5: x_train row 479 holds NaN or inf" in msgs[0] and f"on rank {N - 1}" in msgs[0], msgs[0])
+    step = int(msgs[0].split("read for step ")[1].split()[0])
+    assert_all(f"Last good checkpoint: step {step - step % 2}" in msgs[0] or step < 2, msgs[0])
+    if step >= 2:
+        assert_all(_state(files, "badrow", step - step % 2) is not None, "checkpoint unreadable")
