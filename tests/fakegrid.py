@@ -102,6 +102,14 @@ class FakeMC:
         pass
 
 
+class _NoProgress:
+    """The stage communicator's progress engine, as far as the thread grid needs it (``[comm]
+    progress = "none"``: nothing to hook)."""
+
+    def attach(self, fm):
+        return self
+
+
 class FakeGrid:
     """Rank (m, k)'s GridComm: point to point along replica m's path, allreduce over stage k's copies."""
 
@@ -111,6 +119,7 @@ class FakeGrid:
         self.w, self.M, self.K, self.m, self.k = world, world.M, world.K, m, k
         self._pending, self._n = [], 0
         self.bytes_sent = 0
+        self.stage = _NoProgress()
 
     _peer = GridComm._peer          # the real direction checks (they read only k and K)
 

@@ -62,8 +62,9 @@ class _World:
         return self.mc.size
 
 
-def _grid_comm(world, M, K):
+def _grid_comm(world, M, K, progress="none", **kw):
     assert (M, K) == (world.grid.M, world.grid.K), f"setup_grid asked for a {M} x {K} grid"
+    assert progress == "none" and not kw, (progress, kw)   # the thread grid has no progress engine
     return world.grid
 
 
