@@ -2,8 +2,9 @@
 
     python benchmarks/scaling_report.py OUTDIR RATE_BITS [--json FILE] [--overlap-cdmsgd F]
 
-For each (N, family): the median over repetitions of the seconds per step with links unshaped
-("compute") and shaped to RATE ("measured"), from the results file's train rows (the median of
+For each (N, family): the median over repetitions of the seconds per step of "compute" (N
+single-rank runs at once: no communication, the same CPU contention; fdg: the N-rank run with
+unshaped links) and of the N-rank run over links shaped to RATE ("measured"), from the results file's train rows (the median of
 the 16-step intervals between train rows 16 ... 208; start-up is left out), the bytes per rank per step from the driver's counters,
 and the model's prediction t_step(compute, t_comm) with the family's pattern
 (benchmarks/scaling_model.py), alpha = 0 (the emulated links add no latency) and the TCP framing
@@ -63,9 +64,9 @@ def main(argv=None):
     fab = M.Fabric("emulated", a.rate, 0.0, M.TCP_WIRE)
     res = []
     for (n, fam), d in sorted(collect(a.out).items()):
-        if "shaped" not in d or "unshaped" not in d:
+        if "shaped" not in d or "compute" not in d:
             continue
-        tc = statistics.median(r["t"] for r in d["unshaped"])
+        tc = statistics.median(r["t"] for r in d["compute"])
         tm = statistics.median(r["t"] for r in d["shaped"])
         bm = statistics.median(r["bytes"] for r in d["shaped"])
         loads = [x for c in d.values() for r in c for x in r["load"]]
@@ -85,7 +86,7 @@ def main(argv=None):
                     "comm_model_ms": 1e3 * tcomm, "model_ms": 1e3 * pred, "model0_ms": 1e3 * pred0,
                     "overlap": f, "bytes_rank_step": bm, "bytes_model": counted,
                     "err": pred / tm - 1.0, "err0": pred0 / tm - 1.0,
-                    "reps": [len(d["unshaped"]), len(d["shaped"])],
+                    "reps": [len(d["compute"]), len(d["shaped"])],
                     "load": [min(loads), max(loads)], "stage_bytes_from_counters": stage})
     print("| N | family | load | compute ms | measured ms | model comm ms | model ms (overlap) | "
           "error steps/s | error, overlap 0 | bytes/rank/step counted | model |")
