@@ -29,9 +29,11 @@ extra_of() { case $1 in
     *) echo "" ;; esac; }
 # vnodes.sh gives its token buckets a burst of 10 ms of traffic (1.25 MB at 1 Gbit/s): a link idle
 # during the compute then passes a whole 1.2 MB model at veth speed, which no real link does.
-# The validation reshapes every link with a burst of BURST bytes (default 64 KiB, 0.5 ms at
-# 1 Gbit/s) so the link's rate holds at the scale of one message.
-burst=${BURST:-65536}
+# The validation reshapes every link with a burst of BURST bytes (default 256 KiB, 2 ms at
+# 1 Gbit/s) so the link's rate holds at the scale of one message. Smaller is worse, not better:
+# with 64 KiB a 1.2 MB Sendrecv between two nodes took 28 ms instead of 10 (the shaper's timers
+# on the loaded machine); with 256 KiB 8.6-9.0 ms, with the default 10 ms burst 4.2-7.5 ms.
+burst=${BURST:-262144}
 small_burst() {
     # shellcheck disable=SC1091
     . "$1/vnodes.env"

@@ -8,7 +8,7 @@ unshaped links) and of the N-rank run over links shaped to RATE ("measured"), fr
 the 16-step intervals between train rows 16 ... 208; start-up is left out), the bytes per rank per step from the driver's counters,
 and the model's prediction t_step(compute, t_comm) with the family's pattern
 (benchmarks/scaling_model.py), alpha = 0 (the emulated links add no latency) and the TCP framing
-factor.  Error = measured steps/s / modelled steps/s - 1.
+factor.  Error = measured steps/s / modelled steps/s - 1 (+: the run is faster than the model).
 """
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def main(argv=None):
     ap.add_argument("out")
     ap.add_argument("rate", type=float, help="link rate in bit/s")
     ap.add_argument("--json")
+    ap.add_argument("--plot", help="PNG: measured vs modelled steps/s per family and N")
     ap.add_argument("--overlap", default="cdmsgd=0.36",
                     help="family=f,...: overlap factors (default: CDMSGD's measured by the overlap work)")
     a = ap.parse_args(argv)
@@ -98,6 +99,32 @@ def main(argv=None):
               f"{r['bytes_model'] / 1e6:.3f} MB |")
     if a.json:
         Path(a.json).write_text(json.dumps({"rate_bits": a.rate, "rows": res}, indent=1))
+    if a.plot:
+        plot(res, a.plot, a.rate)
+
+
+def plot(res, path, rate):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fams = sorted({r["family"] for r in res})
+    fig, axes = plt.subplots(1, len(fams), figsize=(2.6 * len(fams), 3.0), squeeze=False)
+    for ax, fam in zip(axes[0], fams):
+        rs = sorted((r for r in res if r["family"] == fam), key=lambda r: r["n"])
+        ns = [r["n"] for r in rs]
+        ax.plot(ns, [1e3 / r["measured_ms"] for r in rs], "o-", label="measured")
+        ax.plot(ns, [1e3 / r["model_ms"] for r in rs], "s--", label="model")
+        ax.plot(ns, [1e3 / r["compute_ms"] for r in rs], ":", color="gray", label="compute only")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ns, [str(n) for n in ns])
+        ax.set_ylim(bottom=0)
+        ax.set_title(fam, fontsize=9)
+        ax.set_xlabel("emulated nodes")
+    axes[0][0].set_ylabel("steps/s per rank")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"Model vs measured, links {rate / 1e9:g} Gbit/s (benchmarks/scaling_report.py)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
