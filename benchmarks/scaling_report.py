@@ -97,7 +97,7 @@ def main(argv=None):
           "error steps/s | error, overlap 0 | bytes/rank/step counted | model |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res:
-        print(f"| {r['n']} | {r['family']} | {r['load'][0]:.0f}-{r['load'][1]:.0f} | {r['compute_ms']:.1f} | "
+        print(f"| {r['n']} | {r['family']} | {r['load'][0]:.0f}-{r['load'][1]:.0f} | {r['compute_ms']:.1f} ({r['compute_median_ms']:.1f}) | "
               f"{r['measured_ms']:.1f} | {r['comm_model_ms']:.1f} | {r['model_ms']:.1f} ({r['overlap']:g}) | "
               f"{r['err']:+.0%} | {r['err0']:+.0%} | {r['bytes_rank_step'] / 1e6:.3f} MB | "
               f"{r['bytes_model'] / 1e6:.3f} MB |")
