@@ -5,7 +5,8 @@
 # MPICH process runs about 1.7x slower here) of the same config at once (no
 # communication, the same N processes competing for the machine's cores as the N ranks do), and
 # "shaped", the N-rank run over links shaped to RATE. fdg cannot run on one rank (stages >= 2):
-# its "compute" is the N-rank run with the links unshaped. Alternates the two, REPS times.
+# its "compute" is the N-rank run with the links unshaped, and so is that of the families listed
+# in UNSHAPED_COMPUTE="lsgd cdmsgd" (a cross-check). Alternates the two, REPS times.
 #   sudo bash benchmarks/run_scaling.sh OUTDIR RATE "2 4 8" REPS [families...]
 # Writes OUTDIR/runs.tsv (N family cond rep load1 results) for benchmarks/scaling_report.py.
 set -euo pipefail
@@ -52,7 +53,7 @@ for n in $ns; do
             for cond in compute shaped; do
                 name="n${n}_${fam}_${cond}_${rep}"
                 load=$(cut -d' ' -f1 /proc/loadavg)
-                if [ $cond = compute ] && [ "$fam" != fdg ]; then
+                if [ $cond = compute ] && [ "$fam" != fdg ] && [[ " ${UNSHAPED_COMPUTE:-} " != *" $fam "* ]]; then
                     pids=()
                     for i in $(seq 1 "$n"); do
                         # shellcheck disable=SC2046
