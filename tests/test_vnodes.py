@@ -83,6 +83,7 @@ def test_life_cycle_hostnames_shaping_and_stop_kills_by_pid(tmp_path):
         made = {f"mpidl-vn{vid}-{i}" for i in ("0", "1", "2", "sw")}
         assert _namespaces() - before == made
         assert (env["VN_K"], env["VN_RATE"], env["VN_RATE_BITS"]) == ("3", "200mbit", "200000000")
+        assert env["VN_BURST"] == "50000"           # 2 ms of traffic at 200 Mbit/s
         assert (d / "hostfile").read_text().split() == ["vnode0", "vnode1", "vnode2"]
         for f in ("mpiexec", "agent"):
             assert os.access(d / f, os.X_OK)
@@ -103,6 +104,7 @@ def test_life_cycle_hostnames_shaping_and_stop_kills_by_pid(tmp_path):
                 assert "tbf" in qd and "200Mbit" in qd, (ns, dev, qd)
         # reshape, then unshape
         assert vn("rate", d, "50mbit").returncode == 0 and _env(d)["VN_RATE_BITS"] == "50000000"
+        assert _env(d)["VN_BURST"] == "32768"       # 2 ms at 50 Mbit/s is below the 32 KiB floor
         assert vn("rate", d, "unshaped").returncode == 0 and _env(d)["VN_RATE_BITS"] == "0"
         # in use: a second start is refused and changes nothing
         p = vn("start", "2", d)
