@@ -51,7 +51,28 @@ class SourceError(MpidlError, ValueError):
     """A data file or in-memory set that cannot be used."""
 
 
-class Rows:
+class _LazyRows:
+    """What the lazy row sources share: a view is ``index`` (row numbers in the file); ``x[i]``,
+    ``x[array]`` read rows, ``x[slice]`` is a narrower view. Subclasses give ``view`` and ``read``."""
+
+    index: np.ndarray
+
+    def __len__(self):
+        return len(self.index)
+
+    def file_rows(self, pos) -> np.ndarray:
+        """Local. Row numbers in the file of positions ``pos`` of this view."""
+        return self.index[np.asarray(pos, dtype=np.int64)]
+
+    def __getitem__(self, key):
+        if isinstance(key, slice):
+            return self.view(key)
+        if isinstance(key, (int, np.integer)):
+            return self.read(np.array([key]))[0]
+        return self.read(np.asarray(key))
+
+
+class Rows(_LazyRows):
     """Local. A view of some rows of a 2+-D HDF5 dataset, read on demand as float32.
 
     ``rows[int array]`` reads those rows (any order, repeats allowed) and
@@ -74,23 +95,9 @@ class Rows:
         # rows read straight from the file when the layout allows (shared by the views; False: h5py reads)
         self._raw = (_RawRows.of(self.path, dset) or False) if _raw is None else _raw
 
-    def __len__(self):
-        return len(self.index)
-
     def view(self, index) -> "Rows":
         """Local. The rows ``index`` (positions in this view) as a new lazy view."""
         return Rows(self.path, self.name, self.index[index], _file=self._f, _raw=self._raw)
-
-    def file_rows(self, pos) -> np.ndarray:
-        """Local. Row numbers in the file of positions ``pos`` of this view."""
-        return self.index[np.asarray(pos, dtype=np.int64)]
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            return self.view(key)
-        if isinstance(key, (int, np.integer)):
-            return self.read(np.array([key]))[0]
-        return self.read(np.asarray(key))
 
     def read(self, pos) -> np.ndarray:
         """Local. Rows at positions ``pos`` of this view, in that order (float32 ndarray)."""
@@ -124,7 +131,7 @@ class Rows:
         return f"Rows({self.path}:{self.name}, {len(self)} of {self._dset.shape[0]} rows)"
 
 
-class MappedRows:
+class MappedRows(_LazyRows):
     """Local. A view of some rows of a memory-mapped ``.npy`` array, read on demand as float32.
 
     The same interface as :class:`Rows`: ``rows[int array]`` reads those rows,
@@ -150,23 +157,9 @@ class MappedRows:
             _raw = _RawRows(self.path, a.dtype, a.shape, base=int(a.offset)) if ok else False
         self._raw = _raw
 
-    def __len__(self):
-        return len(self.index)
-
     def view(self, index) -> "MappedRows":
         """Local. The rows ``index`` (positions in this view) as a new lazy view."""
         return MappedRows(self.path, self.name, self.index[index], _array=self._a, _raw=self._raw)
-
-    def file_rows(self, pos) -> np.ndarray:
-        """Local. Row numbers in the file of positions ``pos`` of this view."""
-        return self.index[np.asarray(pos, dtype=np.int64)]
-
-    def __getitem__(self, key):
-        if isinstance(key, slice):
-            return self.view(key)
-        if isinstance(key, (int, np.integer)):
-            return self.read(np.array([key]))[0]
-        return self.read(np.asarray(key))
 
     def read(self, pos) -> np.ndarray:
         """Local. Rows at positions ``pos`` of this view, in that order (float32 ndarray)."""
