@@ -28,9 +28,11 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -311,7 +313,9 @@ def test_sbatch_two_nodes_lsgd_groups_node(tmp_path):
     """scripts/cluster/slurm.sh start DIR --vnodes VN: `sbatch -N 2 jobs/lsgd.sbatch` (MPICH,
     srun --mpi=pmi2) runs one world over both nodes, SLURM_NODEID differs between them, and
     groups = "node" makes one group per node."""
-    sl = tmp_path / "slurm"
+    # a short folder: slurmd's spool holds Unix sockets named after the job, and a path over 108
+    # bytes fails the job's launch (seen under pytest's /tmp/pytest-of-root/pytest-NNN/<test>/...)
+    sl = Path(tempfile.mkdtemp(prefix="mpidl-sl.", dir="/tmp"))
     p = subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "slurm.sh"), "start", str(sl), "--vnodes", VN],
                        capture_output=True, text=True, timeout=180)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -350,3 +354,4 @@ def test_sbatch_two_nodes_lsgd_groups_node(tmp_path):
     finally:
         subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "slurm.sh"), "stop", str(sl)], capture_output=True,
                        timeout=120)
+        shutil.rmtree(sl, ignore_errors=True)
