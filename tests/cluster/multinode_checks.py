@@ -248,8 +248,13 @@ def test_kill9_rank_on_second_node_then_resume(mpi, python, tmp_path):
             p.communicate()
     assert p.returncode != 0
     assert ended < 30, f"the job took {ended:.1f} s to end after rank 3 died"
-    for r in range(4):   # nothing of the job is left on any node
-        assert rank_pid(r, MPIDL_VNODES_TAG=env["MPIDL_VNODES_TAG"]) is None, f"rank {r} still runs"
+    # nothing of the job is left on any node within 30 s of the kill (the launcher may exit while
+    # the other nodes' ranks are still being killed: seen once at load 6)
+    left = list(range(4))
+    while left and time.monotonic() - t_kill < 30:
+        left = [r for r in left if rank_pid(r, MPIDL_VNODES_TAG=env["MPIDL_VNODES_TAG"]) is not None]
+        time.sleep(0.2)
+    assert not left, f"ranks {left} still run {time.monotonic() - t_kill:.0f} s after rank 3 died"
     from mpidl.checkpoint import CheckpointStore
     c = CheckpointStore(ckpts).latest()
     assert c is not None and c >= 40 and c % 20 == 0, c
