@@ -14,7 +14,7 @@ from mpi4py import MPI
 
 import mpidl
 import mpidl.flat
-from mpiutil import assert_all, assert_raises_all
+from mpiutil import assert_all, assert_raises_all, pmean
 from mpidl import config
 from mpidl import optim
 from mpidl import topology as T
@@ -356,16 +356,6 @@ def test_state_dict_save_load_continue_is_bitwise(case):
     assert_all(same and a["step"] == b["step"] == STEPS, f"{case}: the wrapper's state differs at the end")
 
 
-def _pmean(arrs, S):
-    total = np.zeros(arrs[0].shape)
-    for p in range(S):
-        part = np.zeros(arrs[0].shape)
-        for a in arrs[p::S]:
-            part += a
-        total += part
-    return (total / len(arrs)).astype(arrs[0].dtype)
-
-
 @pytest.mark.parametrize("case", ["cdmsgd", "lsgd", "easgd", "adam"])
 def test_state_dict_resize_4_to_2_and_2_to_4(case):
     """load_state_dict(list of every rank's, resize="average"): the average (the leader, the
@@ -399,11 +389,11 @@ def test_state_dict_resize_4_to_2_and_2_to_4(case):
                 elif case == "easgd":
                     want = old[0]["state"]["c"].numpy()
                 else:
-                    want = _pmean(xs, second.Get_size())
+                    want = pmean(xs, second.Get_size())
                 ok = ok and np.array_equal(flat, want) and after["step"] == 5
                 if case == "cdmsgd":
                     ok = ok and np.array_equal(after["state"]["v"].numpy(),
-                                               _pmean([o["state"]["v"].numpy() for o in old], second.Get_size()))
+                                               pmean([o["state"]["v"].numpy() for o in old], second.Get_size()))
                 msg = msg if not ok else ""
             assert_all(ok, f"{case}: {msg or 'resized state differs'}")
     finally:

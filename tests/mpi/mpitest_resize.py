@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from mpi4py import MPI
 
-from mpiutil import assert_all, assert_raises_all
+from mpiutil import assert_all, assert_raises_all, pmean
 from mpidl import config
 from mpidl import driver
 from mpidl.algorithms.base import state_to_dict
@@ -68,17 +68,6 @@ def _old(folder):
     return out
 
 
-def _pmean(arrs, S):
-    """The documented order: partial float64 sums of arrs[p::S], added in order; / n; cast."""
-    total = np.zeros(arrs[0].shape)
-    for p in range(S):
-        part = np.zeros(arrs[0].shape)
-        for a in arrs[p::S]:
-            part += a
-        total += part
-    return (total / len(arrs)).astype(arrs[0].dtype)
-
-
 def _expected(algo, old, comm, session):
     """{field: array} this rank's state must equal right after the resize."""
     n, S, p = len(old), comm.Get_size(), comm.Get_rank()
@@ -100,7 +89,7 @@ def _expected(algo, old, comm, session):
     else:
         members = algos
     names = [k for k, v in members[0].items() if isinstance(v, np.ndarray) and v.dtype.kind == "f"]
-    return {k: _pmean([a[k] for a in members], S) for k in names}
+    return {k: pmean([a[k] for a in members], S) for k in names}
 
 
 def _resume_and_check(cfg, comm, algo, folder, caplog):

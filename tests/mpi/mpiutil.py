@@ -28,3 +28,14 @@ def agent_data(n, shape, dtype, seed=0):
     """The stacked (n, *shape) matrix every rank can rebuild identically."""
     rng = np.random.default_rng(seed)
     return rng.standard_normal((n,) + tuple(shape)).astype(dtype)
+
+
+def pmean(arrs, S):
+    """The documented order: partial float64 sums of arrs[p::S], added in order; / n; cast."""
+    total = np.zeros(arrs[0].shape)
+    for p in range(S):
+        part = np.zeros(arrs[0].shape)
+        for a in arrs[p::S]:
+            part += a
+        total += part
+    return (total / len(arrs)).astype(arrs[0].dtype)
