@@ -52,7 +52,9 @@ FAMILIES = {
     "lsgd_groups": ["algorithm.name=lsgd", "algorithm.tau=2", "algorithm.tau_G=4"],   # + --groups
     "lsgd_async": ["algorithm.name=lsgd", "algorithm.asynchronous=true", "algorithm.tau_G=3"],
     "easgd": ["algorithm.name=easgd", "algorithm.momentum=0.5"],
-    "fdg": ["algorithm.name=fdg", f"algorithm.stages={N}", "algorithm.replicas=1", "model.hidden=[16, 12, 10]"],
+    # cuts pinned: balanced cuts come from timings, which differ between the two runs compared
+    "fdg": ["algorithm.name=fdg", f"algorithm.stages={N}", "algorithm.replicas=1", "model.hidden=[16, 12, 10]",
+            f"algorithm.cuts={list(range(1, N))}"],
     "pdadmm": ["algorithm.name=pdadmm", "run.batch_size=0", "algorithm.rho=0.01", "algorithm.nu=0.01",
                "model.hidden=[16, 12, 10]"],
     "next": ["algorithm.name=next", "algorithm.tau=10.0", "run.batch_size=0", "model.dtype=float64"],

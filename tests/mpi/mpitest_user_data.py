@@ -89,7 +89,8 @@ def test_hdf5_run_equals_npz_run_bitwise(files, algo):
     if algo == "fdg":
         if N % 2 and N > 1:
             pytest.skip("fdg with K = 2 needs an even number of ranks")
-        extra += [f"algorithm.stages={min(N, 2)}"]
+        # cuts pinned: balanced cuts come from timings, which a loaded machine changes between runs
+        extra += [f"algorithm.stages={min(N, 2)}"] + (["algorithm.cuts=[1]"] if N > 1 else [])
     a = train(_cfg(files, f"npz_{algo}", *extra), WORLD)
     b = train(_cfg(files, f"h5_{algo}", *extra, f"data.path={files}/d.h5"), WORLD)
     assert_all(_same(_state(files, f"npz_{algo}", 12), _state(files, f"h5_{algo}", 12)),
