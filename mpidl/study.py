@@ -37,6 +37,10 @@ decides from the row it logged and one max-reduction makes every rank stop at
 the same step, which the driver then evaluates and checkpoints.  A run
 overshoots its budget by less than ``run.log_every`` steps.
 
+Machine and load: each run's ``done.json`` records :func:`machine_facts` (ranks, nodes, ranks
+per node, host, cores, ``MPIDL_LINK_RATE``) and the 1-minute load average rank 0 sampled during
+the run (:class:`_LoadSampler`); the report shows both.
+
 Resume: ``done.json`` in a run's folder is written (atomically) after its
 results file is complete; such runs are not rerun.  Every other run starts
 with ``run.resume = "auto"``, so a half-finished one continues from its newest
@@ -352,6 +356,63 @@ def _warm_up(run, comm):
     _agree(comm, lambda: shutil.rmtree(os.path.join(scratch, run["method"]), ignore_errors=True))
 
 
+LOAD_PERIOD_S = 2.0
+"""Seconds between two samples of the 1-minute load average during a run (rank 0)."""
+
+
+class _LoadSampler:
+    """Local (rank 0). Samples ``os.getloadavg()[0]`` at the start, every ``period`` seconds
+    and at the end of a run, on a daemon thread that sleeps in between (no measurable cost);
+    :meth:`summary` gives ``{"mean", "min", "max", "samples"}`` (None without getloadavg)."""
+
+    def __init__(self, period=LOAD_PERIOD_S):
+        import threading
+        self.period, self.samples = float(period), []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mpidl-load", daemon=True)
+
+    def _sample(self):
+        with contextlib.suppress(OSError, AttributeError):
+            self.samples.append(float(os.getloadavg()[0]))
+
+    def _run(self):
+        while not self._stop.wait(self.period):
+            self._sample()
+
+    def __enter__(self):
+        self._sample()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return False
+
+    def summary(self):
+        if not self.samples:
+            return None
+        return {"mean": sum(self.samples) / len(self.samples), "min": min(self.samples),
+                "max": max(self.samples), "samples": len(self.samples)}
+
+
+def machine_facts(comm) -> dict:
+    """Collective over ``comm``. Where a study runs, for its report: ranks, nodes (the MPI's own
+    shared-memory nodes, :func:`mpidl.comm.core.node_info`), ranks per node, rank 0's host name and
+    core count, and the link rate when known: ``MPIDL_LINK_RATE`` in rank 0's environment (set
+    by ``scripts/cluster/vnodes.sh``'s mpiexec to the emulated links' rate; set it yourself to
+    name a real cluster's interconnect), else None."""
+    import platform
+
+    from mpidl.comm.core import node_info
+    info = node_info(comm)
+    per_node = comm.allgather(info.local_size)
+    return {"ranks": comm.Get_size(), "nodes": info.n_nodes, "ranks_per_node": sorted(set(per_node)),
+            "host": platform.node(), "cpus": os.cpu_count(),
+            "link": os.environ.get("MPIDL_LINK_RATE") or None}
+
+
 def _fmt_time(s):
     if s is None or not math.isfinite(s):
         return "?"
@@ -410,6 +471,7 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
     stopped = False
     durations = []
     t_study = time.monotonic()
+    machine = None if report_only else machine_facts(comm)
     if plan["warmup"] and not report_only:
         # before any timed run: compiles each method's kernels (so no first seed pays for it in its
         # wall budget) and sets up every method once, so a method that cannot run at this world size
@@ -437,8 +499,9 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
         _agree(comm, lambda: _pin_config(run))
         cfg = C.from_dict(run["config"])
         t0 = time.monotonic()
+        load = _LoadSampler() if rank == 0 else contextlib.nullcontext()
         try:
-            with _quiet(not verbose):
+            with _quiet(not verbose), load:
                 res = train(cfg, comm, should_stop=_hook(budget, rank))
         except DivergenceError as e:
             res = {"stop": "diverged", "error": str(e)}
@@ -453,7 +516,8 @@ def compare(study, comm=None, *, out=None, report_only=False, verbose=False) -> 
             break
         durations.append(dt)
         marker = {"method": run["method"], "seed": run["seed"], "stop": res["stop"], "step": res.get("step"),
-                  "test_acc": res.get("test_acc"), "seconds": dt, "error": res.get("error")}
+                  "test_acc": res.get("test_acc"), "seconds": dt, "error": res.get("error"),
+                  "machine": machine, "load": load.summary() if rank == 0 else None}
         _agree(comm, lambda: _write_json(os.path.join(run["dir"], "done.json"), marker))
         if rank == 0:
             left -= 1

@@ -112,33 +112,85 @@ def _markdown(plan, methods, missing) -> str:
     unit = {"epochs": "epochs", "wall_seconds": "s of wall time", "bytes": "bytes sent"}[b["kind"]]
     lines = [f"# Study {plan['title']}", "",
              f"Budget: {b['value']:g} {unit} per run; seeds {plan['seeds']}; {plan['world_size']} MPI ranks; "
-             f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "",
+             f"written {time.strftime('%Y-%m-%d %H:%M:%S %Z')}.", "", _machine_line(plan), "",
              "Values are mean ± std (sample std over seeds) at the budget, from each run's last `eval` row; "
              "best = the highest test accuracy of any evaluation and when it was first reached.", "",
              "| method | algorithm | seeds | test acc | wall [s] | bytes sent [MB] | epochs | best test acc "
-             "| best at epoch | best at wall [s] | stops |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| best at epoch | best at wall [s] | load | stops |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         s = m["summary"]
         stops = ", ".join(f"{k} {v}" for k, v in sorted(m["stops"].items())) or "-"
         lines.append(f"| {name} | {m['algorithm']} | {s['final_test_acc']['n']} | {_fmt(s['final_test_acc'], '.4f')} "
                      f"| {_fmt(s['final_wall'], '.1f')} | {_fmt(s['final_bytes_sent'], '.4g', 1e6)} "
                      f"| {_fmt(s['final_epoch'], '.2f')} | {_fmt(s['best_test_acc'], '.4f')} "
-                     f"| {_fmt(s['best_epoch'], '.2f')} | {_fmt(s['best_wall'], '.1f')} | {stops} |")
+                     f"| {_fmt(s['best_epoch'], '.2f')} | {_fmt(s['best_wall'], '.1f')} | {_fmt(s['load'], '.1f')} "
+                     f"| {stops} |")
     lines += ["", "## Every run", "", "| method | seed | test acc | wall [s] | bytes sent [MB] | epochs | steps "
-              "| best test acc | stop |", "|---|---|---|---|---|---|---|---|---|"]
+              "| best test acc | load | stop |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in methods.items():
         for seed, r in m["runs"].items():
             if r is None:
                 continue
             f = r["final"]
             lines.append(f"| {name} | {seed} | {f['test_acc']:.4f} | {f['wall']:.1f} | {f['bytes_sent'] / 1e6:.4g} "
-                         f"| {f['epoch']:.2f} | {int(f['step'])} | {r['best']['test_acc']:.4f} | {r['stop']} |")
+                         f"| {f['epoch']:.2f} | {int(f['step'])} | {r['best']['test_acc']:.4f} "
+                         f"| {_load_cell(r.get('load'))} | {r['stop']} |")
     if missing:
         lines += ["", "Runs without results (not run yet, or no evaluation): " + ", ".join(missing) + "."]
     lines += ["", "Test accuracy against wall time, bytes sent and epochs (mean, band = mean ± std over seeds):", ""]
     lines += [f"![test accuracy vs {lab}](test_acc_vs_{tag}.png)" for _, lab, tag in _AXES]
     return "\n".join(lines) + "\n"
+
+
+def _machines(runs) -> list:
+    """Local. The distinct machine facts (:func:`mpidl.study.machine_facts`) of the runs, in first-seen order."""
+    seen = []
+    for r in runs:
+        mf = r.get("machine")
+        if mf and mf not in seen:
+            seen.append(mf)
+    return seen
+
+
+def _load(runs) -> dict | None:
+    """Local. The 1-minute load average over every run's samples: mean of the runs' means, min, max."""
+    ls = [r["load"] for r in runs if r.get("load")]
+    if not ls:
+        return None
+    return {"mean": float(np.mean([x["mean"] for x in ls])), "min": min(x["min"] for x in ls),
+            "max": max(x["max"] for x in ls), "runs": len(ls)}
+
+
+def _load_cell(ld) -> str:
+    return "-" if not ld else f"{ld['mean']:.1f}"
+
+
+def _machine_line(plan) -> str:
+    """Local. The report's line on where the runs ran and how loaded the machine was."""
+    parts = []
+    for mf in plan.get("machine") or []:
+        per = "/".join(str(x) for x in mf["ranks_per_node"])
+        if mf.get("link"):
+            link = f"link {mf['link']}"
+        elif mf["nodes"] == 1:
+            link = "no network between the ranks (one node: shared memory)"
+        else:
+            link = "link rate not recorded (set MPIDL_LINK_RATE)"
+        parts.append(f"{mf['ranks']} ranks on {mf['nodes']} node(s) ({per} per node), {link}; rank 0 on "
+                     f"{mf['host']} ({mf['cpus']} cores)")
+    text = "Machine: " + ("; ".join(parts) if parts else "not recorded (runs from before machine facts were kept)")
+    ld = plan.get("load")
+    if ld:
+        text += (f". 1-min load average during the runs (sampled every {_period():g} s on rank 0's host): "
+                 f"mean {ld['mean']:.1f}, min {ld['min']:.1f}, max {ld['max']:.1f} over {ld['runs']} run(s); "
+                 "the `load` columns give each run's mean")
+    return text + "."
+
+
+def _period():
+    from mpidl.study import LOAD_PERIOD_S
+    return LOAD_PERIOD_S
 
 
 def _plot(methods, x, xlabel, path, title):
@@ -187,29 +239,34 @@ def write_report(plan) -> dict:
         r = None
         if os.path.exists(path) or os.path.exists(path + ".tmp"):
             r = run_numbers(path)
-        stop = None
+        stop, marker = None, {}
         if os.path.exists(done):
             with open(done) as f:
-                stop = json.load(f).get("stop")
+                marker = json.load(f)
+            stop = marker.get("stop")
         m = methods[run["method"]]
         if r is None:
             missing.append(f"{run['method']} seed {run['seed']}")
             m["runs"][str(run["seed"])] = None
             continue
         r["stop"] = stop or "unfinished"
+        r["load"], r["machine"] = marker.get("load"), marker.get("machine")    # None: an older done.json
         m["runs"][str(run["seed"])] = r
         m["stops"][r["stop"]] = m["stops"].get(r["stop"], 0) + 1
     for m in methods.values():
         m["summary"] = method_stats({s: r for s, r in m["runs"].items()})
+        m["summary"]["load"] = _ms([r["load"]["mean"] for r in m["runs"].values() if r is not None and r.get("load")])
         curves = [r["curve"] for r in m["runs"].values() if r is not None]
         m["grid"] = {x: _grid(curves, x) for x, _, _ in _AXES}
     sizes = sorted({r["world_size"] for m in methods.values() for r in m["runs"].values() if r is not None})
     plan = dict(plan, world_size=(sizes[0] if len(sizes) == 1 else sizes) if sizes else None)  # the runs' own
     out = plan["out"]
     os.makedirs(out, exist_ok=True)
+    runs = [r for m in methods.values() for r in m["runs"].values() if r is not None]
+    plan = dict(plan, machine=_machines(runs), load=_load(runs))
     doc = {"format": "mpidl-study", "format_version": 1, "title": plan["title"], "budget": plan["budget"],
            "seeds": plan["seeds"], "world_size": plan["world_size"], "missing": missing,
-           "methods": methods}
+           "machine": plan["machine"], "load": plan["load"], "methods": methods}
     _write_json(os.path.join(out, "study.json"), _finite(doc))
     md = os.path.join(out, "report.md")
     with open(md + ".tmp", "w") as f:

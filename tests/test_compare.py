@@ -63,8 +63,8 @@ def _cmd(n, *args):
     return [*mpiexec(), "-n", str(n), sys.executable, "-m", "mpidl", "compare", *map(str, args)]
 
 
-def _run(n, *args, timeout=300):
-    return subprocess.run(_cmd(n, *args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=timeout)
+def _run(n, *args, timeout=300, env=None):
+    return subprocess.run(_cmd(n, *args), cwd=ROOT, env=env or ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def _numbers(path):
@@ -84,7 +84,7 @@ def _mean_std(v):
 
 def test_two_methods_two_seeds_report_matches_results_files(tmp_path):
     out = tmp_path / "out"
-    proc = _run(2, _study(tmp_path), "--out", out)
+    proc = _run(2, _study(tmp_path), "--out", out, env=dict(ENV, MPIDL_LINK_RATE="1gbit (a test)"))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     starts = [ln for ln in proc.stdout.splitlines() if re.search(r"run \d/4 .* started \(.*ETA", ln)]
     finish = [ln for ln in proc.stdout.splitlines() if re.search(r"run \d/4 .* finished .*ETA", ln)]
@@ -130,6 +130,7 @@ def test_two_methods_two_seeds_report_matches_results_files(tmp_path):
             assert not np.allclose(ys[0], ys[1]), (m, col, "the seeds' curves are equal")
             assert g["seeds"] == 2 and np.allclose(g["mean"], np.mean(ys, 0), rtol=0, atol=1e-12), (m, col)
             assert np.allclose(g["std"], np.std(ys, 0, ddof=1), rtol=0, atol=1e-12), (m, col)
+    _check_machine_and_load(out, study, report)
     for tag in ("wall", "bytes", "epoch"):
         assert (out / f"test_acc_vs_{tag}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(out.rglob("*.tmp")), "half-written files left behind"
@@ -138,6 +139,54 @@ def test_two_methods_two_seeds_report_matches_results_files(tmp_path):
     assert _run(1, _study(tmp_path), "--out", out, "--report-only").returncode == 0
     after = json.loads((out / "study.json").read_text())["methods"]
     assert {m: v["summary"] for m, v in after.items()} == {m: v["summary"] for m, v in before.items()}
+
+
+def _check_machine_and_load(out, study, report):
+    """Where the runs ran (MPIDL_LINK_RATE, the MPI's nodes) and each run's load samples, in
+    done.json, study.json and report.md: the per-method load is the mean of the runs' means."""
+    import platform
+    assert study["machine"] == [{"ranks": 2, "nodes": 1, "ranks_per_node": [2], "link": "1gbit (a test)",
+                                 "host": platform.node(), "cpus": os.cpu_count()}], study["machine"]
+    line = next(ln for ln in report.splitlines() if ln.startswith("Machine: "))
+    assert "2 ranks on 1 node(s) (2 per node), link 1gbit (a test)" in line, line
+    means = []
+    for m in ("cdmsgd", "central"):
+        loads = []
+        for s in (0, 1):
+            ld = study["methods"][m]["runs"][str(s)]["load"]
+            assert ld == json.loads((out / m / f"seed{s}" / "done.json").read_text())["load"]
+            assert ld["samples"] >= 2 and 0 <= ld["min"] <= ld["mean"] <= ld["max"], ld
+            loads.append(ld["mean"])
+            run_row = next(ln for ln in report.splitlines() if ln.startswith(f"| {m} | {s} |"))
+            assert f"| {ld['mean']:.1f} |" in run_row, run_row
+        mu, sd = _mean_std(loads)
+        summ = study["methods"][m]["summary"]["load"]
+        assert summ["n"] == 2 and math.isclose(summ["mean"], mu, rel_tol=1e-12, abs_tol=1e-12), (m, summ)
+        row = next(ln for ln in report.splitlines() if ln.startswith(f"| {m} | "))
+        assert f"{mu:.1f} ± {sd:.1f}" in row, row
+        means += loads
+    assert math.isclose(study["load"]["mean"], float(np.mean(means)), rel_tol=1e-12) and study["load"]["runs"] == 4
+    assert f"mean {np.mean(means):.1f}" in line and "over 4 run(s)" in line, line
+
+
+def test_load_sampler_summary(monkeypatch):
+    """The sampler's mean/min/max are those of the values os.getloadavg returned (start, ticks, end)."""
+    import time
+
+    from mpidl import study as S
+    values = iter([3.0, 1.0, 5.0, 2.0, 4.0, 6.0, 7.0, 8.0])
+    seen = []
+
+    def fake():
+        v = next(values, 9.0)
+        seen.append(v)
+        return (v, 0.0, 0.0)
+    monkeypatch.setattr(S.os, "getloadavg", fake)
+    with S._LoadSampler(period=0.01) as ld:
+        time.sleep(0.05)
+    got = ld.summary()
+    assert got["samples"] == len(seen) >= 3
+    assert got["mean"] == sum(seen) / len(seen) and got["min"] == min(seen) and got["max"] == max(seen)
 
 
 def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):

@@ -54,6 +54,12 @@ if [ -z "$mpi" ]; then
     mpi=$("$py" -c 'import mpi4py; mpi4py.rc.initialize = False; from mpi4py import MPI; v = MPI.Get_library_version(); print("openmpi" if "Open MPI" in v else "mpich")' 2>/dev/null) \
         || { say "cannot tell which MPI '$py' uses (is mpi4py installed there?); set MPIDL_VNODES_MPI=mpich or openmpi"; exit 2; }
 fi
+# The links' rate, for the ranks' reports (mpidl compare writes it into report.md).
+if [ "$VN_RATE" = unshaped ]; then
+    export MPIDL_LINK_RATE="unshaped (emulated nodes, vnodes.sh: veth + bridge, no tc shaping)"
+else
+    export MPIDL_LINK_RATE="$VN_RATE (emulated nodes, vnodes.sh: tc tbf on each veth, no added latency)"
+fi
 case $mpi in
     mpich)
         launcher=${MPIDL_VNODES_LAUNCHER:-}
@@ -77,7 +83,7 @@ case $mpi in
         export OMPI_MCA_osc=${OMPI_MCA_osc:-sm,pt2pt} MPI4PY_RC_THREAD_LEVEL=${MPI4PY_RC_THREAD_LEVEL:-serialized}
         cmd=("$launcher" --host "$hostlist" --mca plm_rsh_agent "$dir/agent" --mca pml ob1
              --mca btl self,vader,tcp --mca btl_tcp_if_include "$VN_SUBNET" --mca oob_tcp_if_include "$VN_SUBNET"
-             --bind-to none --oversubscribe -n "$n" "${opts[@]}" "$@") ;;
+             --bind-to none --oversubscribe -x MPIDL_LINK_RATE -n "$n" "${opts[@]}" "$@") ;;
     *) say "MPIDL_VNODES_MPI must be mpich or openmpi, got '$mpi'"; exit 2 ;;
 esac
 if [ "${MPIDL_VNODES_DRY:-0}" = 1 ]; then echo "${cmd[*]}"; exit 0; fi
