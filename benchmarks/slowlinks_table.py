@@ -67,7 +67,7 @@ def main():
                     if r:
                         r.pop("curve", None)
             (dst / "study.json").write_text(json.dumps(slim, indent=1, sort_keys=True))
-            for png in (root / k).glob("test_acc_vs_wall.png"):
+            for png in (root / k).glob("test_acc_vs_*.png"):
                 shutil.copy(png, dst / png.name)
 
 
