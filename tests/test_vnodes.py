@@ -142,7 +142,19 @@ def test_mpiexec_wrapper_block_placement_and_mpi_detection(tmp_path):
             p = subprocess.run([str(d / "mpiexec"), "-n", "4", sys.executable, "x.py"], capture_output=True, text=True,
                                env=env)
             assert p.returncode == 0 and "--host vnode0:2,vnode1:2" in p.stdout and "plm_rsh_agent" in p.stdout, p
+            assert "-x MPIDL_LINK_RATE" in p.stdout, p.stdout      # Open MPI passes only what -x names
         p = subprocess.run([str(d / "mpiexec"), "python3", "x.py"], capture_output=True, text=True)
         assert p.returncode == 2 and "-n N is required" in p.stderr, p.stderr
+        # the ranks see the links' rate (mpidl compare writes it into report.md), and a reshape
+        code = "import os, socket; print(socket.gethostname(), os.environ.get('MPIDL_LINK_RATE'))"
+        for rate in ("unshaped", "100mbit"):
+            if rate != "unshaped":
+                assert vn("rate", d, rate).returncode == 0
+            p = subprocess.run([str(d / "mpiexec"), "-n", "2", sys.executable, "-c", code], capture_output=True,
+                               text=True, timeout=120, cwd=str(tmp_path))
+            lines = sorted(p.stdout.split("\n")[:-1])
+            assert p.returncode == 0 and len(lines) == 2, (p.stdout, p.stderr)
+            assert [ln.split(" ", 1)[0] for ln in lines] == ["vnode0", "vnode1"], lines
+            assert all(ln.split(" ", 1)[1].startswith(f"{rate} (emulated nodes") for ln in lines), lines
     finally:
         vn("stop", d)
