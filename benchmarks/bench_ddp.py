@@ -64,7 +64,8 @@ def main(argv=None):
     p.add_argument("--json", default="")
     p.add_argument("--profile", action="store_true", help="also time the parts of one CDSGD step")
     p.add_argument("--buckets", default="0,1", help="central(B) rows: [comm] bucket_mb values (0 = one allreduce)")
-    p.add_argument("--progress", default="none", help="[comm] progress of the central rows")
+    p.add_argument("--progress", default="none", help="[comm] progress of the central rows; thread:US sets the thread's poll interval "
+                   "(0: it waits in MPI_Wait)")
     p.add_argument("--methods", default="cdsgd,central,ddp", help="families to time: cdsgd, central, ddp")
     args = p.parse_args(argv)
 
@@ -181,7 +182,11 @@ def main(argv=None):
         central, closers = {}, []
         for mb in ([float(b) for b in args.buckets.split(",")] if "central" in families else []):
             fmc = FlatModel(build_model(model_name, shard.input_shape, shard.num_classes, (256, 128), seed=0))
-            gcc = GraphComm(world, T.ring(size), progress=args.progress, bucket_mb=mb).attach(fmc)
+            mode, _, poll = args.progress.partition(":")
+            gcc = GraphComm(world, T.ring(size), progress=mode, bucket_mb=mb)
+            if poll:                    # thread:POLL_US (0 = the thread waits in MPI_Wait)
+                gcc.overlap.poll_s = float(poll) * 1e-6
+            gcc.attach(fmc)
             closers.append(gcc)
             orc = TorchOracle(fmc, shard.x, shard.y, batch_size=batch, steps_per_epoch=spe, seed=0, rank=rank,
                               num_classes=shard.num_classes)
