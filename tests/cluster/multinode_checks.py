@@ -314,6 +314,42 @@ def _slurm_logs(sl, n=15):
                    for f in sorted((sl / "log").glob("*.log")))
 
 
+PMI2_GARBLED = "mpi/pmi2: invalid client request"
+"""Slurm's pmi2 plugin, when the MPICH wheel's PMI2 client sends it a garbled request during
+MPI_Init (seen here once in about ten two-node jobs: a segment of the business-card allgather
+carries bytes of unrelated memory, and the job then hangs in MPI_Init).  docs/clusters.md,
+"Slurm across emulated nodes", describes it."""
+
+
+def _sbatch_until_done(env, tmp_path, name, args, sl, attempts=3):
+    """Submit one job on vnode0 and wait for it; a job hit by the PMI2 start-up fault above is
+    cancelled at once and submitted again (at most ``attempts`` times, each said on stdout).
+    Returns the job's output."""
+    for attempt in range(1, attempts + 1):
+        q = _on_vnode0(f"{env} && sbatch --parsable --output={tmp_path}/{name}-%j-a{attempt}.out {args}")
+        assert q.returncode == 0, q.stdout + q.stderr
+        job = q.stdout.strip().split(";")[0]
+        f = tmp_path / f"{name}-{job}-a{attempt}.out"
+        t, garbled = time.monotonic(), False
+        while True:
+            q = _on_vnode0(f"{env} && squeue -h -j {job}")
+            if not q.stdout.strip():
+                break
+            if f.exists() and PMI2_GARBLED in f.read_text(errors="replace"):
+                garbled = True
+                _on_vnode0(f"{env} && scancel {job}")
+                time.sleep(3)
+                break
+            assert time.monotonic() - t < 300, f"job {name} did not finish in 300 s:\n{q.stdout}\n{_slurm_logs(sl)}"
+            time.sleep(2)
+        text = f.read_text(errors="replace") if f.exists() else f"(no output file {f.name})\n{_slurm_logs(sl)}"
+        if not garbled and PMI2_GARBLED not in text:
+            return text
+        print(f"[multinode] job {name} attempt {attempt}: Slurm's pmi2 plugin got a garbled request from MPICH's "
+              f"PMI2 client in MPI_Init ({PMI2_GARBLED!r}); cancelled" + (", submitting again" if attempt < attempts else ""))
+    raise AssertionError(f"job {name}: the PMI2 start-up fault in all {attempts} attempts:\n{text[-3000:]}")
+
+
 def test_sbatch_two_nodes_lsgd_groups_node(tmp_path):
     """scripts/cluster/slurm.sh start DIR --vnodes VN: `sbatch -N 2 jobs/lsgd.sbatch` (MPICH,
     srun --mpi=pmi2) runs one world over both nodes, SLURM_NODEID differs between them, and
@@ -331,26 +367,13 @@ def test_sbatch_two_nodes_lsgd_groups_node(tmp_path):
         probe.write_text("#!/bin/bash\nsrun --mpi=pmi2 python -c 'import os, socket; from mpi4py import MPI; "
                          "c = MPI.COMM_WORLD; print(\"task\", c.Get_rank(), c.Get_size(), socket.gethostname(), "
                          "os.environ[\"SLURM_NODEID\"], flush=True)'\n")
-        jobs = {}
+        out = {}
         for name, args in (("probe", f"-N 2 --ntasks-per-node=2 {probe}"),
                            ("lsgd", f"-N 2 --ntasks-per-node=2 --cpus-per-task=1 "
                                     f"--export=ALL,CONFIG=tests/cluster/tiny.toml jobs/lsgd.sbatch "
                                     f"--set algorithm.name=lsgd --set algorithm.groups=node --set run.steps=20 "
                                     f"--set run.out='\"{tmp_path / 'runs'}\"'")):
-            q = _on_vnode0(f"{env} && sbatch --parsable --output={tmp_path}/{name}-%j.out {args}")
-            assert q.returncode == 0, q.stdout + q.stderr
-            jobs[name] = q.stdout.strip().split(";")[0]
-        t = time.monotonic()
-        while True:
-            q = _on_vnode0(f"{env} && squeue -h -j {','.join(jobs.values())}")
-            if not q.stdout.strip():
-                break
-            assert time.monotonic() - t < 600, f"the jobs did not finish in 600 s:\n{q.stdout}\n{_slurm_logs(sl)}"
-            time.sleep(2)
-        out = {}
-        for n, j in jobs.items():
-            f = tmp_path / f"{n}-{j}.out"
-            out[n] = f.read_text() if f.exists() else f"(no output file {f.name})\n{_slurm_logs(sl)}"
+            out[name] = _sbatch_until_done(env, tmp_path, name, args, sl)
         tasks = sorted(tuple(line.split()[1:]) for line in out["probe"].splitlines() if line.startswith("task "))
         assert tasks == [("0", "4", "vnode0", "0"), ("1", "4", "vnode0", "0"), ("2", "4", "vnode1", "1"),
                          ("3", "4", "vnode1", "1")], out["probe"]
