@@ -323,7 +323,7 @@ carries bytes of unrelated memory, and the job then hangs in MPI_Init).  docs/cl
 
 def _sbatch_until_done(env, tmp_path, name, args, sl, attempts=3):
     """Submit one job on vnode0 and wait for it; a job hit by the PMI2 start-up fault above is
-    cancelled at once and submitted again (at most ``attempts`` times, each said on stdout).
+    cancelled at once and submitted again (at most ``attempts`` times, each a warning in pytest's summary).
     Returns the job's output."""
     for attempt in range(1, attempts + 1):
         q = _on_vnode0(f"{env} && sbatch --parsable --output={tmp_path}/{name}-%j-a{attempt}.out {args}")
@@ -345,8 +345,10 @@ def _sbatch_until_done(env, tmp_path, name, args, sl, attempts=3):
         text = f.read_text(errors="replace") if f.exists() else f"(no output file {f.name})\n{_slurm_logs(sl)}"
         if not garbled and PMI2_GARBLED not in text:
             return text
-        print(f"[multinode] job {name} attempt {attempt}: Slurm's pmi2 plugin got a garbled request from MPICH's "
-              f"PMI2 client in MPI_Init ({PMI2_GARBLED!r}); cancelled" + (", submitting again" if attempt < attempts else ""))
+        import warnings   # in pytest's warnings summary, so a pass that needed a resubmission says so
+        warnings.warn(f"[multinode] job {name} attempt {attempt}: Slurm's pmi2 plugin got a garbled request from "
+                      f"MPICH's PMI2 client in MPI_Init ({PMI2_GARBLED!r}); cancelled"
+                      + (", submitting again" if attempt < attempts else ""), stacklevel=1)
     raise AssertionError(f"job {name}: the PMI2 start-up fault in all {attempts} attempts:\n{text[-3000:]}")
 
 
