@@ -25,6 +25,7 @@ from mpi4py import MPI
 
 import mpidl
 from mpiutil import assert_all
+from optimutil import PlainSGD
 from mpidl import config
 from mpidl import optim
 from mpidl import topology as T
@@ -137,19 +138,6 @@ def _linear(theta):
 
 def _flat(m):
     return torch.cat([p.detach().reshape(-1) for p in m.parameters()]).numpy().copy()
-
-
-class PlainSGD(torch.optim.Optimizer):
-    """Not torch.optim.SGD: the wrappers' generic path (this optimizer makes the local step)."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad, alpha=-group["lr"])
 
 
 def _step(opt, m, loss=None):

@@ -15,6 +15,7 @@ from mpi4py import MPI
 import mpidl
 import mpidl.flat
 from mpiutil import assert_all, assert_raises_all, pmean
+from optimutil import PlainSGD
 from mpidl import config
 from mpidl import optim
 from mpidl import topology as T
@@ -32,19 +33,6 @@ N, R = W.Get_size(), W.Get_rank()
 STEPS = 12
 BASE = ["data.dataset=digits", "model.hidden=[16]", "run.batch_size=16", "run.log_every=100",
         "run.eval_every=1000", "data.eval_samples=50", f"run.steps={STEPS}", "run.checkpoint_every=1000"]
-
-
-class PlainSGD(torch.optim.Optimizer):
-    """Not torch.optim.SGD: the wrappers' generic path (the user's optimizer makes the local step)."""
-
-    def __init__(self, params, lr):
-        super().__init__(params, {"lr": lr})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                p.add_(p.grad, alpha=-group["lr"])
 
 
 def _driver(out, name, algo):
