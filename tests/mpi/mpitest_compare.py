@@ -64,7 +64,11 @@ def test_compare_wall_budget_and_bad_study(shared_tmp):
         d = f"{shared_tmp}/s/{m}/seed3"
         if R == 0:
             with open(f"{d}/done.json") as f:
-                assert json.load(f)["stop"] == "budget"
+                done = json.load(f)
+            # the machine facts, collective over the world, at this size (1 node here)
+            assert done["stop"] == "budget" and done["machine"]["ranks"] == N, done
+            assert done["machine"]["nodes"] == 1 and done["machine"]["ranks_per_node"] == [N], done
+            assert done["load"]["samples"] >= 2, done
             with h5py.File(f"{d}/results.h5") as f:
                 cfg = json.loads(f.attrs["config"])
                 wall = f["train/wall"][()]
